@@ -1,0 +1,364 @@
+"""
+Graves' handwriting networks (arXiv 1308.0850, sections 4 and 5).
+
+One model class covers both tasks:
+- prediction: 3 stacked LSTMs with skip connections (input -> every layer, every layer -> output) and a
+  mixture density (MDN) head of M bivariate Gaussians plus an end-of-stroke Bernoulli.
+- synthesis: the same stack plus a soft attention window over the one-hot text, computed from layer 1
+  and fed to layers 2..L at step t and to layer 1 at step t + 1.
+
+Only layer 1 and the window form a step-by-step recurrence; layers 2..L and the MDN head run fused over
+the whole chunk (cuDNN LSTM on GPU). The same `forward` serves training (long chunks, truncated BPTT with
+carried state) and sampling (chunks of one step).
+"""
+import math
+from dataclasses import dataclass, asdict, fields
+from typing import NamedTuple, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+LOG_SIGMA_MIN = -7.0    # sigma >= exp(-7) ~ 1e-3 std units: keeps the density finite
+RHO_MAX = 1.0 - 1e-4    # |rho| < 1: keeps 1 - rho^2 away from 0
+LOG_2PI = math.log(2 * math.pi)
+
+
+@dataclass
+class ModelConfig:
+    task: str = "synthesis"        # 'prediction' (section 4) or 'synthesis' (section 5)
+    input_size: int = 3            # (dx, dy, eos) per point
+    hidden_size: int = 400         # cells per LSTM layer (paper: 400)
+    layers: int = 3                # stacked LSTM layers (paper: 3)
+    mixtures: int = 20             # M, bivariate Gaussians in the MDN (paper: 20)
+    window_gaussians: int = 10     # K, Gaussians in the attention window (paper: 10)
+    alphabet_size: int = 0         # characters in the text alphabet (synthesis only; id 0 is padding)
+    kappa_init: float = -3.0       # initial bias of kappa_hat: exp(-3) ~ 0.05 characters per point at start
+
+    def __post_init__(self):
+        if self.task not in ("prediction", "synthesis"):
+            raise ValueError(f"task must be 'prediction' or 'synthesis', not {self.task!r}")
+        if self.task == "synthesis" and self.alphabet_size <= 0:
+            raise ValueError("a synthesis model needs alphabet_size > 0")
+
+    @property
+    def output_size(self):
+        return 1 + 6 * self.mixtures   # eos + (pi, mu1, mu2, sigma1, sigma2, rho) x M
+
+    def to_dict(self):
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d):
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+class State(NamedTuple):
+    """Recurrent state carried between chunks (truncated BPTT) and between sampling steps."""
+    h: list                           # per layer (B, H)
+    c: list                           # per layer (B, H)
+    kappa: Optional[torch.Tensor]     # (B, K) window positions, in characters (synthesis)
+    window: Optional[torch.Tensor]    # (B, A) last window vector w_{t-1} (synthesis)
+
+    def detach(self):
+        d = lambda t: None if t is None else t.detach()
+        return State([d(h) for h in self.h], [d(c) for c in self.c], d(self.kappa), d(self.window))
+
+
+class Mixture(NamedTuple):
+    """MDN parameters for every step (eq. 18-22), all (B, T, M) except eos_logit (B, T)."""
+    eos_logit: torch.Tensor   # e = sigmoid(eos_logit) is P(pen lifts after this point)
+    log_pi: torch.Tensor      # log mixture weights
+    mu1: torch.Tensor
+    mu2: torch.Tensor
+    log_sigma1: torch.Tensor
+    log_sigma2: torch.Tensor
+    rho: torch.Tensor
+
+
+def mixture_params(y, bias=0.0):
+    """Split the network output y (B, T, 1 + 6M) into MDN parameters, in float32.
+    bias > 0 is Graves' biased sampling (eq. 61-62): pi = softmax(pi_hat (1 + b)), sigma = exp(sigma_hat - b)."""
+    y = y.float()
+    eos_logit, pi_hat, mu1, mu2, s1, s2, rho_hat = torch.split(
+        y, [1] + [(y.shape[-1] - 1) // 6] * 6, dim=-1)
+    log_pi = torch.log_softmax(pi_hat * (1 + bias), dim=-1)
+    log_sigma1 = (s1 - bias).clamp(min=LOG_SIGMA_MIN)
+    log_sigma2 = (s2 - bias).clamp(min=LOG_SIGMA_MIN)
+    rho = torch.tanh(rho_hat).clamp(-RHO_MAX, RHO_MAX)
+    return Mixture(eos_logit.squeeze(-1), log_pi, mu1, mu2, log_sigma1, log_sigma2, rho)
+
+
+def mixture_log_density(mix, x1, x2):
+    """log sum_j pi_j N(x | mu_j, sigma_j, rho_j) (eq. 23-25) in log space; x1, x2: (B, T). Returns (B, T)."""
+    z1 = (x1.unsqueeze(-1) - mix.mu1) * torch.exp(-mix.log_sigma1)
+    z2 = (x2.unsqueeze(-1) - mix.mu2) * torch.exp(-mix.log_sigma2)
+    one_m_rho2 = 1 - mix.rho ** 2
+    z = z1 ** 2 + z2 ** 2 - 2 * mix.rho * z1 * z2
+    log_n = (-LOG_2PI - mix.log_sigma1 - mix.log_sigma2 - 0.5 * torch.log(one_m_rho2)
+             - z / (2 * one_m_rho2))
+    return torch.logsumexp(mix.log_pi + log_n, dim=-1)
+
+
+def nll(y, target, mask):
+    """Negative log-likelihood (eq. 26) of target points (B, T, 3) under outputs y (B, T, 1 + 6M).
+    mask (B, T) marks real points. Returns the loss summed over each line's points: (B,), float32."""
+    mix = mixture_params(y)
+    target = target.float()
+    log_p = mixture_log_density(mix, target[..., 0], target[..., 1])
+    log_e = -F.binary_cross_entropy_with_logits(mix.eos_logit, target[..., 2], reduction="none")
+    return -((log_p + log_e) * mask).sum(dim=1)
+
+
+def teacher_forcing(strokes, stroke_mask):
+    """Inputs and targets for next-point prediction from a padded batch (B, T, 3).
+    The first point of every line is the start token x_0 = 0 (its offset is (0, 0) by construction);
+    the network predicts points 1..T-1. Returns inputs (B, T-1, 3), targets (B, T-1, 3), mask (B, T-1)."""
+    inputs = strokes[:, :-1].clone()
+    inputs[:, 0] = 0
+    return inputs, strokes[:, 1:], stroke_mask[:, 1:]
+
+
+class HandwritingModel(nn.Module):
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = cfg = config
+        H, A, K = cfg.hidden_size, cfg.alphabet_size, cfg.window_gaussians
+        self.synthesis = cfg.task == "synthesis"
+        if self.synthesis:
+            # layer 1 by hand: gates = W_x x_t + W_wh [w_{t-1}, h_{t-1}] + b (x part precomputed per chunk)
+            self.lstm1_x = nn.Linear(cfg.input_size, 4 * H)
+            self.lstm1_wh = nn.Linear(A + H, 4 * H, bias=False)
+            self.window = nn.Linear(H, 3 * K)          # (alpha_hat, beta_hat, kappa_hat), eq. 48-51
+            first = 1
+        else:
+            first = 0
+        # fused layers: input is [x_t, h^{n-1}_t, w_t] (skip connection from the input, eq. 1-2)
+        self.rnns = nn.ModuleList(
+            nn.LSTM(cfg.input_size + (H if n > 0 else 0) + (A if self.synthesis else 0), H, batch_first=True)
+            for n in range(first, cfg.layers))
+        self.mdn = nn.Linear(cfg.layers * H, cfg.output_size)   # every layer -> output (eq. 17)
+        self._init_weights()
+
+    def _init_weights(self):
+        H = self.config.hidden_size
+        if self.synthesis:
+            bound = 1 / math.sqrt(H)   # PyTorch's LSTM initialisation, for the hand-written layer too
+            for p in (self.lstm1_x.weight, self.lstm1_x.bias, self.lstm1_wh.weight):
+                nn.init.uniform_(p, -bound, bound)
+            with torch.no_grad():
+                K = self.config.window_gaussians
+                self.window.bias[2 * K:].fill_(self.config.kappa_init)
+
+    def num_params(self):
+        return sum(p.numel() for p in self.parameters())
+
+    def initial_state(self, batch_size, device=None):
+        cfg, w = self.config, self.mdn.weight
+        zeros = lambda *s: torch.zeros(*s, device=device or w.device, dtype=w.dtype)
+        h = [zeros(batch_size, cfg.hidden_size) for _ in range(cfg.layers)]
+        c = [zeros(batch_size, cfg.hidden_size) for _ in range(cfg.layers)]
+        if not self.synthesis:
+            return State(h, c, None, None)
+        return State(h, c, zeros(batch_size, cfg.window_gaussians), zeros(batch_size, cfg.alphabet_size))
+
+    def one_hot(self, text):
+        """(B, U) character ids (0 = padding) -> (B, U, A) one-hot, padding rows all zero."""
+        return F.one_hot(text, self.config.alphabet_size + 1)[..., 1:].float()
+
+    def forward(self, x, text=None, state=None, return_phi=False):
+        """x: (B, T, 3) input points; text: (B, U) ids (synthesis); state: from the previous chunk or None.
+        Returns y (B, T, 1 + 6M), the new State, and if return_phi the window weights phi (B, T, U + 1)
+        (the last column is position U, just past the text, used by the stopping rule)."""
+        B, T, _ = x.shape
+        if state is None:
+            state = self.initial_state(B, x.device)
+        hs, h_new, c_new, phi = [], [], [], None
+        if self.synthesis:
+            if text is None:
+                raise ValueError("the synthesis model needs text")
+            onehot = self.one_hot(text).to(x.dtype)                                # (B, U, A)
+            h1, c1, kappa, w, h1_seq, w_seq, phi = self._window_loop(
+                self.lstm1_x(x), onehot, state.h[0], state.c[0], state.kappa, state.window, return_phi)
+            hs.append(h1_seq)
+            h_new.append(h1)
+            c_new.append(c1)
+            skip = torch.cat([x, w_seq], dim=-1)                                   # (B, T, 3 + A)
+        else:
+            kappa = w = None
+            skip = x
+        inp = torch.cat([skip, hs[-1]], dim=-1) if hs else skip
+        for n, rnn in enumerate(self.rnns, start=len(hs)):
+            out, (h, c) = rnn(inp, (state.h[n].unsqueeze(0), state.c[n].unsqueeze(0)))
+            hs.append(out)
+            h_new.append(h.squeeze(0))
+            c_new.append(c.squeeze(0))
+            inp = torch.cat([skip, out], dim=-1)
+        y = self.mdn(torch.cat(hs, dim=-1))                                        # (B, T, 1 + 6M)
+        new_state = State(h_new, c_new, kappa, w)
+        return (y, new_state, phi) if return_phi else (y, new_state)
+
+    def _window_loop(self, xg, onehot, h, c, kappa, w, return_phi):
+        """The sequential part: layer-1 LSTM and the soft window, one step at a time.
+        xg: (B, T, 4H) precomputed W_x x_t + b; onehot: (B, U, A)."""
+        B, T, _ = xg.shape
+        U = onehot.shape[1]
+        u = torch.arange(U + 1, device=xg.device, dtype=xg.dtype)                 # positions 0..U
+        h_seq, w_seq, phis = [], [], []
+        for t in range(T):
+            gates = xg[:, t] + self.lstm1_wh(torch.cat([w, h], dim=-1))           # (B, 4H)
+            i, f, g, o = gates.chunk(4, dim=-1)
+            c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+            h = torch.sigmoid(o) * torch.tanh(c)
+            # window (eq. 46-51): phi(t, u) = sum_k alpha_k exp(-beta_k (kappa_k - u)^2)
+            alpha, beta, dkappa = torch.exp(self.window(h)).unsqueeze(-1).chunk(3, dim=1)   # (B, K, 1)
+            kappa = kappa + dkappa.squeeze(-1)                                     # (B, K), moves forward only
+            phi = (alpha * torch.exp(-beta * (kappa.unsqueeze(-1) - u) ** 2)).sum(dim=1)   # (B, U + 1)
+            w = torch.bmm(phi[:, None, :U], onehot).squeeze(1)                    # (B, A)
+            h_seq.append(h)
+            w_seq.append(w)
+            if return_phi:
+                phis.append(phi)
+        phi_seq = torch.stack(phis, dim=1) if return_phi else None
+        return h, c, kappa, w, torch.stack(h_seq, dim=1), torch.stack(w_seq, dim=1), phi_seq
+
+    @torch.no_grad()
+    def sample(self, text=None, steps=None, bias=0.0, prime=None, prime_text=None, generator=None,
+               batch_size=None, max_steps_per_char=40, record=False):
+        """Sample handwriting, all lines of the batch together.
+
+        text: (B, U) ids (synthesis; padded with 0), which should already include the priming text
+        if prime is given ("prime text" + " " + "new text", as in the paper).
+        steps: number of points (prediction), or None for synthesis: stop when the window has moved past the
+        last character (phi(t, U) > phi(t, u) for all u < U), capped at max_steps_per_char * U.
+        prime: (Tp, 3) or (B, Tp, 3) normalised real strokes to feed first (style priming).
+        Returns dict: strokes (B, T, 3) normalised offsets with eos in {0, 1}; lengths (B,) points per line;
+        finished (B,) bool (synthesis: False when the cap was hit); and if record: eos_prob (B, T),
+        mixture (B, T, 1 + 6M raw outputs, for density plots), phi (B, T, U + 1)."""
+        device = self.mdn.weight.device
+        if self.synthesis:
+            if text is None:
+                raise ValueError("the synthesis model needs text")
+            text = text.to(device)
+            B = text.shape[0]
+            text_len = (text > 0).sum(dim=1)                                       # (B,)
+            max_steps = steps or int(max_steps_per_char * text_len.max().item()) + 1
+        else:
+            B = batch_size or (1 if prime is None or prime.dim() == 2 else prime.shape[0])
+            max_steps = steps
+        state = self.initial_state(B, device)
+        x = torch.zeros(B, 1, self.config.input_size, device=device)              # start token x_0 = 0
+        if prime is not None:
+            prime = prime.to(device).float()
+            prime = prime.expand(B, -1, -1) if prime.dim() == 2 else prime
+            inputs = torch.cat([x, prime[:, :-1]], dim=1)
+            _, state = self(inputs, text, state)
+            x = prime[:, -1:]
+        out, eos_prob, ys, phis = [], [], [], []
+        finished = torch.zeros(B, dtype=torch.bool, device=device)
+        lengths = torch.full((B,), max_steps, dtype=torch.long, device=device)
+        for t in range(max_steps):
+            if self.synthesis:
+                y, state, phi = self(x, text, state, return_phi=True)
+                phi = phi[:, 0]                                                    # (B, U + 1)
+                # stopping rule (section 5.1): phi at position U exceeds phi at every character position
+                end_phi = phi.gather(1, text_len[:, None]).squeeze(1)
+                inside = torch.arange(phi.shape[1], device=device)[None] < text_len[:, None]
+                past_end = end_phi > phi.masked_fill(~inside, -1.0).max(dim=1).values
+                just_done = past_end & ~finished
+                lengths = torch.where(just_done, torch.full_like(lengths, t), lengths)
+                finished |= past_end
+                if record:
+                    phis.append(phi)
+            else:
+                y, state = self(x, text, state)
+            mix = mixture_params(y[:, 0], bias)
+            x = self._sample_point(mix, generator).unsqueeze(1)                   # (B, 1, 3)
+            out.append(x)
+            if record:
+                eos_prob.append(torch.sigmoid(mix.eos_logit))
+                ys.append(y[:, 0])
+            if self.synthesis and t % 16 == 15 and bool(finished.all()):         # sync only every 16 steps
+                break
+        strokes = torch.cat(out, dim=1)
+        T = strokes.shape[1]
+        lengths = lengths.clamp(max=T)
+        keep = torch.arange(T, device=device)[None] < lengths[:, None]
+        strokes = strokes * keep.unsqueeze(-1)
+        # the last point of each line ends its stroke
+        strokes[torch.arange(B, device=device), (lengths - 1).clamp(min=0), 2] = 1.0
+        result = {"strokes": strokes, "lengths": lengths,
+                  "finished": finished if self.synthesis else torch.ones(B, dtype=torch.bool, device=device)}
+        if record:
+            result["eos_prob"] = torch.stack(eos_prob, dim=1)
+            result["mixture"] = torch.stack(ys, dim=1)
+            if self.synthesis:
+                result["phi"] = torch.stack(phis, dim=1)
+        return result
+
+    @staticmethod
+    def _sample_point(mix, generator=None):
+        """Draw one point per line from the mixture (B, M) and the eos Bernoulli. Returns (B, 3)."""
+        B = mix.log_pi.shape[0]
+        device = mix.log_pi.device
+        uniform = torch.rand(B, 2, device=device, generator=generator)
+        normal = torch.randn(B, 2, device=device, generator=generator)
+        # component j with probability pi_j: inverse CDF
+        cdf = torch.cumsum(torch.exp(mix.log_pi), dim=-1)
+        j = (cdf < uniform[:, :1] * cdf[:, -1:]).sum(dim=-1, keepdim=True).clamp(max=cdf.shape[-1] - 1)
+        pick = lambda p: p.gather(-1, j).squeeze(-1)
+        mu1, mu2, rho = pick(mix.mu1), pick(mix.mu2), pick(mix.rho)
+        s1, s2 = torch.exp(pick(mix.log_sigma1)), torch.exp(pick(mix.log_sigma2))
+        x1 = mu1 + s1 * normal[:, 0]
+        x2 = mu2 + s2 * (rho * normal[:, 0] + torch.sqrt(1 - rho ** 2) * normal[:, 1])
+        eos = (uniform[:, 1] < torch.sigmoid(mix.eos_logit)).float()
+        return torch.stack([x1, x2, eos], dim=-1)
+
+
+def load_model(checkpoint, map_location="cpu", expect_task=None):
+    """Rebuild a model from a checkpoint dict (see train.py) or path. Raises FileNotFoundError or ValueError
+    with a one-line message for a missing file, a file that is not one of our checkpoints, or the wrong task."""
+    if not isinstance(checkpoint, dict):
+        from utils import load_checkpoint
+        checkpoint = load_checkpoint(checkpoint, map_location)
+    config = ModelConfig.from_dict(checkpoint["model_config"])
+    if expect_task and config.task != expect_task:
+        raise ValueError(f"this checkpoint is a {config.task} model, not {expect_task}; "
+                         f"pass a {expect_task} checkpoint or --task {config.task}")
+    model = HandwritingModel(config)
+    try:
+        model.load_state_dict({k: v.float() for k, v in checkpoint["model"].items()})
+    except RuntimeError as e:
+        raise ValueError(f"checkpoint weights do not match its config: {str(e).splitlines()[0]}") from None
+    return model.eval(), checkpoint
+
+
+@torch.no_grad()
+def evaluate_nll(model, loader, device, dtype=torch.float32):
+    """Validation loss in Graves' units over a loader of collated batches (dataset.collate).
+    Returns dict with nll_per_line (mean nats per line), nll_per_point, sse (mean squared error of the
+    mixture's expected offset, normalised units, per point), lines, points; sums are kept for all-reduce."""
+    model.eval()
+    total = torch.zeros(4, dtype=torch.float64, device=device)   # nll, sse, lines, points
+    for batch in loader:
+        strokes, mask = batch["strokes"].to(device), batch["stroke_mask"].to(device)
+        inputs, targets, tmask = teacher_forcing(strokes, mask)
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+            y, _ = model(inputs, batch["text"].to(device) if model.synthesis else None)
+        line_nll = nll(y, targets, tmask)
+        mix = mixture_params(y)
+        pi = torch.exp(mix.log_pi)
+        err = ((pi * mix.mu1).sum(-1) - targets[..., 0]) ** 2 + ((pi * mix.mu2).sum(-1) - targets[..., 1]) ** 2
+        total += torch.stack([line_nll.sum().double(), (err * tmask).sum().double(),
+                              torch.tensor(float(len(line_nll)), device=device, dtype=torch.float64),
+                              tmask.sum().double()])
+    return total
+
+
+def summarize_nll(total):
+    """Turn evaluate_nll's sums (nll, sse, lines, points) into the reported metrics."""
+    nll_sum, sse_sum, lines, points = total.tolist()
+    return {"nll_per_line": nll_sum / max(lines, 1), "nll_per_point": nll_sum / max(points, 1),
+            "sse": sse_sum / max(points, 1), "lines": int(lines), "points": int(points)}

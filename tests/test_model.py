@@ -1,0 +1,179 @@
+"""Exact checks of the model's maths: loss against a naive reference, step-by-step against batched,
+chunked against whole, sampling rules."""
+import math
+
+import pytest
+import torch
+
+from model import HandwritingModel, ModelConfig, mixture_params, nll, teacher_forcing
+
+
+def tiny(task, **kw):
+    cfg = ModelConfig(task=task, hidden_size=24, mixtures=3, window_gaussians=2,
+                      alphabet_size=7 if task == "synthesis" else 0, **kw)
+    torch.manual_seed(0)
+    return HandwritingModel(cfg).double()
+
+
+def batch(B=3, T=13, U=5, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, T, 3, generator=g, dtype=torch.double)
+    x[..., 2] = (torch.rand(B, T, generator=g) < 0.2).double()
+    text = torch.randint(1, 8, (B, U), generator=g)
+    text[0, 3:] = 0                                   # a shorter, padded line
+    return x, text
+
+
+def naive_nll(y, target):
+    """Eq. 26 written plainly with torch.distributions, one point at a time."""
+    M = (y.shape[-1] - 1) // 6
+    total = torch.zeros(y.shape[0], dtype=torch.double)
+    for b in range(y.shape[0]):
+        for t in range(y.shape[1]):
+            v = y[b, t].double()
+            e_hat, pi_hat, mu1, mu2, s1, s2, rho_hat = v[0], *v[1:].split(M)
+            pi, rho = torch.softmax(pi_hat, 0), torch.tanh(rho_hat)
+            p = 0.0
+            for j in range(M):
+                cov = torch.tensor([[s1[j].exp() ** 2, rho[j] * s1[j].exp() * s2[j].exp()],
+                                    [rho[j] * s1[j].exp() * s2[j].exp(), s2[j].exp() ** 2]], dtype=torch.double)
+                mvn = torch.distributions.MultivariateNormal(torch.stack([mu1[j], mu2[j]]), covariance_matrix=cov)
+                p = p + pi[j] * mvn.log_prob(target[b, t, :2]).exp()
+            bern = torch.distributions.Bernoulli(logits=e_hat)
+            total[b] -= torch.log(p) + bern.log_prob(target[b, t, 2])
+    return total
+
+
+def test_nll_matches_torch_distributions():
+    g = torch.Generator().manual_seed(0)
+    B, T, M = 2, 5, 4
+    y = torch.randn(B, T, 1 + 6 * M, generator=g, dtype=torch.double) * 0.5
+    target = torch.randn(B, T, 3, generator=g, dtype=torch.double)
+    target[..., 2] = (torch.rand(B, T, generator=g) < 0.3).double()
+    mask = torch.ones(B, T)
+    ours = nll(y, target, mask).double()
+    ref = naive_nll(y, target)
+    assert torch.allclose(ours, ref, rtol=1e-5, atol=1e-4), (ours, ref)
+
+
+def test_nll_ignores_padding_and_stays_finite():
+    y = torch.zeros(1, 4, 1 + 6 * 2)
+    y[..., 1 + 2 * 3: 1 + 2 * 5] = -100.0             # tiny sigmas: clamped, still finite
+    target = torch.randn(1, 4, 3)
+    target[..., 2] = 1
+    mask = torch.tensor([[1.0, 1.0, 0.0, 0.0]])
+    full = nll(y, target, mask)
+    assert torch.isfinite(full).all()
+    target2 = target.clone()
+    target2[0, 2:] = 1e6                              # garbage in the padded part changes nothing
+    assert torch.equal(nll(y, target2, mask), full)
+
+
+@pytest.mark.parametrize("task", ["prediction", "synthesis"])
+def test_stepwise_equals_batched(task):
+    model = tiny(task)
+    x, text = batch()
+    y, state = model(x, text)
+    s, ys = None, []
+    for t in range(x.shape[1]):
+        yt, s = model(x[:, t:t + 1], text, s)
+        ys.append(yt)
+    assert torch.allclose(torch.cat(ys, 1), y, atol=1e-10)
+    for a, b in zip(s.h + s.c, state.h + state.c):
+        assert torch.allclose(a, b, atol=1e-10)
+    if task == "synthesis":
+        assert torch.allclose(s.kappa, state.kappa, atol=1e-10)
+        assert torch.allclose(s.window, state.window, atol=1e-10)
+
+
+@pytest.mark.parametrize("task", ["prediction", "synthesis"])
+def test_chunked_equals_whole_including_gradients(task):
+    model = tiny(task)
+    x, text = batch(T=17)
+    target = torch.randn_like(x)
+    mask = torch.ones(x.shape[:2])
+    y, _ = model(x, text)
+    loss = nll(y, target, mask).sum()
+    grads = torch.autograd.grad(loss, list(model.parameters()))
+    s, ys = None, []
+    for a, b in [(0, 5), (5, 6), (6, 17)]:
+        yc, s = model(x[:, a:b], text, s)            # state carried, not detached: exact gradients
+        ys.append(yc)
+    y2 = torch.cat(ys, 1)
+    loss2 = nll(y2, target, mask).sum()
+    grads2 = torch.autograd.grad(loss2, list(model.parameters()))
+    assert torch.allclose(y, y2, atol=1e-10)
+    for g1, g2 in zip(grads, grads2):
+        assert torch.allclose(g1, g2, atol=1e-8)
+
+
+def test_window_moves_forward_and_masks_padding():
+    model = tiny("synthesis")
+    x, text = batch(T=30)
+    _, state, phi = model(x, text, return_phi=True)
+    assert phi.shape == (3, 30, text.shape[1] + 1)
+    # kappa only increases: rerun step by step and compare
+    s, prev = None, torch.zeros(3, 2, dtype=torch.double)
+    for t in range(30):
+        _, s = model(x[:, t:t + 1], text, s)
+        assert (s.kappa > prev).all()
+        prev = s.kappa
+    # the window vector has no mass on padded characters: line 0 has only 3 real characters
+    onehot = model.one_hot(text)
+    assert onehot[0, 3:].abs().sum() == 0 and onehot[0, :3].sum() == 3
+
+
+def test_biased_sampling_formulas():
+    M = 3
+    y = torch.randn(2, 1, 1 + 6 * M)
+    b = 1.5
+    mix = mixture_params(y, bias=b)
+    pi_hat, s1 = y[..., 1:1 + M], y[..., 1 + 3 * M:1 + 4 * M]
+    assert torch.allclose(mix.log_pi.exp(), torch.softmax(pi_hat * (1 + b), -1), atol=1e-6)
+    assert torch.allclose(mix.log_sigma1.exp(), torch.exp(s1 - b), atol=1e-6)
+
+
+def test_teacher_forcing_start_token():
+    strokes = torch.randn(2, 6, 3)
+    mask = torch.ones(2, 6, dtype=torch.bool)
+    inputs, targets, tmask = teacher_forcing(strokes, mask)
+    assert inputs.shape == (2, 5, 3) and torch.all(inputs[:, 0] == 0)
+    assert torch.equal(inputs[:, 1:], strokes[:, 1:-1]) and torch.equal(targets, strokes[:, 1:])
+
+
+@pytest.mark.parametrize("task", ["prediction", "synthesis"])
+def test_sampling_is_seeded_and_batched(task):
+    model = tiny(task).float()
+    text = torch.tensor([[1, 2, 3, 0], [4, 5, 6, 7]])
+    kw = dict(text=text) if task == "synthesis" else dict(steps=25, batch_size=2)
+    r1 = model.sample(**kw, generator=torch.Generator().manual_seed(3), max_steps_per_char=10, record=True)
+    r2 = model.sample(**kw, generator=torch.Generator().manual_seed(3), max_steps_per_char=10)
+    assert torch.equal(r1["strokes"], r2["strokes"])
+    B, T, _ = r1["strokes"].shape
+    assert B == 2 and set(r1["strokes"][..., 2].unique().tolist()) <= {0.0, 1.0}
+    assert r1["eos_prob"].shape == (2, T) and r1["mixture"].shape == (2, T, 1 + 6 * 3)
+    for b in range(B):   # each line ends with a pen lift, and nothing is drawn past its length
+        n = int(r1["lengths"][b])
+        assert r1["strokes"][b, n - 1, 2] == 1 and r1["strokes"][b, n:].abs().sum() == 0
+    if task == "synthesis":
+        assert r1["phi"].shape == (2, T, 5)
+
+
+def test_sampling_stops_when_window_passes_the_text():
+    """Force kappa to race ahead: every line must stop long before the cap and be marked finished."""
+    model = tiny("synthesis").float()
+    with torch.no_grad():
+        model.window.bias[4:].fill_(math.log(2.0))      # kappa += ~2 characters per step
+        model.window.weight[4:].zero_()
+    text = torch.tensor([[1, 2, 3, 4, 5, 6]])
+    r = model.sample(text, generator=torch.Generator().manual_seed(0), max_steps_per_char=20)
+    assert r["finished"].all() and int(r["lengths"][0]) < 10
+    model.window.bias.data[4:].fill_(-30.0)             # kappa frozen: the cap is hit and reported
+    r = model.sample(text, generator=torch.Generator().manual_seed(0), max_steps_per_char=3)
+    assert not r["finished"].any() and int(r["lengths"][0]) == 3 * 6 + 1
+
+
+def test_paper_size_parameter_count():
+    # Graves: about 3.4M weights (prediction) and 3.7M (synthesis) at 3 x 400, M = 20
+    assert 3.3e6 < HandwritingModel(ModelConfig(task="prediction")).num_params() < 3.6e6
+    assert 3.6e6 < HandwritingModel(ModelConfig(task="synthesis", alphabet_size=80)).num_params() < 3.9e6

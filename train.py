@@ -1,0 +1,316 @@
+"""
+Train Graves' prediction or synthesis network on prepared IAM-OnDB data.
+
+    python train.py --task synthesis --data data/processed --out checkpoints/synthesis
+    torchrun --nproc_per_node=N train.py ...      # DistributedDataParallel, rank 0 writes files
+
+One step is one optimiser update on one chunk of --tbptt points (or whole lines with --tbptt 0); the
+recurrent state (LSTM states, kappa, window) is carried from chunk to chunk and detached. Every
+--eval-interval steps (at the end of a batch): validation NLL, a sample image, a metrics.jsonl row, a
+loss-curve PNG, last.pt and (on improvement) best.pt. Checkpoints are written atomically; --resume continues
+exactly where a run stopped; Ctrl-C finishes the batch, saves and exits.
+"""
+import argparse
+import json
+import math
+import os
+import signal
+import sys
+import time
+from dataclasses import asdict
+
+import torch
+import torch.distributed as dist
+
+from dataset import HandwritingDataset, make_loader
+from model import HandwritingModel, ModelConfig, evaluate_nll, nll, summarize_nll, teacher_forcing
+from utils import load_checkpoint, plot_loss_curve, save_checkpoint, save_sample_image
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--task", choices=["prediction", "synthesis"], default="synthesis", help="network to train (paper sections 4 and 5)")
+    p.add_argument("--data", default="data/processed", help="folder with iam_ondb.npz from prepare_data.py, or the .npz itself")
+    p.add_argument("--out", default=None, help="run folder for checkpoints, metrics and images (default: runs/TASK)")
+    p.add_argument("--resume", default=None, help="checkpoint to resume from (a last.pt); 'auto' = OUT/last.pt if it exists")
+    # model (paper defaults)
+    p.add_argument("--hidden-size", type=int, default=400, help="LSTM cells per layer (paper: 400)")
+    p.add_argument("--layers", type=int, default=3, help="stacked LSTM layers (paper: 3)")
+    p.add_argument("--mixtures", type=int, default=20, help="M, Gaussians in the mixture density output (paper: 20)")
+    p.add_argument("--window-gaussians", type=int, default=10, help="K, Gaussians in the attention window (paper: 10)")
+    # optimisation
+    p.add_argument("--optimizer", choices=["adam", "rmsprop"], default="adam",
+                   help="adam, or the paper's RMSProp variant (centred, decay 0.95, momentum 0.9, eps 1e-4; use --lr 1e-4)")
+    p.add_argument("--lr", type=float, default=1e-3, help="learning rate (paper, RMSProp: 1e-4)")
+    p.add_argument("--batch-size", type=int, default=64, help="lines per batch (per process under torchrun)")
+    p.add_argument("--tbptt", type=int, default=0, help="truncated BPTT chunk length in points; 0 = whole lines")
+    p.add_argument("--clip", type=float, default=3.0, help="clip the gradient norm to this (0 = off); the paper clipped derivatives instead")
+    p.add_argument("--epochs", type=int, default=50, help="passes over the training split (stops at whichever of epochs/max-steps/time-limit comes first)")
+    p.add_argument("--max-steps", type=int, default=0, help="stop after this many optimiser steps (0 = no limit)")
+    p.add_argument("--time-limit", type=float, default=0, help="stop after this many minutes of training, then evaluate and save (0 = no limit)")
+    p.add_argument("--max-points", type=int, default=0, help="drop training lines longer than this many points (0 = keep all)")
+    p.add_argument("--max-lines", type=int, default=0, help="use only the first N training lines (0 = all; for quick tests)")
+    # evaluation and logging
+    p.add_argument("--eval-interval", type=int, default=500, help="steps between evaluations and checkpoints")
+    p.add_argument("--eval-lines", type=int, default=0, help="validation lines to evaluate (0 = the whole split)")
+    p.add_argument("--sample-text", default="The quick brown fox jumps over the lazy dog", help="phrase drawn at every evaluation (synthesis)")
+    p.add_argument("--max-bad-steps", type=int, default=20, help="stop after this many consecutive NaN/Inf losses or gradients")
+    # system
+    p.add_argument("--device", default="auto", help="'auto' (CUDA when present), 'cpu', 'cuda', 'cuda:1', ...")
+    p.add_argument("--dtype", choices=list(DTYPES), default="float32", help="autocast dtype for the network (the loss is always float32)")
+    p.add_argument("--seed", type=int, default=1337, help="random seed (initialisation and data order)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
+    return p.parse_args(argv)
+
+
+class Run:
+    """Holds the state a checkpoint saves: everything needed to continue exactly."""
+
+    def __init__(self):
+        self.step = 0              # optimiser steps done
+        self.epoch = 0             # current epoch
+        self.batch_in_epoch = 0    # batches of the current epoch already done
+        self.best_val = math.inf
+        self.bad_steps = 0         # NaN/Inf updates skipped, in total
+        self.bad_in_row = 0        # ... and since the last good one
+        self.train_time = 0.0      # seconds spent training, over all resumed runs
+        self.last_eval_step = 0
+
+
+def main(argv=None):
+    args = get_args(argv)
+    ### distributed setup (torchrun sets RANK / WORLD_SIZE / LOCAL_RANK)
+    ddp = "RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if ddp:
+        dist.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
+        rank, world = dist.get_rank(), dist.get_world_size()
+        if args.device.startswith("cuda"):
+            args.device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+            torch.cuda.set_device(args.device)
+    else:
+        rank, world = 0, 1
+    master = rank == 0
+    device, dtype = torch.device(args.device), DTYPES[args.dtype]
+    out = args.out or os.path.join("runs", args.task)
+    log = print if master else (lambda *a, **k: None)
+
+    ### data
+    try:
+        train_set = HandwritingDataset(args.data, "train", max_points=args.max_points or None, max_lines=args.max_lines or None)
+        valid_set = HandwritingDataset(args.data, "valid", max_lines=args.eval_lines or None)
+    except (FileNotFoundError, ValueError) as e:
+        sys.exit(f"error: {e}")
+    if len(train_set) == 0 or len(valid_set) == 0:
+        sys.exit(f"error: {args.data} has an empty train or valid split; re-run prepare_data.py")
+
+    ### model and optimiser
+    resume = os.path.join(out, "last.pt") if args.resume == "auto" else args.resume
+    if resume == os.path.join(out, "last.pt") and args.resume == "auto" and not os.path.exists(resume):
+        resume = None
+    ckpt = None
+    if resume:
+        try:
+            ckpt = load_checkpoint(resume)
+        except (FileNotFoundError, ValueError) as e:
+            sys.exit(f"error: {e}")
+        config = ModelConfig.from_dict(ckpt["model_config"])
+        if config.task != args.task:
+            sys.exit(f"error: {resume} is a {config.task} checkpoint; resume it with --task {config.task}")
+        if ckpt.get("alphabet", train_set.alphabet.chars) != train_set.alphabet.chars:
+            sys.exit(f"error: {resume} was trained with another alphabet; use the data it was trained on")
+    else:
+        config = ModelConfig(task=args.task, hidden_size=args.hidden_size, layers=args.layers, mixtures=args.mixtures,
+                             window_gaussians=args.window_gaussians,
+                             alphabet_size=len(train_set.alphabet.chars) if args.task == "synthesis" else 0)
+    torch.manual_seed(args.seed)
+    model = HandwritingModel(config).to(device)
+    if args.optimizer == "adam":
+        optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
+    else:   # Graves (2013) eq. 38-41; torch adds eps outside the square root
+        optimizer = torch.optim.RMSprop(model.parameters(), lr=args.lr, alpha=0.95, momentum=0.9, eps=1e-4, centered=True)
+    run = Run()
+    if ckpt:
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        run.__dict__.update(ckpt["run"])
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        if device.type == "cuda" and ckpt["rng"].get("cuda") is not None:
+            torch.cuda.set_rng_state(ckpt["rng"]["cuda"], device)
+        log(f"resumed from {resume} at step {run.step} (epoch {run.epoch}, batch {run.batch_in_epoch})")
+    raw_model = model
+    if ddp:
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    log(f"{config.task} model: {raw_model.num_params() / 1e6:.2f}M parameters, {len(train_set)} train / "
+        f"{len(valid_set)} valid lines, device {device}, dtype {args.dtype}, {world} process(es)")
+    log("config: " + json.dumps({**vars(args), "out": out}))
+
+    def checkpoint(path, metrics):
+        """Everything to continue exactly: weights, optimiser, counters, RNG, config, data stats."""
+        save_checkpoint({
+            "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
+            "model_config": config.to_dict(), "alphabet": train_set.alphabet.chars,
+            "mean": [float(v) for v in train_set.mean], "std": [float(v) for v in train_set.std],
+            "step": run.step, "run": dict(run.__dict__), "metrics": metrics, "train_args": vars(args),
+            "rng": {"torch": torch.get_rng_state(),
+                    "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None},
+        }, path)
+
+    def evaluate():
+        """Validation NLL over all processes; on rank 0 also a sample, metrics row, plots and checkpoints."""
+        loader = make_loader(valid_set, args.batch_size, shuffle=False)
+        batches = list(loader)[rank::world]
+        total = evaluate_nll(raw_model, batches, device, dtype)
+        if ddp:
+            dist.all_reduce(total)
+        metrics = {"step": run.step, "epoch": run.epoch, "train_loss": run_loss.mean(),
+                   **{f"val_{k}": v for k, v in summarize_nll(total).items()},
+                   "points_per_s": run_loss.points / max(run_loss.seconds, 1e-9), "bad_steps": run.bad_steps,
+                   "train_minutes": run.train_time / 60}
+        raw_model.train()
+        run.last_eval_step = run.step
+        if not master:
+            return metrics
+        improved = metrics["val_nll_per_line"] < run.best_val
+        run.best_val = min(run.best_val, metrics["val_nll_per_line"])
+        os.makedirs(out, exist_ok=True)
+        with open(os.path.join(out, "metrics.jsonl"), "a") as f:
+            f.write(json.dumps(metrics) + "\n")
+        plot_loss_curve(os.path.join(out, "metrics.jsonl"), os.path.join(out, "loss.png"))
+        save_sample_image(raw_model, train_set.alphabet, train_set.mean, train_set.std,
+                          os.path.join(out, f"sample_{run.step:06d}.png"), text=args.sample_text, seed=args.seed)
+        raw_model.train()
+        checkpoint(os.path.join(out, "last.pt"), metrics)
+        if improved:
+            checkpoint(os.path.join(out, "best.pt"), metrics)
+        log(f"step {run.step}: val {metrics['val_nll_per_line']:.1f} nats/line ({metrics['val_nll_per_point']:.3f}/point), "
+            f"train {metrics['train_loss']:.3f}/point, {metrics['points_per_s']:.0f} points/s" + (" *best*" if improved else ""))
+        return metrics
+
+    ### Ctrl-C: finish the current batch, save, exit
+    stop = {"why": None}
+    signal.signal(signal.SIGINT, lambda *_: stop.update(why="interrupted"))
+
+    ### training loop
+    run_loss = RunningLoss()
+    model.train()
+    t_start = time.time()
+    progress = None
+    if master and not args.no_progress:
+        from tqdm import tqdm
+        progress = tqdm(initial=run.step, total=args.max_steps or None, unit="step", dynamic_ncols=True)
+    metrics = None
+    while stop["why"] is None and run.epoch < args.epochs:
+        loader = make_loader(train_set, args.batch_size, shuffle=True, seed=args.seed + run.epoch)
+        batches = list(loader.batch_sampler)
+        batches = batches[: len(batches) // world * world][rank::world]       # equal count on every rank
+        for b in range(run.batch_in_epoch, len(batches)):
+            batch = loader.collate_fn([train_set[i] for i in batches[b]])
+            t0 = time.time()
+            train_batch(model, raw_model, optimizer, batch, args, device, dtype, run, run_loss, log)
+            run.batch_in_epoch = b + 1
+            run.train_time += time.time() - t0
+            if progress:
+                progress.n = run.step
+                progress.set_postfix(loss=f"{run_loss.recent():.3f}", pts_s=f"{run_loss.points / max(run_loss.seconds, 1e-9):.0f}",
+                                     epoch=run.epoch, refresh=False)
+                progress.refresh()
+            if run.bad_in_row >= args.max_bad_steps:
+                stop["why"] = f"{args.max_bad_steps} NaN/Inf steps in a row; lower --lr or --clip, or use --dtype float32"
+            elif args.max_steps and run.step >= args.max_steps:
+                stop["why"] = "max steps"
+            elif args.time_limit and time.time() - t_start >= args.time_limit * 60:
+                stop["why"] = "time limit"
+            if ddp:   # every rank stops together
+                flag = torch.tensor([stop["why"] is not None], dtype=torch.float32, device=device)
+                dist.all_reduce(flag)
+                if flag.item() and stop["why"] is None:
+                    stop["why"] = "stopped on another rank"
+            if stop["why"] or run.step - run.last_eval_step >= args.eval_interval:
+                metrics = evaluate()
+                run_loss = RunningLoss()
+            if stop["why"]:
+                break
+        else:
+            run.epoch += 1
+            run.batch_in_epoch = 0
+    if stop["why"] is None:
+        stop["why"] = "epochs done"
+        if run.step != run.last_eval_step or metrics is None:
+            metrics = evaluate()
+    if progress:
+        progress.close()
+    if metrics:
+        log(f"done ({stop['why']}): {run.step} steps, {run.epoch} epochs, {run.train_time / 60:.1f} min training, "
+            f"val {metrics['val_nll_per_line']:.1f} nats/line (best {run.best_val:.1f}), {run.bad_steps} skipped steps; "
+            f"checkpoints in {out}")
+    if ddp:
+        dist.destroy_process_group()
+    if stop["why"].startswith(str(args.max_bad_steps)):
+        sys.exit(f"error: {stop['why']}")
+
+
+class RunningLoss:
+    """Training loss and throughput since the last evaluation."""
+
+    def __init__(self):
+        self.nll, self.points, self.seconds, self.last = 0.0, 0, 0.0, []
+
+    def add(self, nll_sum, points, seconds):
+        self.nll += nll_sum
+        self.points += points
+        self.seconds += seconds
+        self.last = (self.last + [nll_sum / max(points, 1)])[-20:]
+
+    def mean(self):
+        return self.nll / max(self.points, 1)
+
+    def recent(self):
+        return sum(self.last) / max(len(self.last), 1)
+
+
+def train_batch(model, raw_model, optimizer, batch, args, device, dtype, run, run_loss, log):
+    """Truncated BPTT over one batch: one optimiser step per chunk, state carried and detached."""
+    strokes, mask = batch["strokes"].to(device, non_blocking=True), batch["stroke_mask"].to(device, non_blocking=True)
+    text = batch["text"].to(device, non_blocking=True) if raw_model.synthesis else None
+    inputs, targets, tmask = teacher_forcing(strokes, mask)
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        # every rank must run the same number of chunks (one gradient all-reduce each): pad to the longest
+        T = torch.tensor(inputs.shape[1], device=device)
+        dist.all_reduce(T, op=dist.ReduceOp.MAX)
+        pad = int(T) - inputs.shape[1]
+        inputs, targets = (torch.nn.functional.pad(t, (0, 0, 0, pad)) for t in (inputs, targets))
+        tmask = torch.nn.functional.pad(tmask, (0, pad))
+    T = inputs.shape[1]
+    chunk = args.tbptt or T
+    state = None
+    for start in range(0, T, chunk):
+        t0 = time.time()
+        sl = slice(start, start + chunk)
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+            y, state = model(inputs[:, sl], text, state)
+        points = tmask[:, sl].sum()
+        loss_sum = nll(y, targets[:, sl], tmask[:, sl]).sum()
+        loss = loss_sum / points.clamp(min=1)            # mean nats per point: the scale Adam's lr expects
+        state = state.detach()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        # why clip: rare huge gradients from near-singular Gaussians would otherwise wreck the weights
+        gnorm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), args.clip if args.clip > 0 else math.inf)
+        ok = torch.isfinite(loss) & torch.isfinite(gnorm)
+        if not ok.item():
+            run.bad_steps += 1
+            run.bad_in_row += 1
+            log(f"step {run.step}: non-finite loss or gradient, update skipped ({run.bad_steps} so far)")
+            continue
+        run.bad_in_row = 0
+        optimizer.step()
+        run.step += 1
+        run_loss.add(loss_sum.item(), int(points.item()), time.time() - t0)
+
+
+if __name__ == "__main__":
+    main()
