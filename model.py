@@ -120,6 +120,13 @@ def teacher_forcing(strokes, stroke_mask):
     return inputs, strokes[:, 1:], stroke_mask[:, 1:]
 
 
+def lstm_cell(gates, c):
+    """LSTM update from pre-activations (B, 4H) in PyTorch's gate order (input, forget, cell, output)."""
+    i, f, g, o = gates.chunk(4, dim=-1)
+    c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+    return torch.sigmoid(o) * torch.tanh(c), c
+
+
 class HandwritingModel(nn.Module):
 
     def __init__(self, config: ModelConfig):
@@ -191,10 +198,17 @@ class HandwritingModel(nn.Module):
             skip = x
         inp = torch.cat([skip, hs[-1]], dim=-1) if hs else skip
         for n, rnn in enumerate(self.rnns, start=len(hs)):
-            out, (h, c) = rnn(inp, (state.h[n].unsqueeze(0), state.c[n].unsqueeze(0)))
+            if T == 1:   # one sampling step: two plain matmuls beat the fused kernel's set-up cost on CPU
+                gates = (F.linear(inp[:, 0], rnn.weight_ih_l0, rnn.bias_ih_l0)
+                         + F.linear(state.h[n], rnn.weight_hh_l0, rnn.bias_hh_l0))
+                h, c = lstm_cell(gates, state.c[n])
+                out = h.unsqueeze(1)
+            else:
+                out, (h, c) = rnn(inp, (state.h[n].unsqueeze(0), state.c[n].unsqueeze(0)))
+                h, c = h.squeeze(0), c.squeeze(0)
             hs.append(out)
-            h_new.append(h.squeeze(0))
-            c_new.append(c.squeeze(0))
+            h_new.append(h)
+            c_new.append(c)
             inp = torch.cat([skip, out], dim=-1)
         y = self.mdn(torch.cat(hs, dim=-1))                                        # (B, T, 1 + 6M)
         new_state = State(h_new, c_new, kappa, w)
@@ -208,10 +222,7 @@ class HandwritingModel(nn.Module):
         u = torch.arange(U + 1, device=xg.device, dtype=xg.dtype)                 # positions 0..U
         h_seq, w_seq, phis = [], [], []
         for t in range(T):
-            gates = xg[:, t] + self.lstm1_wh(torch.cat([w, h], dim=-1))           # (B, 4H)
-            i, f, g, o = gates.chunk(4, dim=-1)
-            c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-            h = torch.sigmoid(o) * torch.tanh(c)
+            h, c = lstm_cell(xg[:, t] + self.lstm1_wh(torch.cat([w, h], dim=-1)), c)   # gates (B, 4H)
             # window (eq. 46-51): phi(t, u) = sum_k alpha_k exp(-beta_k (kappa_k - u)^2)
             alpha, beta, dkappa = torch.exp(self.window(h)).unsqueeze(-1).chunk(3, dim=1)   # (B, K, 1)
             kappa = kappa + dkappa.squeeze(-1)                                     # (B, K), moves forward only
