@@ -248,6 +248,7 @@ def main(argv=None):
             f"val {metrics['val_nll_per_line']:.1f} nats/line (best {run.best_val:.1f}), {run.bad_steps} skipped steps; "
             f"checkpoints in {out}")
     if ddp:
+        dist.barrier()           # rank 0 may still be writing checkpoints
         dist.destroy_process_group()
     if stop["why"].startswith(str(args.max_bad_steps)):
         sys.exit(f"error: {stop['why']}")
