@@ -1,0 +1,203 @@
+"""
+Speed benchmark: training throughput of our model against a textbook implementation, and sampling time.
+
+    python bench.py                                   # CPU or GPU (auto), defaults below
+    python bench.py --device cuda --dtype bfloat16    # GPU, bf16 autocast
+    python bench.py --threads 1                       # a CPU shared with other jobs: avoid thread contention
+
+Prints one JSON object:
+- train: points per second for one optimiser step (forward, float32 loss, backward, gradient-norm clip, Adam; as in
+  train.py) at paper size (3 x 400 LSTM, M = 20 mixtures, K = 10 window Gaussians, 80 characters), for our model
+  (model.py) and for the textbook reference (reference.py: nn.LSTMCell loop, plain window and MDN) in the same
+  run, repetitions interleaved so that a change of machine load hits both; the speed-up is ours / reference;
+- sample: seconds to sample one 40-character line and a batch of 64 lines, with a fixed number of points per
+  character (the window is pinned so the stopping rule never fires: an untrained model's stopping time is noise);
+- the device, torch version, threads, load average and every setting.
+Warm-up repetitions are excluded; medians are reported. Data are synthetic (random offsets, pen lifts with
+probability 0.05, random text), which costs the same as real data: every line is --seq-len points long.
+"""
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+
+import torch
+
+from model import HandwritingModel, ModelConfig, nll
+from reference import ReferenceModel, reference_nll
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+# defaults that depend on the device: (GPU, CPU); the CPU ones keep the whole run under a minute on 2 cores
+DEFAULTS = {"batch_size": (64, 8), "seq_len": (600, 600), "reps": (10, 3), "warmup": (2, 1)}
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--device", default="auto", help="'auto' (CUDA when present), 'cpu', 'cuda', 'cuda:1', ...")
+    p.add_argument("--task", choices=["prediction", "synthesis"], default="synthesis", help="network to time (paper sections 4 and 5)")
+    p.add_argument("--batch-size", type=int, default=0, help="lines per training step (0 = 64 on GPU, 8 on CPU)")
+    p.add_argument("--seq-len", type=int, default=0, help="points per line in a training step (0 = 600; IAM-OnDB's median line has 620)")
+    p.add_argument("--text-len", type=int, default=30, help="characters per line of text in training (IAM-OnDB median: 29)")
+    p.add_argument("--reps", type=int, default=0, help="timed repetitions, median reported (0 = 10 on GPU, 3 on CPU)")
+    p.add_argument("--warmup", type=int, default=-1, help="untimed repetitions first (-1 = 2 on GPU, 1 on CPU)")
+    p.add_argument("--dtype", choices=list(DTYPES), default="float32", help="autocast dtype for the networks (the loss is always float32)")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0 = torch's default, usually one per core)")
+    p.add_argument("--sample-chars", type=int, default=40, help="characters of text per sampled line")
+    p.add_argument("--steps-per-char", type=int, default=25, help="points sampled per character (IAM-OnDB mean: about 21)")
+    p.add_argument("--sample-batch", type=int, default=64, help="lines in the batched sampling test (0 = skip it)")
+    p.add_argument("--skip-reference", action="store_true", help="do not time the textbook reference")
+    p.add_argument("--quick", action="store_true", help="tiny sizes and one repetition: a smoke test of this script, not a measurement")
+    p.add_argument("--seed", type=int, default=0, help="random seed for weights and synthetic data")
+    args = p.parse_args(argv)
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    gpu = torch.device(args.device).type == "cuda"
+    if args.quick:
+        args.batch_size, args.seq_len, args.text_len = args.batch_size or 2, args.seq_len or 20, min(args.text_len, 5)
+        args.reps, args.warmup = args.reps or 1, max(args.warmup, 0)
+        args.sample_chars, args.steps_per_char, args.sample_batch = 4, 5, min(args.sample_batch, 4)
+    for name, (on_gpu, on_cpu) in DEFAULTS.items():
+        if getattr(args, name) == (-1 if name == "warmup" else 0):
+            setattr(args, name, on_gpu if gpu else on_cpu)
+    return args
+
+
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def synthetic_batch(args, alphabet, device, g):
+    """Random inputs, targets and text for one training step: (B, T, 3) offsets with pen lifts, (B, U) ids."""
+    B, T = args.batch_size, args.seq_len
+    strokes = torch.randn(B, T + 1, 3, generator=g)
+    strokes[..., 2] = (torch.rand(B, T + 1, generator=g) < 0.05).float()
+    inputs, targets = strokes[:, :-1].clone(), strokes[:, 1:]
+    inputs[:, 0] = 0                                                   # start token, as teacher_forcing makes it
+    text = torch.randint(1, alphabet + 1, (B, args.text_len), generator=g)
+    mask = torch.ones(B, T)
+    return [t.to(device) for t in (inputs, targets, mask, text)]
+
+
+def make_train_step(model, loss_fn, batch, device, dtype):
+    """One optimiser step as train.py takes it: forward under autocast, mean nats per point, clip, Adam."""
+    inputs, targets, mask, text = batch
+    text = text if model.synthesis else None
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+
+    def step():
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+            y = model(inputs, text)
+        y = y[0] if isinstance(y, tuple) else y
+        loss = loss_fn(y, targets, mask).sum() / mask.sum()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), 3.0)
+        if not bool(torch.isfinite(loss) & torch.isfinite(gnorm)):     # train.py's check (one host sync)
+            raise RuntimeError("non-finite loss in the benchmark")
+        optimizer.step()
+    return step
+
+
+def time_interleaved(fns, reps, warmup, device):
+    """Run each function warmup + reps times, in turn; return the timed seconds of each."""
+    times = {name: [] for name in fns}
+    for i in range(warmup + reps):
+        for name, fn in fns.items():
+            synchronize(device)
+            t0 = time.perf_counter()
+            fn()
+            synchronize(device)
+            if i >= warmup:
+                times[name].append(time.perf_counter() - t0)
+    return times
+
+
+def time_sampling(model, lines, args, device, dtype, g):
+    """Median seconds to sample `lines` lines of --sample-chars characters, --steps-per-char points each."""
+    text = torch.randint(1, model.config.alphabet_size + 1, (lines, args.sample_chars), generator=g).to(device)
+    steps = args.sample_chars * args.steps_per_char
+
+    def run(n):
+        kw = dict(text=text) if model.synthesis else dict(batch_size=lines)
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+            out = model.sample(**kw, steps=n, generator=torch.Generator(device=device).manual_seed(args.seed))
+        assert out["strokes"].shape[1] == n, "sampling stopped early"
+        return out
+
+    run(min(steps, 32))                                                # warm-up: allocator, kernels, caches
+    times = []
+    for _ in range(args.reps):
+        synchronize(device)
+        t0 = time.perf_counter()
+        run(steps)
+        synchronize(device)
+        times.append(time.perf_counter() - t0)
+    median = statistics.median(times)
+    return {"lines": lines, "points_per_line": steps, "seconds": round(median, 4),
+            "points_per_s": round(lines * steps / median), "all_seconds": [round(t, 4) for t in times]}
+
+
+def device_name(device):
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo") as f:
+            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+        return f"{names[0]} ({os.cpu_count()} logical cores)"
+    except (OSError, IndexError):
+        return platform.processor() or platform.machine()
+
+
+def main(argv=None):
+    args = get_args(argv)
+    device, dtype = torch.device(args.device), DTYPES[args.dtype]
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    load_start = os.getloadavg() if hasattr(os, "getloadavg") else None
+    torch.manual_seed(args.seed)
+    g = torch.Generator().manual_seed(args.seed)
+
+    ### paper-size model and its textbook twin (same weights)
+    config = ModelConfig(task=args.task, hidden_size=400, layers=3, mixtures=20, window_gaussians=10,
+                         alphabet_size=80 if args.task == "synthesis" else 0)
+    model = HandwritingModel(config).to(device)
+    batch = synthetic_batch(args, max(config.alphabet_size, 1), device, g)
+
+    ### training throughput
+    steps = {"ours": make_train_step(model, nll, batch, device, dtype)}
+    if not args.skip_reference:
+        reference = ReferenceModel.from_model(model)
+        steps["reference"] = make_train_step(reference, reference_nll, batch, device, dtype)
+    times = time_interleaved(steps, args.reps, args.warmup, device)
+    points = args.batch_size * args.seq_len
+    train = {f"{name}_points_per_s": round(points / statistics.median(t)) for name, t in times.items()}
+    if "reference" in times:
+        train["speedup"] = round(statistics.median(times["reference"]) / statistics.median(times["ours"]), 3)
+    train.update({f"{name}_step_seconds": [round(s, 4) for s in t] for name, t in times.items()})
+
+    ### sampling (model already built and warm)
+    model.eval()
+    if model.synthesis:
+        with torch.no_grad():   # pin the window at the start (kappa += exp(-30) per point): the stopping rule never fires
+            model.window.bias[2 * config.window_gaussians:] = -30.0
+    sample = {"one_line": time_sampling(model, 1, args, device, dtype, g)}
+    if args.sample_batch:
+        sample["batch"] = time_sampling(model, args.sample_batch, args, device, dtype, g)
+
+    result = {
+        "device": device_name(device), "torch": torch.__version__, "threads": torch.get_num_threads(),
+        "load_average_start": load_start, "load_average_end": os.getloadavg() if load_start else None,
+        "settings": {**vars(args), "model": config.to_dict(), "points_per_step": points,
+                     "data": "synthetic: N(0,1) offsets, pen lifts with p = 0.05, uniform random text; all lines full length",
+                     "optimizer": "Adam lr 1e-4, gradient norm clipped to 3 (as train.py)"},
+        "train": train, "sample": sample,
+    }
+    print(json.dumps(result, indent=1))
+    return result
+
+
+if __name__ == "__main__":
+    main()

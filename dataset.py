@@ -1,0 +1,195 @@
+"""Data handling: the prepared IAM-OnDB file, text encoding, and length-bucketed batches.
+
+A line is a sequence x_t = (dx, dy, eos) (Graves 2013, section 4), offsets normalised to mean 0, std 1 with the
+training split's statistics, and its text as character ids c_u (section 5; id 0 is padding).
+"""
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+SPLITS = ("train", "valid", "test")               # split codes 0, 1, 2 in the prepared file
+KEYS = ("offsets", "eos", "line_starts", "texts", "line_ids", "writer_ids", "split", "mean", "std", "alphabet", "meta")
+POOL_BATCHES = 50                                 # bucketing sorts by length inside random pools of 50 batches
+
+
+def load_prepared(path):
+    """The arrays of prepare_data.py's npz (path to it or to its folder) as a dict; alphabet -> str, meta -> dict."""
+    path = Path(path)
+    if path.is_dir():                             # the folder prepare_data.py wrote to
+        path = path / "iam_ondb.npz"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: run prepare_data.py first")
+    with np.load(path, allow_pickle=False) as f:
+        missing = [k for k in KEYS if k not in f.files]
+        if missing:
+            raise ValueError(f"{path} lacks {', '.join(missing)}: made by another version, run prepare_data.py again")
+        data = {k: f[k] for k in f.files}
+    data["alphabet"] = str(data["alphabet"])
+    data["meta"] = json.loads(str(data["meta"]))
+    return data
+
+
+def normalize(offsets, mean, std):
+    """(..., 3) rows (dx, dy, eos), numpy or torch -> float copy with (dx, dy) scaled to mean 0, std 1."""
+    return _affine(offsets, mean, std, inverse=False)
+
+
+def denormalize(offsets, mean, std):
+    """Inverse of normalize: (..., 3) normalised rows -> board units; eos passes through."""
+    return _affine(offsets, mean, std, inverse=True)
+
+
+def _affine(offsets, mean, std, inverse):
+    if torch.is_tensor(offsets):
+        out = offsets.clone() if offsets.is_floating_point() else offsets.float()
+        mean, std = (torch.as_tensor(np.asarray(v, np.float64), dtype=out.dtype, device=out.device)
+                     for v in (mean, std))
+    else:
+        out = np.array(offsets, dtype=np.result_type(np.asarray(offsets).dtype, np.float32))
+        mean, std = np.asarray(mean, out.dtype), np.asarray(std, out.dtype)
+    out[..., :2] = out[..., :2] * std + mean if inverse else (out[..., :2] - mean) / std
+    return out
+
+
+class Alphabet:
+    """Characters <-> ids: id 0 is padding, ids 1..n are the characters of `chars` in order."""
+
+    def __init__(self, chars: str):
+        if len(set(chars)) != len(chars):
+            raise ValueError("alphabet has repeated characters")
+        self.chars = chars
+        self.index = {c: i + 1 for i, c in enumerate(chars)}
+
+    def __len__(self):
+        return len(self.chars) + 1
+
+    def unknown(self, text):
+        """Characters of `text` not in the alphabet, each once, in order of appearance."""
+        return list(dict.fromkeys(c for c in text if c not in self.index))
+
+    def encode(self, text, drop_unknown=False):
+        """str -> LongTensor (U,); unknown characters raise ValueError, or are left out with drop_unknown."""
+        unknown = self.unknown(text)
+        if unknown and not drop_unknown:
+            raise ValueError("characters not in the model's alphabet: " + ", ".join(repr(c) for c in unknown))
+        return torch.tensor([self.index[c] for c in text if c in self.index], dtype=torch.long)
+
+    def decode(self, ids):
+        """ids (U,) -> str, skipping padding (0)."""
+        return "".join(self.chars[i - 1] for i in (int(i) for i in ids) if 0 < i <= len(self.chars))
+
+    def __repr__(self):
+        return f"Alphabet({self.chars!r})"
+
+
+class HandwritingDataset(Dataset):
+    """One split of the prepared file. Item i: (strokes (T, 3) float32 normalised (dx, dy, eos), text ids (U,)).
+
+    max_points drops (not crops) lines longer than that; max_lines keeps the first n lines (tiny runs).
+    Characters outside the alphabet (rare ones seen only in valid / test) are left out of the text ids.
+    """
+
+    def __init__(self, path_or_dict, split="train", max_points=None, max_lines=None):
+        data = path_or_dict if isinstance(path_or_dict, dict) else load_prepared(path_or_dict)
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, not {split!r}")
+        lines = np.flatnonzero(data["split"] == SPLITS.index(split))         # (N_split,) rows of the file
+        starts, ends = data["line_starts"][lines], data["line_starts"][lines + 1]
+        keep = ends - starts <= max_points if max_points else np.ones(len(lines), dtype=bool)
+        lines, starts, ends = lines[keep][:max_lines], starts[keep][:max_lines], ends[keep][:max_lines]
+
+        self.offsets, self.eos = data["offsets"], data["eos"]                 # (P, 2) int16, (P,) uint8, shared
+        self.starts, self.lengths = starts, ends - starts                      # (N,), (N,) points per line
+        self.texts = [str(t) for t in data["texts"][lines]]
+        self.line_ids = [str(t) for t in data["line_ids"][lines]]
+        self.writer_ids = [str(t) for t in data["writer_ids"][lines]]
+        self.alphabet = Alphabet(str(data["alphabet"]))
+        self.text_ids = [self.alphabet.encode(t, drop_unknown=True) for t in self.texts]
+        self.meta = data["meta"] if isinstance(data["meta"], dict) else json.loads(str(data["meta"]))
+        self.split = split
+        self.set_normalization(data["mean"], data["std"])
+
+    def set_normalization(self, mean, std):
+        """Use these (dx, dy) statistics, e.g. a checkpoint's, instead of the file's."""
+        self.mean, self.std = np.asarray(mean, np.float32), np.asarray(std, np.float32)
+
+    def __len__(self):
+        return len(self.lengths)
+
+    def __getitem__(self, i):
+        rows = slice(self.starts[i], self.starts[i] + self.lengths[i])
+        strokes = np.column_stack([self.offsets[rows], self.eos[rows]]).astype(np.float32)   # (T, 3)
+        return torch.from_numpy(normalize(strokes, self.mean, self.std)), self.text_ids[i]
+
+
+def collate(batch):
+    """[(strokes (T_i, 3), text (U_i,)), ...] -> zero-padded strokes (B, T, 3), text (B, U) and bool masks."""
+    strokes, texts = zip(*batch)
+    t_len = torch.tensor([len(s) for s in strokes])
+    u_len = torch.tensor([len(t) for t in texts])
+    pad = torch.nn.utils.rnn.pad_sequence
+    return {
+        "strokes": pad(strokes, batch_first=True),                                        # (B, T, 3) float32
+        "stroke_mask": torch.arange(int(t_len.max())) < t_len[:, None],                   # (B, T) bool
+        "text": pad(texts, batch_first=True) if u_len.max() > 0 else torch.zeros(len(texts), 0, dtype=torch.long),
+        "text_mask": torch.arange(int(u_len.max())) < u_len[:, None],                     # (B, U) bool
+    }
+
+
+class BucketBatchSampler(Sampler):
+    """Batches of lines of similar length, so little compute goes to padding.
+
+    shuffle=True: a random permutation (seeded by seed and set_epoch) is cut into pools of POOL_BATCHES batches,
+    each pool is sorted by length and cut into batches, and the batch order is shuffled. shuffle=False: all lines
+    sorted by length (for evaluation). Every index appears exactly once per epoch (drop_last: the last, short
+    batch is left out).
+    """
+
+    def __init__(self, lengths, batch_size, shuffle=True, seed=0, drop_last=False):
+        self.lengths = np.asarray(lengths)
+        self.batch_size, self.shuffle, self.seed, self.drop_last = batch_size, shuffle, seed, drop_last
+        self.epoch = 0
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def __iter__(self):
+        n, bs = len(self.lengths), self.batch_size
+        if self.shuffle:
+            rng = np.random.default_rng([self.seed, self.epoch])
+            order = rng.permutation(n)
+            pool = bs * POOL_BATCHES
+            order = np.concatenate([p[np.argsort(self.lengths[p], kind="stable")]
+                                    for p in np.split(order, range(pool, n, pool))]) if n else order
+        else:
+            order = np.argsort(self.lengths, kind="stable")
+        batches = [order[i:i + bs].tolist() for i in range(0, n, bs)]
+        if self.drop_last and batches and len(batches[-1]) < bs:
+            batches.pop()
+        if self.shuffle:
+            batches = [batches[j] for j in rng.permutation(len(batches))]
+        return iter(batches)
+
+    def __len__(self):
+        n = len(self.lengths)
+        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+
+
+def padding_fraction(lengths, batches):
+    """Fraction of the padded (B, T_max) grid of these batches that is padding."""
+    lengths = np.asarray(lengths)
+    total = sum(len(b) * lengths[b].max() for b in batches if len(b))
+    return 1.0 - sum(lengths[b].sum() for b in batches) / max(total, 1)
+
+
+def make_loader(dataset, batch_size, shuffle, seed=0, drop_last=False, num_workers=0):
+    """DataLoader over a HandwritingDataset with length buckets and padding masks (see collate).
+
+    For a new shuffle every epoch call loader.batch_sampler.set_epoch(epoch), or pass seed + epoch.
+    """
+    sampler = BucketBatchSampler(dataset.lengths, batch_size, shuffle=shuffle, seed=seed, drop_last=drop_last)
+    return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=num_workers)

@@ -1,0 +1,520 @@
+"""
+Write handwriting with a trained network (Graves 2013, arXiv 1308.0850, sections 4-5).
+
+    python generate.py --text "Hello world"                          # -> samples/handwriting.png
+    python generate.py --text "Hello world" --style 3 --out hello.svg
+    python generate.py --task prediction --steps 700 --out scribble.gif
+
+Every line of the page is sampled together in one batch (text padded), with the same style and bias, and
+stops by the paper's rule (the window has moved past the last character). The output format follows the
+extension of --out: .png, .svg (one path per pen-down stroke, for pen plotters) or .gif (the pen writing).
+Errors are one line on stderr and a non-zero exit.
+"""
+import argparse
+import json
+import os
+import sys
+import textwrap
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))   # shipped files are found wherever the command runs from
+DEFAULT_CHECKPOINTS = {"synthesis": "checkpoints/synthesis.pt", "prediction": "checkpoints/prediction.pt"}
+DEFAULT_OUT = os.path.join("samples", "handwriting.png")
+DEFAULT_STYLES = os.path.join("data", "styles.json")
+FORMATS = (".png", ".svg", ".gif")
+PLOT_FORMATS = (".png", ".svg", ".pdf")
+VIEWS = ("plain", "strokes", "eos", "density")
+MAX_CHARS_PER_LINE = 64     # the longest line of IAM-OnDB's transcriptions: longer lines are outside what the model saw
+MAX_ROWS = 40               # lines per page, counting every sample (one batch of at most this many lines)
+MAX_STEPS = 5000            # points per line for --task prediction
+MAX_PRIME_POINTS = 4000     # a priming line longer than this is not a line
+# offsets of lines in IAM-OnDB (raw units): used to bring a --prime-file to the data's scale when the styles file
+# has no "reference" entry. height: 5-95 % range of y over a line; step: median pen-down step length.
+REFERENCE_SCALE = {"height": 343.0, "step": 19.6}
+# typographic characters a user may paste, and their plain equivalents (used only when the model lacks the first)
+SUBSTITUTES = {"\u2018": "'", "\u2019": "'", "\u201c": '"', "\u201d": '"', "\u2013": "-", "\u2014": "-",
+               "\u2026": "...", "\u00a0": " ", "\t": " "}
+
+
+class GenerateError(Exception):
+    """A problem with the user's input: printed as one line, exit status 1."""
+
+
+class OneLineParser(argparse.ArgumentParser):
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def get_args(argv=None):
+    p = OneLineParser(prog="generate.py", description=__doc__.split("\n\n")[0].strip(),
+                      formatter_class=argparse.RawDescriptionHelpFormatter,
+                      epilog="Styles: see docs/styles.png. Prime file: JSON {\"text\": ..., \"strokes\": [[[x, y], ...], ...]} "
+                             "with y pointing down (screen/SVG coordinates); see README.")
+    g = p.add_argument_group("what to write")
+    src = g.add_mutually_exclusive_group()
+    src.add_argument("--text", help="text to write (synthesis); newlines (or a literal \\n) start a new line")
+    src.add_argument("--text-file", metavar="FILE", help="read the text from FILE (UTF-8; '-' = standard input)")
+    g.add_argument("--task", choices=["synthesis", "prediction"], default="synthesis",
+                   help="synthesis: write --text (paper section 5); prediction: unconditional handwriting "
+                        "(section 4) of --steps points (default: synthesis)")
+    g.add_argument("--checkpoint", metavar="PATH",
+                   help="checkpoint written by train.py (default: checkpoints/synthesis.pt or checkpoints/prediction.pt by --task)")
+    g.add_argument("--steps", type=int, metavar="N", default=700,
+                   help="points per line for --task prediction (default: 700; IAM-OnDB lines have a median of 620)")
+    g.add_argument("--max-chars-per-line", type=int, metavar="N", default=40,
+                   help=f"wrap longer lines at word boundaries (characters, 5 to {MAX_CHARS_PER_LINE}; default: 40; "
+                        f"IAM-OnDB lines have 1-64, median 29)")
+    g.add_argument("--drop-unknown", action="store_true",
+                   help="leave out characters the model's alphabet lacks instead of stopping with an error")
+    s = p.add_argument_group("sampling")
+    s.add_argument("--bias", type=float, metavar="B", default=0.75,
+                   help="Graves' biased sampling (section 5.4, eq. 61-62): sigma = exp(sigma_hat - b), pi = softmax(pi_hat (1 + b)); "
+                        "0 = the network's own distribution (paper's plain sampling), larger = neater and less varied "
+                        "(default: 0.75)")
+    s.add_argument("--seed", type=int, metavar="S", default=None,
+                   help="random seed; the same seed gives the same file (default: a random one, printed)")
+    s.add_argument("--num-samples", type=int, metavar="N", default=1,
+                   help="write the text N times, all sampled together in one batch, one block per sample (default: 1)")
+    s.add_argument("--max-steps-per-char", type=int, metavar="N", default=40,
+                   help="safety cap for synthesis: a line stops after this many points per character of its text "
+                        "(default: 40; real lines take about 20-25)")
+    s.add_argument("--device", default="cpu", metavar="DEV", help="torch device: cpu, cuda, cuda:1, mps (default: cpu)")
+    s.add_argument("--threads", type=int, metavar="N", default=1,
+                   help="CPU threads for torch (default: 1; sampling runs one small step at a time, where more threads "
+                        "gain little and are many times slower when other programs share the cores)")
+    pr = p.add_argument_group("style (priming, paper section 5.5)")
+    prime = pr.add_mutually_exclusive_group()
+    prime.add_argument("--style", type=int, metavar="N",
+                       help="imitate shipped real line N of --styles (numbers in docs/styles.png)")
+    prime.add_argument("--prime-file", metavar="FILE",
+                       help="imitate your own handwriting: JSON {\"text\": \"what you wrote\", \"strokes\": "
+                            "[[[x, y], ...], ...]}, one list of points per pen-down stroke, y pointing down")
+    pr.add_argument("--styles", default=DEFAULT_STYLES, metavar="FILE",
+                    help=f"styles file for --style (default: {DEFAULT_STYLES})")
+    pr.add_argument("--show-prime", action="store_true",
+                    help="also draw the priming line, in grey, before the new writing")
+    o = p.add_argument_group("output")
+    o.add_argument("--out", default=None, metavar="FILE",
+                   help=f"output file; the extension picks the format: .png, .svg (single-stroke paths) or .gif "
+                        f"(animation) (default: {DEFAULT_OUT}, folder created if needed)")
+    o.add_argument("--view", choices=VIEWS, default="plain",
+                   help="plain: ink only; strokes: one colour per pen-down stroke; eos: ink coloured by the "
+                        "end-of-stroke probability (blue low, red high); density: the mixture density of every "
+                        "next point as a heat-map under the ink (default: plain)")
+    o.add_argument("--stroke-width", type=float, metavar="PX", default=2.0, help="ink width in pixels of the output (default: 2.0)")
+    o.add_argument("--color", default="black", metavar="C", help="ink colour: a name or #rrggbb (default: black)")
+    o.add_argument("--line-height", type=int, metavar="PX", default=100,
+                   help="distance between lines in pixels; sets the size of the picture (default: 100)")
+    o.add_argument("--plot-attention", metavar="FILE",
+                   help="also plot the window weights phi over time and characters (synthesis; .png, .svg or .pdf)")
+    return p.parse_args(argv)
+
+
+def fail(message):
+    raise GenerateError(message)
+
+
+def shipped(path):
+    """A default path of the repository: as given when it exists from here, else beside generate.py."""
+    if os.path.exists(path):
+        return path
+    rel = os.path.relpath(os.path.join(HERE, path))
+    return os.path.join(HERE, path) if rel.startswith("..") else rel
+
+
+### checks that need no model (fast, before torch is imported)
+
+def check_output(path, formats, flag):
+    ext = os.path.splitext(path)[1].lower()
+    if ext not in formats:
+        fail(f"{flag} {path}: unsupported extension '{ext or '(none)'}'; use {', '.join(formats)}")
+    folder = os.path.dirname(path)
+    if folder and not os.path.isdir(folder):
+        fail(f"{flag} {path}: the folder {folder} does not exist; create it or choose another path")
+    if os.path.isdir(path):
+        fail(f"{flag} {path} is a folder; give a file name")
+    return ext
+
+
+def check_args(args):
+    if args.bias < 0:
+        fail(f"--bias must be >= 0 (0 = unbiased), not {args.bias}")
+    if not 1 <= args.num_samples <= MAX_ROWS:
+        fail(f"--num-samples must be between 1 and {MAX_ROWS}, not {args.num_samples}")
+    if not 5 <= args.max_chars_per_line <= MAX_CHARS_PER_LINE:
+        fail(f"--max-chars-per-line must be between 5 and {MAX_CHARS_PER_LINE} (the longest line the model saw), "
+             f"not {args.max_chars_per_line}")
+    if not 1 <= args.steps <= MAX_STEPS:
+        fail(f"--steps must be between 1 and {MAX_STEPS}, not {args.steps}")
+    if args.max_steps_per_char < 1:
+        fail(f"--max-steps-per-char must be >= 1, not {args.max_steps_per_char}")
+    if not 0 < args.stroke_width <= 50:
+        fail(f"--stroke-width must be in (0, 50] pixels, not {args.stroke_width}")
+    if args.threads < 1:
+        fail(f"--threads must be >= 1, not {args.threads}")
+    if not 10 <= args.line_height <= 1000:
+        fail(f"--line-height must be between 10 and 1000 pixels, not {args.line_height}")
+    from PIL import ImageColor
+    try:
+        args.rgb = ImageColor.getrgb(args.color)[:3]
+    except ValueError:
+        fail(f"--color {args.color!r} is not a colour; use a name (black, navy) or #rrggbb")
+    if args.styles == DEFAULT_STYLES:
+        args.styles = shipped(DEFAULT_STYLES)
+    if args.out is None:
+        args.out = DEFAULT_OUT
+        os.makedirs(os.path.dirname(DEFAULT_OUT), exist_ok=True)
+    args.format = check_output(args.out, FORMATS, "--out")
+    if args.plot_attention:
+        if args.task != "synthesis":
+            fail("--plot-attention needs --task synthesis (the prediction network has no window)")
+        check_output(args.plot_attention, PLOT_FORMATS, "--plot-attention")
+    if args.task == "prediction" and (args.text is not None or args.text_file):
+        fail("--text/--text-file are for --task synthesis; the prediction network writes without text (see --steps)")
+    if args.task == "synthesis" and args.text is None and not args.text_file:
+        fail('nothing to write: give --text "..." or --text-file FILE')
+
+
+def read_text(args):
+    """The raw text of --text or --text-file, with a literal backslash-n taken as a newline."""
+    if args.text is not None:
+        return args.text.replace("\\n", "\n")
+    try:
+        if args.text_file == "-":
+            return sys.stdin.read()
+        with open(args.text_file, encoding="utf-8") as f:
+            return f.read()
+    except UnicodeDecodeError:
+        fail(f"--text-file {args.text_file} is not UTF-8 text")
+    except OSError as e:
+        fail(f"cannot read --text-file {args.text_file}: {e.strerror}")
+
+
+def prepare_lines(text, chars, max_chars, drop_unknown):
+    """Text -> page lines: typographic substitutes, unknown characters checked, spaces collapsed, long lines
+    wrapped at word boundaries. Blank lines are kept ('' = an empty row). Returns (lines, dropped chars)."""
+    known = set(chars)
+    for a, b in SUBSTITUTES.items():
+        if a not in known and all(c in known for c in b.strip() or b):
+            text = text.replace(a, b)
+    unknown = list(dict.fromkeys(c for c in text if c not in known and c not in "\n\r "))   # in order of appearance
+    if unknown and not drop_unknown:
+        shown = " ".join(repr(c) for c in unknown)
+        fail(f"characters not in the model's alphabet: {shown}; remove them or pass --drop-unknown")
+    if unknown:
+        text = "".join(c for c in text if c not in unknown)
+    lines = []
+    for para in text.replace("\r", "").split("\n"):
+        para = " ".join(para.split())
+        lines += textwrap.wrap(para, max_chars, break_on_hyphens=False) if para else [""]
+    while lines and not lines[-1]:
+        lines.pop()
+    while lines and not lines[0]:
+        lines.pop(0)
+    if not lines:
+        fail("the text is empty" + (" once the unknown characters are dropped" if unknown else "") +
+             '; give some words with --text "..."')
+    return lines, unknown
+
+
+### priming (paper section 5.5): a real line and its text, fed before the new text
+
+def load_styles(path):
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+        styles = data["styles"]
+        assert isinstance(styles, list) and styles
+    except FileNotFoundError:
+        fail(f"no styles file at {path}; pass --styles FILE (see README: styles)")
+    except (OSError, ValueError, KeyError, TypeError, AssertionError):
+        fail(f"--styles {path} is not a styles file (JSON with a non-empty 'styles' list)")
+    return data
+
+
+def style_prime(args):
+    """--style N -> (text, raw offsets (T, 3) with the first point at (0, 0))."""
+    import numpy as np
+    data = load_styles(args.styles)
+    n = len(data["styles"])
+    if not 0 <= args.style < n:
+        fail(f"--style {args.style} does not exist: {args.styles} has styles 0 to {n - 1} (see docs/styles.png)")
+    style = data["styles"][args.style]
+    return style["text"], np.asarray(style["offsets"], dtype=np.float64).reshape(-1, 3)
+
+
+def resample_stroke(points, step):
+    """Points (n, 2) along one pen-down stroke -> points spaced `step` apart along its path (ends kept)."""
+    import numpy as np
+    seg = np.linalg.norm(np.diff(points, axis=0), axis=1)
+    length = seg.sum()
+    if len(points) < 2 or length < step:
+        return points[[0, -1]] if len(points) > 1 and length > 0 else points[:1]
+    s = np.concatenate([[0.0], np.cumsum(seg)])
+    keep = np.concatenate([[True], seg > 0])                  # np.interp needs increasing positions
+    at = np.append(np.arange(0.0, length, step), length)
+    return np.stack([np.interp(at, s[keep], points[keep, i]) for i in range(2)], axis=1)
+
+
+def file_prime(path, styles_path):
+    """--prime-file -> (text, raw offsets (T, 3)), brought to the scale and point spacing of IAM-OnDB lines."""
+    import numpy as np
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        fail(f"--prime-file {path} does not exist")
+    except (OSError, UnicodeDecodeError) as e:
+        fail(f"cannot read --prime-file {path}: {getattr(e, 'strerror', None) or e}")
+    except ValueError as e:
+        fail(f"--prime-file {path} is not valid JSON: {e}")
+    bad = (f"--prime-file {path} must hold {{\"text\": \"...\", \"strokes\": [[[x, y], ...], ...]}} "
+           f"(a list of strokes, each a list of [x, y] points)")
+    if not isinstance(data, dict) or not isinstance(data.get("text"), str) or not isinstance(data.get("strokes"), list):
+        fail(bad)
+    try:
+        strokes = [np.asarray(s, dtype=np.float64).reshape(-1, 2) for s in data["strokes"]]
+    except (ValueError, TypeError):
+        fail(bad)
+    strokes = [s for s in strokes if len(s)]
+    if not data["text"].strip() or not strokes or not all(np.isfinite(s).all() for s in strokes):
+        fail(f"--prime-file {path} needs a non-empty text and at least one stroke of finite numbers")
+    ref = dict(REFERENCE_SCALE)
+    if os.path.exists(styles_path):
+        ref.update(load_styles(styles_path).get("reference", {}))
+    if not data.get("y_up", False):
+        strokes = [s * [1, -1] for s in strokes]              # screen coordinates -> y up, as in the data
+    ys = np.concatenate(strokes)[:, 1]
+    height = np.percentile(ys, 95) - np.percentile(ys, 5)
+    if height <= 0:
+        fail(f"--prime-file {path}: the strokes have no height; is it handwriting?")
+    strokes = [resample_stroke(s * (ref["height"] / height), ref["step"]) for s in strokes]
+    points = np.concatenate(strokes)
+    if len(points) > MAX_PRIME_POINTS:
+        fail(f"--prime-file {path} is too long ({len(points)} points after resampling, at most {MAX_PRIME_POINTS}); "
+             f"use one line of handwriting")
+    offsets = np.zeros((len(points), 3))
+    offsets[1:, :2] = np.diff(points, axis=0)
+    offsets[np.cumsum([len(s) for s in strokes]) - 1, 2] = 1
+    return " ".join(data["text"].split()), offsets
+
+
+### model
+
+def load_checkpoint_model(args):
+    import torch
+    from model import load_model
+    path = args.checkpoint or shipped(DEFAULT_CHECKPOINTS[args.task])
+    if not os.path.isfile(path):
+        if args.checkpoint is None:
+            fail(f"no trained model at {path}: train one with `python train.py --task {args.task}` "
+                 f"(see README) or pass --checkpoint PATH")
+        fail(f"checkpoint {path} does not exist")
+    try:
+        model, ckpt = load_model(path, map_location="cpu", expect_task=args.task)
+    except (ValueError, FileNotFoundError) as e:   # foreign file, wrong task, weights that do not fit
+        msg = str(e).strip().splitlines()[0]
+        fail(msg if path in msg else f"{path}: {msg}")
+    for key in ("mean", "std") + (("alphabet",) if args.task == "synthesis" else ()):
+        if key not in ckpt:
+            fail(f"{path} has no '{key}'; it was not written by train.py")
+    if args.task == "synthesis" and len(ckpt["alphabet"]) != model.config.alphabet_size:
+        fail(f"{path}: its alphabet has {len(ckpt['alphabet'])} characters but the model expects "
+             f"{model.config.alphabet_size}")
+    try:
+        device = torch.device(args.device)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            fail(f"--device {args.device}: CUDA is not available here; use --device cpu")
+        model.to(device)
+    except (RuntimeError, AssertionError) as e:
+        fail(f"--device {args.device} cannot be used ({str(e).splitlines()[0][:80]}); use --device cpu or cuda")
+    return model, ckpt, device
+
+
+def density_map(page, results, rows, mean, std, bias, shape):
+    """The mixture density of every sampled point's offset, summed over the page: (H, W) array.
+    Each step's mixture (eq. 23) is evaluated on a patch of pixels around the pen position it predicts from."""
+    import numpy as np
+    import torch
+    from model import mixture_log_density, mixture_params
+    H, W = shape
+    heat = torch.zeros(H * W)
+    mean_t, std_t = torch.tensor(mean, dtype=torch.float32), torch.tensor(std, dtype=torch.float32)
+    s = page.scale
+    for line, b in zip(page.lines, rows):
+        if line is None:
+            continue
+        T = int(results["lengths"][b])
+        if T == 0:
+            continue
+        mix = mixture_params(results["mixture"][b, :T].cpu(), bias)          # fields (T, M)
+        pen = np.concatenate([line.origin[None], line.xy[:-1]])[line.start:line.start + T]   # (T, 2) pixels
+        # patch radius: covers mean + 3 sigma of the likely components, in pixels
+        reach = ((mix.mu1.abs() * std_t[0] + abs(mean[0]) + 3 * std_t[0] * mix.log_sigma1.exp()).max(-1).values
+                 .quantile(0.95).item() * s)
+        R = int(min(max(np.ceil(reach), 3), 30))
+        d = torch.arange(-R, R + 1, dtype=torch.float32)
+        dy, dx = torch.meshgrid(d, d, indexing="ij")
+        dx, dy = dx.reshape(-1), dy.reshape(-1)                                # (P,)
+        pen_t = torch.tensor(pen, dtype=torch.float32)
+        base = pen_t.round()
+        for a in range(0, T, 64):
+            sl = slice(a, min(a + 64, T))
+            qx, qy = base[sl, :1] + dx, base[sl, 1:] + dy                     # (t, P) pixel centres
+            ox = ((qx - pen_t[sl, :1]) / s - mean_t[0]) / std_t[0]            # normalised offsets (y up)
+            oy = ((pen_t[sl, 1:] - qy) / s - mean_t[1]) / std_t[1]
+            m = type(mix)(*[f[sl].unsqueeze(1) for f in mix])                  # (t, 1, M)
+            p = mixture_log_density(m, ox, oy).exp()                         # (t, P)
+            ok = (qx >= 0) & (qx < W) & (qy >= 0) & (qy < H)
+            idx = (qy * W + qx)[ok].long()
+            heat.index_add_(0, idx, p[ok])
+    return heat.reshape(H, W).numpy()
+
+
+### main
+
+def generate(args):
+    t_start = time.perf_counter()
+    check_args(args)
+    lines = []
+    if args.task == "synthesis":
+        raw_text = read_text(args)
+        if not raw_text.strip():
+            fail('the text is empty; give some words with --text "..."')
+    prime_text, prime_offsets = None, None
+    if args.style is not None:
+        prime_text, prime_offsets = style_prime(args)
+    elif args.prime_file:
+        prime_text, prime_offsets = file_prime(args.prime_file, args.styles)
+
+    import numpy as np
+    import torch
+    from dataset import denormalize, normalize
+    torch.set_num_threads(args.threads)                 # main() restores the caller's setting
+    t_load = time.perf_counter()
+    model, ckpt, device = load_checkpoint_model(args)
+    mean, std = np.asarray(ckpt["mean"], dtype=np.float64), np.asarray(ckpt["std"], dtype=np.float64)
+
+    ### the batch: one row per page line and sample
+    if args.task == "synthesis":
+        from dataset import Alphabet
+        alphabet = Alphabet(ckpt["alphabet"])
+        lines, dropped = prepare_lines(raw_text, alphabet.chars, args.max_chars_per_line, args.drop_unknown)
+        if dropped:
+            print(f"generate.py: warning: left out {' '.join(repr(c) for c in dropped)} (not in the alphabet)",
+                  file=sys.stderr)
+        if prime_text is not None:
+            missing = sorted({c for c in prime_text if c not in alphabet.chars and c != " "})
+            if missing:
+                fail(f"the priming text uses characters this model lacks: {' '.join(map(repr, missing))}; "
+                     f"choose another --style or edit the prime file's text")
+    else:
+        lines = ["(unconditional)"]
+    rows_per_sample = len(lines) + (1 if args.num_samples > 1 else 0)        # a blank row between samples
+    total_rows = rows_per_sample * args.num_samples - (1 if args.num_samples > 1 else 0)
+    if total_rows > MAX_ROWS:
+        fail(f"the page would have {total_rows} lines ({len(lines)} lines x {args.num_samples} samples at "
+             f"{args.max_chars_per_line} characters per line); at most {MAX_ROWS} fit: split the text into several runs")
+    texts, where = [], []                                                     # batch rows, sample-major
+    for k in range(args.num_samples):
+        for n, ln in enumerate(lines):
+            if ln:
+                texts.append(ln)
+                where.append(f"line {n + 1}" + (f" of sample {k + 1}" if args.num_samples > 1 else ""))
+    B = len(texts)
+
+    prime = None
+    if prime_offsets is not None:
+        # the first point of a line is the start token (its offset is (0, 0)); feed the points after it
+        prime = torch.as_tensor(normalize(prime_offsets.astype(np.float32), mean.astype(np.float32),
+                                          std.astype(np.float32)), dtype=torch.float32)[1:]
+        if len(prime) == 0:
+            prime = None
+    seed = args.seed if args.seed is not None else int.from_bytes(os.urandom(4), "little") % 1_000_000
+    generator = torch.Generator(device=device).manual_seed(seed)
+    record = args.view in ("eos", "density") or bool(args.plot_attention)
+    t_sample = time.perf_counter()
+    if args.task == "synthesis":
+        joined = [f"{prime_text} {t}" if prime is not None else t for t in texts]
+        ids = [alphabet.encode(t) for t in joined]
+        text_ids = torch.zeros(B, max(len(i) for i in ids), dtype=torch.long)
+        for b, i in enumerate(ids):
+            text_ids[b, :len(i)] = i
+        result = model.sample(text=text_ids.to(device), bias=args.bias, prime=prime, generator=generator,
+                              max_steps_per_char=args.max_steps_per_char, record=record)
+    else:
+        result = model.sample(steps=args.steps, bias=args.bias, prime=prime, generator=generator, batch_size=B,
+                              record=record)
+    result = {k: v.cpu() for k, v in result.items()}
+    t_sampled = time.perf_counter()
+    cap = result["strokes"].shape[1]
+    for b in np.flatnonzero(~result["finished"].numpy()):
+        print(f"generate.py: warning: {where[b]} ({texts[b][:30]!r}) did not finish within {cap} steps; "
+              f"try a lower --bias, a shorter line (--max-chars-per-line), another --style or a better-trained "
+              f"checkpoint", file=sys.stderr)
+
+    ### the page
+    import utils
+    strokes = denormalize(result["strokes"].numpy().astype(np.float64), mean, std)
+    page_lines, rows, b = [], [], 0
+    for s in range(args.num_samples):
+        if s:
+            page_lines.append(None)
+        for ln in lines:
+            if not ln:
+                page_lines.append(None)
+                continue
+            T = int(result["lengths"][b])
+            off = strokes[b, :T]
+            value = result["eos_prob"][b, :T].numpy() if args.view == "eos" else None
+            start = 0
+            if args.show_prime and prime_offsets is not None:
+                start = len(prime_offsets)
+                off = np.concatenate([prime_offsets, off])
+                value = None if value is None else np.concatenate([np.zeros(start), value])
+            page_lines.append(utils.PageLine(off, value=value, start=start))
+            rows.append(b)
+            b += 1
+    page = utils.layout_page(page_lines, line_height=args.line_height, margin=args.line_height // 3)
+    background = None
+    if args.view == "density":
+        background = density_map(page, result, rows, mean, std, args.bias, (page.height, page.width))
+    style = dict(view=args.view, color=args.rgb, width=args.stroke_width, background=background,
+                 title=" / ".join(texts[:B // args.num_samples]))
+    {".png": utils.save_png, ".svg": utils.save_svg, ".gif": utils.save_gif}[args.format](page, args.out, **style)
+    t_written = time.perf_counter()
+    if args.plot_attention:
+        utils.plot_attention([result["phi"][b, :max(int(result["lengths"][b]), 1), :len(joined[b]) + 1].numpy()
+                              for b in range(B)],
+                             joined, args.plot_attention, prime_chars=len(prime_text) + 1 if prime is not None else 0)
+
+    ### report
+    step = ckpt.get("step")
+    print(f"wrote {args.out} ({B // args.num_samples} line(s) x {args.num_samples} sample(s), "
+          f"{args.task}, bias {args.bias}, seed {seed}{f', model step {step}' if step is not None else ''})")
+    if args.plot_attention:
+        print(f"wrote {args.plot_attention} (attention window phi)")
+    print(f"time: {t_written - t_load:.2f} s from checkpoint load to written file (sampling {t_sampled - t_sample:.2f} s, "
+          f"{int(result['lengths'].max())} steps x {B} lines); {time.perf_counter() - t_start:.2f} s in main")
+    return 0
+
+
+def main(argv=None):
+    args = get_args(argv)
+    torch = sys.modules.get("torch")                    # called in-process (tests): leave torch as it was
+    threads = torch.get_num_threads() if torch else None
+    try:
+        return generate(args)
+    except GenerateError as e:
+        print(f"generate.py: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("generate.py: interrupted", file=sys.stderr)
+        return 130
+    finally:
+        if threads:
+            torch.set_num_threads(threads)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,112 @@
+"""dataset.py and the drawing helpers of utils.py, on the tiny prepared fixture."""
+import numpy as np
+import pytest
+import torch
+
+from dataset import (Alphabet, BucketBatchSampler, HandwritingDataset, collate, denormalize, load_prepared,
+                     make_loader, normalize, padding_fraction)
+from utils import offsets_to_strokes, plot_lines
+
+
+def test_normalize_denormalize_round_trip():
+    rng = np.random.default_rng(0)
+    x = np.column_stack([rng.integers(-300, 300, (50, 2)), rng.integers(0, 2, 50)]).astype(np.float32)
+    mean, std = np.array([8.3, -0.1], np.float32), np.array([42.4, 37.1], np.float32)
+    y = normalize(x, mean, std)
+    np.testing.assert_allclose(y[:, :2], (x[:, :2] - mean) / std, rtol=1e-6)
+    np.testing.assert_array_equal(y[:, 2], x[:, 2])                          # eos untouched
+    np.testing.assert_allclose(denormalize(y, mean, std), x, atol=1e-3)
+    t = torch.from_numpy(x).reshape(5, 10, 3)                                # (B, T, 3) tensors too
+    back = denormalize(normalize(t, mean, std), mean, std)
+    assert torch.is_tensor(back) and back.shape == t.shape
+    torch.testing.assert_close(back, t, atol=1e-3, rtol=0)
+    assert torch.equal(normalize(t, mean, std)[..., 2], t[..., 2])
+    np.testing.assert_array_equal(x, np.column_stack([x[:, :2], x[:, 2]]))   # inputs not modified in place
+
+
+def test_alphabet_encode_decode_and_unknown():
+    a = Alphabet(" abc")
+    assert len(a) == 5 and a.chars == " abc"
+    ids = a.encode("cab a")
+    assert ids.dtype == torch.long and ids.tolist() == [4, 2, 3, 1, 2]
+    assert a.decode(ids) == "cab a" and a.decode([0, 2, 0]) == "a"
+    with pytest.raises(ValueError, match=r"characters not in the model's alphabet: 'é', '€'"):
+        a.encode("aé€bé")
+    assert a.unknown("aé€bé") == ["é", "€"]
+    assert a.encode("aé€b", drop_unknown=True).tolist() == [2, 3]
+
+
+def test_dataset_items_and_attributes(tiny_prepared):
+    data = load_prepared(tiny_prepared)
+    assert load_prepared(tiny_prepared.parent)["line_ids"].tolist() == data["line_ids"].tolist()   # folder works too
+    assert isinstance(data["alphabet"], str) and isinstance(data["meta"], dict)
+    train = HandwritingDataset(tiny_prepared, "train")
+    assert [len(HandwritingDataset(data, s)) for s in ("train", "valid", "test")] == [30, 5, 5]
+    strokes, text = train[0]
+    assert strokes.dtype == torch.float32 and strokes.shape == (train.lengths[0], 3)
+    assert text.dtype == torch.long and train.alphabet.decode(text) == train.texts[0]
+    assert set(strokes[:, 2].tolist()) <= {0.0, 1.0} and strokes[-1, 2] == 1     # a line ends with a pen lift
+    allx = torch.cat([train[i][0] for i in range(len(train))])
+    torch.testing.assert_close(allx[:, :2].mean(0), torch.zeros(2), atol=1e-4, rtol=0)   # train stats: mean 0, std 1
+    torch.testing.assert_close(allx[:, :2].std(0, unbiased=False), torch.ones(2), atol=1e-4, rtol=0)
+    raw = denormalize(strokes, train.mean, train.std)[:, :2]
+    s = data["line_starts"][np.flatnonzero(data["split"] == 0)[0]]
+    np.testing.assert_allclose(raw.numpy(), data["offsets"][s:s + len(raw)], atol=1e-3)
+    assert train.mean.dtype == np.float32 and len(train.line_ids) == len(train.texts) == len(train)
+    cap = int(np.median(train.lengths))
+    short = HandwritingDataset(data, "train", max_points=cap)
+    assert len(short) == int(np.sum(train.lengths <= cap)) and short.lengths.max() <= cap   # dropped, not cropped
+    assert HandwritingDataset(data, "train", max_lines=3).line_ids == train.line_ids[:3]
+
+
+def test_load_prepared_missing_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="run prepare_data.py first"):
+        load_prepared(tmp_path / "nope.npz")
+
+
+def test_collate_pads_and_masks():
+    batch = [(torch.ones(4, 3), torch.tensor([1, 2])), (torch.ones(2, 3) * 2, torch.tensor([3, 4, 5]))]
+    b = collate(batch)
+    assert b["strokes"].shape == (2, 4, 3) and b["text"].shape == (2, 3)
+    assert b["stroke_mask"].tolist() == [[True] * 4, [True, True, False, False]]
+    assert b["text_mask"].tolist() == [[True, True, False], [True, True, True]]
+    assert (b["strokes"][1, 2:] == 0).all() and b["text"][0, 2] == 0
+    assert b["stroke_mask"].dtype == torch.bool and b["text"].dtype == torch.long
+
+
+def test_bucket_sampler_covers_each_index_once_and_pads_less():
+    lengths = np.random.default_rng(1).integers(30, 1800, 2000)
+    s = BucketBatchSampler(lengths, 64, shuffle=True, seed=3)
+    epoch0 = list(s)
+    assert len(epoch0) == len(s) == 32
+    assert sorted(i for b in epoch0 for i in b) == list(range(2000))
+    assert list(BucketBatchSampler(lengths, 64, shuffle=True, seed=3)) == epoch0   # deterministic
+    s.set_epoch(1)
+    assert list(s) != epoch0
+    perm = np.random.default_rng(0).permutation(2000)
+    random_batches = [perm[i:i + 64] for i in range(0, 2000, 64)]
+    assert padding_fraction(lengths, epoch0) < 0.5 * padding_fraction(lengths, random_batches)
+    dropped = BucketBatchSampler(lengths, 64, drop_last=True)
+    assert len(dropped) == 31 and all(len(b) == 64 for b in dropped)
+    ordered = list(BucketBatchSampler(lengths, 64, shuffle=False))
+    assert sorted(i for b in ordered for i in b) == list(range(2000))
+
+
+def test_make_loader(tiny_prepared):
+    ds = HandwritingDataset(tiny_prepared, "train")
+    loader = make_loader(ds, 8, shuffle=True, seed=0)
+    batches = list(loader)
+    assert len(batches) == len(loader) == 4 and sum(len(b["strokes"]) for b in batches) == len(ds)
+    b = batches[0]
+    assert b["strokes"].shape[:2] == b["stroke_mask"].shape and b["text"].shape == b["text_mask"].shape
+    assert (b["stroke_mask"].sum(1) > 0).all()
+
+
+def test_offsets_to_strokes_and_plot(tmp_path, tiny_prepared):
+    offsets = np.array([[0, 0, 0], [1, 1, 1], [5, 0, 0], [1, 0, 1], [2, 2, 1]], dtype=np.float32)
+    strokes = offsets_to_strokes(offsets)
+    assert [s.tolist() for s in strokes] == [[[0, 0], [1, 1]], [[6, 1], [7, 1]], [[9, 3]]]
+    ds = HandwritingDataset(tiny_prepared, "train")
+    lines = [(denormalize(ds[i][0], ds.mean, ds.std), ds.texts[i]) for i in range(2)]
+    plot_lines(lines, tmp_path / "lines.png")
+    assert (tmp_path / "lines.png").read_bytes()[:4] == b"\x89PNG"

@@ -1,0 +1,250 @@
+"""CLI smoke tests of generate.py on tiny untrained checkpoints built here (CPU, a few seconds).
+
+Untrained models write scribbles that rarely reach the end of the text, so most runs pass a low
+--max-steps-per-char to stay fast; the checks are about files, batching, priming and error messages.
+"""
+import json
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import generate
+import model as model_module
+from model import HandwritingModel, ModelConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+CHARS = " !',-.?ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+FAST = ["--max-steps-per-char", "6", "--seed", "1"]
+SVG = "{http://www.w3.org/2000/svg}"
+
+
+def tiny_checkpoint(path, task):
+    torch.manual_seed(0)
+    cfg = ModelConfig(task=task, hidden_size=16, mixtures=2, window_gaussians=2,
+                      alphabet_size=len(CHARS) if task == "synthesis" else 0)
+    torch.save({"model": HandwritingModel(cfg).state_dict(), "model_config": cfg.to_dict(), "alphabet": CHARS,
+                "mean": [8.0, -0.1], "std": [40.0, 37.0], "step": 0}, path)
+    return str(path)
+
+
+def loops(text, y_down=True):
+    """A fake handwritten line for `text`: one loop per letter, absolute points per stroke, in board units."""
+    strokes, x = [], 0.0
+    for k, ch in enumerate(text):
+        if ch == " ":
+            x += 120
+            continue
+        t = np.linspace(0, 2 * np.pi, 10) + k
+        strokes.append(np.column_stack([x + 25 * np.cos(t) + 3 * np.arange(10), 40 * np.sin(t) * (1 if y_down else -1)]))
+        x += 80
+    return strokes
+
+
+def to_offsets(strokes):
+    points = np.concatenate(strokes)
+    off = np.zeros((len(points), 3))
+    off[1:, :2] = np.diff(points, axis=0)
+    off[np.cumsum([len(s) for s in strokes]) - 1, 2] = 1
+    return off
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("generate")
+    styles = [{"text": t, "writer": f"w{i}", "line_id": f"x{i}", "offsets": to_offsets(loops(t, y_down=False)).round().astype(int).tolist()}
+              for i, t in enumerate(["the hat", "a sand lane"])]
+    (d / "styles.json").write_text(json.dumps({"reference": {"height": 80.0, "step": 20.0}, "styles": styles}))
+    (d / "prime.json").write_text(json.dumps({"text": "my notes", "strokes": [s.tolist() for s in loops("my notes")]}))
+    return {"synthesis": tiny_checkpoint(d / "synthesis.pt", "synthesis"),
+            "prediction": tiny_checkpoint(d / "prediction.pt", "prediction"),
+            "styles": str(d / "styles.json"), "prime": str(d / "prime.json"), "dir": d}
+
+
+def run(files, task, out, *extra):
+    args = ["--task", task, "--checkpoint", files[task], "--styles", files["styles"], "--out", str(out), *FAST]
+    if task == "synthesis" and "--text" not in extra and "--text-file" not in extra:
+        args += ["--text", "hi there"]
+    if task == "prediction" and "--steps" not in extra:
+        args += ["--steps", "60"]
+    return generate.main(args + list(extra))
+
+
+@pytest.fixture
+def spy(monkeypatch):
+    """Records the arguments of every HandwritingModel.sample call."""
+    calls = []
+    original = model_module.HandwritingModel.sample
+
+    def sample(self, *args, **kwargs):
+        calls.append(kwargs)
+        return original(self, *args, **kwargs)
+    monkeypatch.setattr(model_module.HandwritingModel, "sample", sample)
+    return calls
+
+
+@pytest.mark.parametrize("task", ["synthesis", "prediction"])
+@pytest.mark.parametrize("ext", [".png", ".svg", ".gif"])
+def test_every_format_is_a_valid_file(files, tmp_path, task, ext, capsys):
+    from PIL import Image
+    out = tmp_path / f"page{ext}"
+    assert run(files, task, out) == 0
+    assert f"wrote {out}" in capsys.readouterr().out
+    if ext == ".png":
+        import matplotlib.image
+        assert matplotlib.image.imread(out).shape[0] > 10
+    elif ext == ".svg":
+        root = ET.parse(out).getroot()
+        assert root.tag == SVG + "svg" and len(root.findall(f".//{SVG}path")) > 1
+    else:
+        with Image.open(out) as im:
+            assert im.n_frames > 1
+
+
+@pytest.mark.parametrize("ext", [".png", ".svg"])
+def test_same_seed_same_bytes(files, tmp_path, ext):
+    a, b, c = (tmp_path / f"{n}{ext}" for n in "abc")
+    assert run(files, "synthesis", a) == 0 and run(files, "synthesis", b) == 0
+    assert run(files, "synthesis", c, "--seed", "2") == 0                       # the later --seed wins
+    assert a.read_bytes() == b.read_bytes() != c.read_bytes()
+
+
+def test_lines_and_samples_are_one_batch(files, tmp_path, spy):
+    out = tmp_path / "page.png"
+    assert run(files, "synthesis", out, "--text", "ab cd\n\nef gh ij kl mn", "--max-chars-per-line", "8",
+               "--num-samples", "3") == 0
+    assert len(spy) == 1
+    text = spy[0]["text"]                                                      # (B, U): 3 lines x 3 samples
+    assert text.shape[0] == 9 and (text[:, 0] > 0).all()
+    decoded = [generate.prepare_lines("ab cd\n\nef gh ij kl mn", CHARS, 8, False)[0]]
+    assert decoded[0] == ["ab cd", "", "ef gh ij", "kl mn"]
+
+
+def test_wrapping_and_cleaning():
+    lines, dropped = generate.prepare_lines("  one two\tthree \u2019four\u2019 five six seven\n\n\nend  ", CHARS, 12, False)
+    assert lines == ["one two", "three 'four'", "five six", "seven", "", "", "end"]
+    assert all(len(ln) <= 12 for ln in lines) and dropped == []
+    lines, dropped = generate.prepare_lines("na\u00efve caf\u00e9", CHARS, 40, True)
+    assert lines == ["nave caf"] and dropped == ["\u00ef", "\u00e9"]
+
+
+@pytest.mark.parametrize("prime", ["style", "file"])
+def test_priming_joins_the_texts(files, tmp_path, spy, prime):
+    how = ["--style", "1"] if prime == "style" else ["--prime-file", files["prime"]]
+    assert run(files, "synthesis", tmp_path / "p.png", "--text", "new words", "--show-prime", *how) == 0
+    alphabet_text = "".join(CHARS[i - 1] for i in spy[0]["text"][0] if i > 0)
+    assert alphabet_text == ("a sand lane" if prime == "style" else "my notes") + " new words"
+    assert spy[0]["prime"].ndim == 2 and spy[0]["prime"].shape[1] == 3
+
+
+def test_prediction_primed_with_a_style(files, tmp_path, spy):
+    assert run(files, "prediction", tmp_path / "p.svg", "--style", "0", "--num-samples", "2") == 0
+    assert spy[0]["batch_size"] == 2 and spy[0]["steps"] == 60 and spy[0]["prime"] is not None
+
+
+def test_prime_file_scale_and_direction_do_not_matter(files):
+    """Strokes in screen coordinates at any scale give the same offsets (brought to the reference size)."""
+    a = generate.file_prime(files["prime"], files["styles"])[1]
+    big = files["dir"] / "big.json"
+    big.write_text(json.dumps({"text": "my notes", "y_up": True,
+                               "strokes": [(s * [3, -3] + 500).tolist() for s in loops("my notes")]}))
+    b = generate.file_prime(str(big), files["styles"])[1]
+    assert a.shape == b.shape and np.allclose(a, b, atol=1e-6)
+    assert a[0, :2].tolist() == [0, 0] and a[:, 2].sum() == 7                 # one stroke per letter
+    height = np.ptp(np.percentile(np.cumsum(a[:, 1]), [5, 95]))
+    assert abs(height - 80.0) < 8                                             # the styles file's reference height
+
+
+@pytest.mark.parametrize("view", ["plain", "strokes", "eos", "density"])
+def test_views_and_attention(files, tmp_path, view):
+    out, att = tmp_path / f"{view}.png", tmp_path / "att.png"
+    assert run(files, "synthesis", out, "--view", view, "--plot-attention", str(att), "--text", "ab\ncd") == 0
+    assert out.stat().st_size > 500 and att.stat().st_size > 500
+    assert run(files, "synthesis", tmp_path / f"{view}.svg", "--view", view) == 0
+    ET.parse(tmp_path / f"{view}.svg")
+
+
+def test_unfinished_line_is_reported(files, tmp_path, capsys):
+    assert run(files, "synthesis", tmp_path / "x.png", "--text", "abc\ndefgh", "--max-steps-per-char", "1") == 0
+    err = capsys.readouterr().err
+    assert "line 1" in err and "line 2" in err and "did not finish within" in err and "--bias" in err
+
+
+def errors(files, tmp_path):
+    d = files["dir"]
+    (d / "bad.json").write_text("{not json")
+    (d / "shape.json").write_text(json.dumps({"text": "ab", "strokes": "nope"}))
+    (d / "foreign.pt").write_text("not a checkpoint")
+    torch.save({"weights": torch.zeros(3)}, d / "dict.pt")
+    syn = ["--checkpoint", files["synthesis"], "--styles", files["styles"]]
+    return [
+        (syn + ["--text", "h\u00e9llo \u20ac"], "not in the model's alphabet: '\u00e9' '\u20ac'"),
+        (syn + ["--text", "   \n  "], "the text is empty"),
+        (syn + ["--text", "\u20ac", "--drop-unknown"], "the text is empty"),
+        (syn + ["--text", " ".join(["words"] * 400)], "at most 40 fit"),
+        (syn + ["--text", "ab", "--num-samples", "41"], "--num-samples must be between"),
+        (syn + ["--text", "ab", "--max-chars-per-line", "200"], "--max-chars-per-line must be between"),
+        (syn + ["--text-file", str(d / "none.txt")], "cannot read --text-file"),
+        (syn[2:] + ["--text", "ab", "--checkpoint", str(d / "none.pt")], "does not exist"),
+        (syn[2:] + ["--text", "ab", "--checkpoint", str(d / "foreign.pt")], "foreign.pt"),
+        (syn[2:] + ["--text", "ab", "--checkpoint", str(d / "dict.pt")], "not a handwriting checkpoint"),
+        (syn[2:] + ["--text", "ab", "--checkpoint", files["prediction"]], "is a prediction model, not synthesis"),
+        (["--task", "prediction", "--checkpoint", files["synthesis"]], "is a synthesis model, not prediction"),
+        (syn + ["--text", "ab", "--prime-file", str(d / "bad.json")], "is not valid JSON"),
+        (syn + ["--text", "ab", "--prime-file", str(d / "shape.json")], "must hold"),
+        (syn + ["--text", "ab", "--prime-file", str(d / "none.json")], "does not exist"),
+        (syn + ["--text", "ab", "--style", "2"], "--style 2 does not exist"),
+        (syn[:2] + ["--text", "ab", "--style", "0", "--styles", str(d / "none.json")], "no styles file"),
+        (syn + ["--text", "ab", "--out", str(tmp_path / "no" / "x.png")], "does not exist; create it"),
+        (syn + ["--text", "ab", "--out", str(tmp_path / "x.jpg")], "unsupported extension '.jpg'"),
+        (syn + ["--text", "ab", "--plot-attention", str(tmp_path / "a.gif")], "unsupported extension '.gif'"),
+        (syn + ["--text", "ab", "--color", "sparkly"], "is not a colour"),
+        (syn + ["--text", "ab", "--bias", "-1"], "--bias must be >= 0"),
+        (syn + ["--text", "ab", "--device", "nonsense"], "--device nonsense cannot be used"),
+        (syn + [], "nothing to write"),
+        (["--task", "prediction", "--checkpoint", files["prediction"], "--text", "ab"], "are for --task synthesis"),
+        (["--task", "prediction", "--checkpoint", files["prediction"], "--steps", "0"], "--steps must be between"),
+    ]
+
+
+def test_every_error_is_one_line(files, tmp_path, capsys):
+    for args, message in errors(files, tmp_path):
+        assert generate.main(args + ["--out", str(tmp_path / "e.png")] if "--out" not in args else args) == 1, args
+        out, err = capsys.readouterr()
+        assert message in err and err.count("\n") == 1 and err.startswith("generate.py: error:"), (args, err)
+    assert not list(tmp_path.glob("e.png*"))
+
+
+def test_missing_default_checkpoint_says_how_to_get_one(files, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(generate, "DEFAULT_CHECKPOINTS", {"synthesis": str(tmp_path / "none.pt")})
+    assert generate.main(["--text", "ab", "--out", str(tmp_path / "x.png")]) == 1
+    err = capsys.readouterr().err
+    assert "train one with `python train.py --task synthesis`" in err and "--checkpoint" in err
+
+
+@pytest.mark.parametrize("args, code, message", [
+    (["--text", "ab\u00e9"], 1, "pass --drop-unknown"),
+    (["--text", "ab", "--out", "no/such/folder/x.png"], 1, "the folder no/such/folder does not exist"),
+    (["--text", "ab", "--view", "fancy"], 2, "invalid choice: 'fancy'"),
+])
+def test_command_line_exit_codes(files, args, code, message):
+    proc = subprocess.run([sys.executable, str(ROOT / "generate.py"), "--checkpoint", files["synthesis"], *args],
+                          capture_output=True, text=True, cwd=files["dir"], timeout=120)
+    assert proc.returncode == code and message in proc.stderr
+    assert "Traceback" not in proc.stderr and proc.stderr.count("\n") == 1
+
+
+def test_shipped_styles():
+    path = ROOT / "data" / "styles.json"
+    if not path.exists():
+        pytest.skip("data/styles.json not made yet (utils.make_styles)")
+    styles = json.loads(path.read_text())["styles"]
+    assert len(styles) >= 8 and len({s["writer"] for s in styles}) == len(styles)
+    for s in styles:
+        off = np.asarray(s["offsets"])
+        assert off.shape[1] == 3 and off[0, :2].tolist() == [0, 0] and off[-1, 2] == 1 and s["text"]
+    assert (ROOT / "docs" / "styles.png").exists()

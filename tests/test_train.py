@@ -1,0 +1,98 @@
+"""End-to-end runs of train.py and evaluate.py on a tiny prepared dataset (CPU)."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import evaluate
+import train
+from model import load_model
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--hidden-size", "16", "--mixtures", "2", "--window-gaussians", "2", "--batch-size", "8",
+        "--tbptt", "25", "--no-progress", "--sample-text", "ab"]
+
+
+def run_train(data, out, *extra, task="synthesis"):
+    train.main(["--task", task, "--data", str(data), "--out", str(out), *TINY, *extra])
+    with open(out / "metrics.jsonl") as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.mark.parametrize("task", ["synthesis", "prediction"])
+def test_training_lowers_the_loss_and_writes_a_run(tiny_prepared, tmp_path, task):
+    rows = run_train(tiny_prepared, tmp_path, "--max-steps", "60", "--eval-interval", "20", "--lr", "3e-3", task=task)
+    assert rows[-1]["val_nll_per_line"] < rows[0]["val_nll_per_line"] - 1.0
+    assert rows[-1]["train_loss"] < rows[0]["train_loss"]
+    for name in ("last.pt", "best.pt", "loss.png", "metrics.jsonl"):
+        assert (tmp_path / name).stat().st_size > 0
+    assert list(tmp_path.glob("sample_*.png"))
+    ckpt = torch.load(tmp_path / "last.pt", weights_only=True)           # a plain dict of tensors and config
+    assert ckpt["model_config"]["task"] == task and ckpt["step"] == rows[-1]["step"]
+    model, _ = load_model(tmp_path / "best.pt", expect_task=task)
+    assert model.config.hidden_size == 16
+
+
+def test_resume_matches_an_unbroken_run(tiny_prepared, tmp_path):
+    run_train(tiny_prepared, tmp_path / "a", "--max-steps", "30", "--eval-interval", "10")
+    run_train(tiny_prepared, tmp_path / "b", "--max-steps", "14", "--eval-interval", "10")
+    rows = run_train(tiny_prepared, tmp_path / "b", "--max-steps", "30", "--eval-interval", "10", "--resume", "auto")
+    a = torch.load(tmp_path / "a" / "last.pt", weights_only=True)
+    b = torch.load(tmp_path / "b" / "last.pt", weights_only=True)
+    assert a["step"] == b["step"] == rows[-1]["step"]
+    for k in a["model"]:
+        assert torch.allclose(a["model"][k], b["model"][k], atol=1e-6), k
+    with open(tmp_path / "a" / "metrics.jsonl") as f:
+        assert json.loads(f.readlines()[-1])["val_nll_per_line"] == pytest.approx(rows[-1]["val_nll_per_line"], abs=1e-3)
+
+
+def test_non_finite_steps_are_skipped_then_stop_the_run(tiny_prepared, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(train, "nll", lambda y, t, m: (y.sum() * float("nan")).expand(y.shape[0]))
+    with pytest.raises(SystemExit) as e:
+        run_train(tiny_prepared, tmp_path, "--max-steps", "50", "--max-bad-steps", "3")
+    assert "NaN/Inf" in str(e.value)
+    ckpt = torch.load(tmp_path / "last.pt", weights_only=True)
+    assert ckpt["step"] == 0 and ckpt["run"]["bad_steps"] >= 3
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
+
+
+def test_evaluate_prints_graves_units(tiny_prepared, tmp_path, capsys):
+    run_train(tiny_prepared, tmp_path, "--max-steps", "5", "--eval-interval", "5")
+    capsys.readouterr()
+    evaluate.main(["--checkpoint", str(tmp_path / "last.pt"), "--data", str(tiny_prepared), "--split", "test"])
+    result = json.loads(capsys.readouterr().out)
+    assert {"nll_per_line", "nll_per_point", "lines", "points", "sse"} <= result.keys()
+    assert result["lines"] > 0 and result["points"] > result["lines"]
+    assert result["nll_per_line"] == pytest.approx(result["nll_per_point"] * result["points"] / result["lines"])
+
+
+def test_bad_checkpoints_give_one_line_errors(tiny_prepared, tmp_path):
+    run_train(tiny_prepared, tmp_path / "p", "--max-steps", "2", "--eval-interval", "2", task="prediction")
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"not a checkpoint")
+    data = ["--data", str(tiny_prepared)]
+    cases = [
+        (["train.py", "--task", "synthesis", "--resume", str(tmp_path / "p" / "last.pt"), *data], "prediction checkpoint"),
+        (["evaluate.py", "--checkpoint", str(junk), *data], "not a readable PyTorch checkpoint"),
+        (["evaluate.py", "--checkpoint", str(tmp_path / "missing.pt"), *data], "not found"),
+        (["train.py", "--data", str(tmp_path / "nowhere")], "prepare_data.py"),
+    ]
+    for args, message in cases:
+        r = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert r.returncode != 0 and message in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)
+
+
+def test_torchrun_two_processes_on_cpu(tiny_prepared, tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run(["torchrun", "--standalone", "--nproc_per_node=2", "train.py", "--data", str(tiny_prepared),
+                        "--out", str(tmp_path), *TINY, "--max-steps", "6", "--eval-interval", "3"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "2 process(es)" in r.stdout
+    rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    assert rows and rows[-1]["step"] >= 6          # rank 0 alone writes: one row per evaluation
+    assert len(rows) == len({r["step"] for r in rows})

@@ -1,0 +1,499 @@
+"""Shared helpers: atomic file writes and drawing of pen strokes.
+
+Nothing here does work at import time; matplotlib is imported only when drawing.
+"""
+import json
+import os
+
+import numpy as np
+
+# -----------------------------------------------------------------------------
+# I/O and stroke drawing (data pipeline: prepare_data.py, dataset.py)
+
+
+def atomic_write(path, write_fn):
+    """Write `path` all at once: write_fn(tmp) fills a temp file beside it, then os.replace.
+
+    An interrupted run leaves the old file (or none), never half a file. write_fn gets the temp path;
+    note that np.savez* appends '.npz' to str paths, so give numpy an open file: open(tmp, 'wb').
+    """
+    path = os.fspath(path)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp"
+    try:
+        write_fn(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def offsets_to_strokes(offsets):
+    """(T, 3) rows (dx, dy, eos) -> list of (n, 2) float arrays of absolute points, one per stroke.
+
+    The first point is taken as the origin; a stroke ends at each row with eos = 1.
+    """
+    if hasattr(offsets, "detach"):                             # torch tensor
+        offsets = offsets.detach().cpu().numpy()
+    offsets = np.asarray(offsets, dtype=np.float64)
+    points = np.cumsum(offsets[:, :2], axis=0)                # (T, 2)
+    ends = np.flatnonzero(offsets[:, 2] > 0.5) + 1            # split after every pen lift
+    return [s for s in np.split(points, ends) if len(s)]
+
+
+def plot_lines(lines, path, width=12.0, dpi=100):
+    """Draw [(offsets (T, 3), text), ...] one line per row to an image file (PNG by extension).
+
+    Pen paths are drawn connected within a stroke and never across a pen lift; y points up.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg   # Agg without touching pyplot's backend
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, 1.6 * max(len(lines), 1)))
+    FigureCanvasAgg(fig)
+    for i, (offsets, text) in enumerate(lines):
+        ax = fig.add_subplot(len(lines), 1, i + 1)
+        for stroke in offsets_to_strokes(offsets):
+            if len(stroke) == 1:                               # a dot
+                ax.plot(stroke[:, 0], stroke[:, 1], "k.", markersize=2)
+            else:
+                ax.plot(stroke[:, 0], stroke[:, 1], "k-", linewidth=1.0)
+        ax.set_aspect("equal", adjustable="datalim")
+        ax.set_title(text, fontsize=9, loc="left")
+        ax.axis("off")
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=dpi, format=os.path.splitext(path)[1][1:] or "png"))
+
+# end of data pipeline helpers
+# -----------------------------------------------------------------------------
+
+# -----------------------------------------------------------------------------
+### rendering for generate.py
+# A page of sampled lines, laid out with even line spacing and cropped to the ink, drawn as PNG or GIF with
+# Pillow (a dependency of matplotlib, so nothing extra to install) or as SVG written by hand (one <path> per
+# pen-down stroke, for pen plotters). Input: raw offsets (dx, dy with y up, eos); page: pixels with y down.
+
+STROKE_COLORS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
+                 (140, 86, 75), (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]   # matplotlib tab10
+PRIME_COLOR = (170, 170, 170)      # priming strokes (--show-prime)
+EOS_LOW, EOS_HIGH = np.array([40, 90, 220.0]), np.array([225, 30, 30.0])   # view 'eos': P(pen lift) 0 -> 1
+
+
+class PageLine:
+    """One line of a page: raw offsets (T, 3), optional per-point values in [0, 1] (view 'eos'), and `start`,
+    the number of leading priming points (drawn grey). layout_page fills xy (T, 2) and origin (2,) in pixels."""
+
+    def __init__(self, offsets, value=None, start=0):
+        self.offsets = np.asarray(offsets, dtype=np.float64).reshape(-1, 3)
+        self.eos = self.offsets[:, 2] > 0.5
+        self.value = None if value is None else np.asarray(value, dtype=np.float64)
+        self.start = start
+        self.xy = self.origin = None
+
+
+class Page:
+    def __init__(self, lines, width, height, scale):
+        self.lines, self.width, self.height, self.scale = lines, width, height, scale   # scale: pixels per raw unit
+
+
+def layout_page(lines, line_height=100, margin=24, spacing=1.4, max_side=8000):
+    """Lay out PageLines (None = blank row) one per row, left-aligned, each sitting on its row by its baseline
+    (estimated as the 20th percentile of y: descenders are few points); rows are `spacing` x the tallest 5-95 %
+    y range apart, drawn `line_height` pixels apart.
+    The page is cropped to the ink plus `margin` pixels (and scaled down to at most max_side pixels)."""
+    points = [np.cumsum(ln.offsets[:, :2], axis=0) if ln is not None and len(ln.offsets) else None for ln in lines]
+    ranges = [np.percentile(p[:, 1], [5, 95]) for p in points if p is not None]
+    if not ranges:
+        raise ValueError("nothing to draw")
+    pitch = spacing * max(hi - lo for lo, hi in ranges)
+    if pitch <= 0:
+        pitch = max(np.ptp(p, axis=0).max() for p in points if p is not None) or 1.0
+    placed = []                                                  # (xy, origin) in raw units, y up
+    for row, p in enumerate(points):
+        if p is None:
+            placed.append(None)
+            continue
+        shift = np.array([-p[:, 0].min(), -np.percentile(p[:, 1], 20) - row * pitch])
+        placed.append((p + shift, shift))
+    ink = np.concatenate([xy for xy, _ in filter(None, placed)])
+    (x0, y0), (x1, y1) = ink.min(axis=0), ink.max(axis=0)
+    scale = line_height / pitch
+    scale = min(scale, (max_side - 2 * margin) / max(x1 - x0, 1e-9), (max_side - 2 * margin) / max(y1 - y0, 1e-9))
+    to_px = lambda q: np.stack([(q[..., 0] - x0) * scale + margin, (y1 - q[..., 1]) * scale + margin], axis=-1)
+    for ln, pl in zip(lines, placed):
+        if pl is not None:
+            ln.xy, ln.origin = to_px(pl[0]), to_px(pl[1])
+    width = int(np.ceil((x1 - x0) * scale + 2 * margin))
+    height = int(np.ceil((y1 - y0) * scale + 2 * margin))
+    return Page(lines, max(width, 1), max(height, 1), scale)
+
+
+def _point_colors(line, view, color):
+    """(T, 3) uint8 colour per point; the segment from point k-1 to k takes point k's colour."""
+    T = len(line.offsets)
+    if view == "strokes":
+        stroke = np.concatenate([[0], np.cumsum(line.eos[:-1])]).astype(int)   # stroke number of every point
+        rgb = np.array(STROKE_COLORS)[stroke % len(STROKE_COLORS)]
+    elif view == "eos" and line.value is not None:
+        v = np.clip(line.value, 0, 1)[:, None] ** 0.5            # sqrt: small probabilities stay visible
+        rgb = EOS_LOW * (1 - v) + EOS_HIGH * v
+    else:
+        rgb = np.tile(np.array(color, dtype=float), (T, 1))
+    rgb = np.asarray(rgb, dtype=float).copy()
+    rgb[:line.start] = PRIME_COLOR
+    return rgb.round().astype(np.uint8)
+
+
+def _pen_runs(eos, a, b):
+    """Pen-down runs among points a..b-1 as (i, j) inclusive, joined to point a-1 when the pen was down there."""
+    k0 = a - 1 if a > 0 and not eos[a - 1] else a
+    cuts = [k + 1 for k in range(k0, b - 1) if eos[k]]
+    bounds = [k0] + cuts + [b]
+    return [(i, j - 1) for i, j in zip(bounds[:-1], bounds[1:]) if j > i]
+
+
+class _Ink:
+    """Draws page lines on a canvas `ss` times the page size (anti-aliasing by reduce); image() gives the page."""
+
+    def __init__(self, page, view="plain", color=(0, 0, 0), width=2.0, background=None, ss=3):
+        from PIL import Image, ImageDraw
+        self.page, self.ss, self.view = page, ss, view
+        size = (page.width * ss, page.height * ss)
+        if background is None:
+            self.im = Image.new("RGB", size, "white")
+        else:
+            self.im = Image.fromarray(heat_rgb(background)).resize(size, Image.Resampling.BILINEAR)
+        self.draw = ImageDraw.Draw(self.im)
+        self.w = max(1, int(round(width * ss)))
+        self.r = width * ss / 2
+        self.colors = [None if ln is None else _point_colors(ln, view, color) for ln in page.lines]
+
+    def _dot(self, p, c, r=None):
+        r = max(r or self.r, 0.5)
+        self.draw.ellipse([p[0] - r, p[1] - r, p[0] + r, p[1] + r], fill=c)
+
+    def draw_range(self, n, a, b):
+        """Draw points a..b-1 of line n."""
+        ln = self.page.lines[n]
+        if ln is None or b <= a:
+            return
+        xy, col = ln.xy * self.ss, [tuple(int(v) for v in c) for c in self.colors[n]]
+        for i, j in _pen_runs(ln.eos, a, b):
+            if i == j:
+                self._dot(xy[i], col[i], max(self.r, self.ss))
+            elif all(c == col[i + 1] for c in col[i + 1:j + 1]):
+                self.draw.line([tuple(p) for p in xy[i:j + 1]], fill=col[i + 1], width=self.w, joint="curve")
+                if self.w > 2:
+                    self._dot(xy[i], col[i + 1])
+                    self._dot(xy[j], col[j])
+            else:                                                # a colour per segment (views eos, prime joins)
+                for k in range(i + 1, j + 1):
+                    self.draw.line([tuple(xy[k - 1]), tuple(xy[k])], fill=col[k], width=self.w)
+                    if self.w > 2:
+                        self._dot(xy[k], col[k])
+
+    def draw_all(self):
+        for n, ln in enumerate(self.page.lines):
+            if ln is not None:
+                self.draw_range(n, 0, len(ln.offsets))
+
+    def image(self):
+        return self.im.reduce(self.ss) if self.ss > 1 else self.im.copy()
+
+
+def heat_rgb(heat):
+    """(H, W) densities -> (H, W, 3) uint8: white where there is none, through yellow and orange to red."""
+    from matplotlib import colormaps
+    heat = np.asarray(heat, dtype=np.float64)
+    top = np.percentile(heat[heat > 0], 99) if (heat > 0).any() else 1.0
+    h = np.clip(heat / top, 0, 1) ** 0.5
+    alpha = np.clip(3 * h, 0, 1)[..., None]
+    rgb = 255 * (1 - alpha) + 255 * colormaps["YlOrRd"](h)[..., :3] * alpha
+    return rgb.round().astype(np.uint8)
+
+
+def save_png(page, path, view="plain", color=(0, 0, 0), width=2.0, background=None, title=None):
+    """The page as a PNG (anti-aliased, white background)."""
+    ink = _Ink(page, view, color, width, background)
+    ink.draw_all()
+    image = ink.image()
+    atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
+
+
+def save_gif(page, path, view="plain", color=(0, 0, 0), width=2.0, background=None, title=None,
+             frames=100, frame_ms=40, hold_ms=2000):
+    """An animated GIF of the pen writing: all lines at once, `frames` frames, the last held for hold_ms."""
+    from PIL import Image
+    ink = _Ink(page, view, color, width, background, ss=2)
+    T = max(len(ln.offsets) for ln in page.lines if ln is not None)
+    cuts = np.unique(np.linspace(0, T, min(frames, T) + 1).round().astype(int))
+    images = [ink.image()]                                   # the empty page first
+    for a, b in zip(cuts[:-1], cuts[1:]):
+        for n, ln in enumerate(page.lines):
+            if ln is not None:
+                ink.draw_range(n, min(a, len(ln.offsets)), min(b, len(ln.offsets)))
+        images.append(ink.image())
+    palette = images[-1].quantize(colors=256 if background is not None else 64, method=Image.Quantize.MEDIANCUT)
+    images = [im.quantize(palette=palette, dither=Image.Dither.NONE) for im in images]
+    durations = [frame_ms] * (len(images) - 1) + [hold_ms]
+    atomic_write(path, lambda tmp: images[0].save(tmp, format="GIF", save_all=True, append_images=images[1:],
+                                                  duration=durations, loop=0))
+
+
+def save_svg(page, path, view="plain", color=(0, 0, 0), width=2.0, background=None, title=None):
+    """The page as SVG: one <path> per pen-down stroke (views plain and strokes), usable by pen plotters.
+    View eos draws one short path per segment; view density puts the heat-map under the ink as an embedded PNG."""
+    from xml.sax.saxutils import escape
+    hexc = lambda c: "#%02x%02x%02x" % tuple(int(v) for v in c)
+    fmt = lambda p: f"{p[0]:.2f},{p[1]:.2f}"
+    out = ['<?xml version="1.0" encoding="UTF-8"?>',
+           f'<svg xmlns="http://www.w3.org/2000/svg" width="{page.width}" height="{page.height}" '
+           f'viewBox="0 0 {page.width} {page.height}">']
+    if title:
+        out.append(f"<title>{escape(title)}</title>")
+    if background is not None:
+        import base64
+        import io
+        from PIL import Image
+        buf = io.BytesIO()
+        Image.fromarray(heat_rgb(background)).save(buf, format="PNG")
+        out.append(f'<image x="0" y="0" width="{page.width}" height="{page.height}" '
+                   f'href="data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}"/>')
+    out.append(f'<g fill="none" stroke-width="{width:g}" stroke-linecap="round" stroke-linejoin="round">')
+    for n, ln in enumerate(page.lines):
+        if ln is None:
+            continue
+        col = _point_colors(ln, view, color)
+        for i, j in _pen_runs(ln.eos, 0, len(ln.offsets)):
+            c = col[min(i + 1, j)]
+            if view == "eos" and j > i and ln.value is not None:
+                out += [f'<path d="M{fmt(ln.xy[k - 1])} L{fmt(ln.xy[k])}" stroke="{hexc(col[k])}"/>'
+                        for k in range(i + 1, j + 1)]
+            else:
+                pts = ln.xy[i:j + 1] if j > i else ln.xy[[i, i]]   # a dot: zero-length path, drawn by its round cap
+                out.append(f'<path d="M{fmt(pts[0])} L' + " ".join(fmt(p) for p in pts[1:]) + f'" stroke="{hexc(c)}"/>')
+    out += ["</g>", "</svg>", ""]
+    text = "\n".join(out)
+
+    def write(tmp):
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+    atomic_write(path, write)
+
+
+def plot_attention(phis, texts, path, prime_chars=0, max_rows=8):
+    """The soft window (eq. 46-47): phi over time (x, points) and characters (y), one panel per line.
+    phis: list of (T, U + 1) arrays (the last column is the position just past the text); texts: list of str.
+    prime_chars: characters of priming text at the start of every text (a line marks where the new text begins)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    n = min(len(phis), max_rows)
+    fig = Figure(figsize=(10, 0.6 + 2.4 * n))
+    FigureCanvasAgg(fig)
+    for r in range(n):
+        phi, text = np.asarray(phis[r]), texts[r]
+        ax = fig.add_subplot(n, 1, r + 1)
+        U = phi.shape[1] - 1
+        ax.imshow(phi.T, origin="lower", aspect="auto", cmap="viridis", interpolation="nearest",
+                  extent=(-0.5, phi.shape[0] - 0.5, -0.5, U + 0.5))
+        labels = list(text[:U]) + ["end"]
+        step = max(1, (U + 1) // 40)
+        ax.set_yticks(range(0, U + 1, step))
+        ax.set_yticklabels(["\u2423" if c == " " else c for c in labels[::step]], fontsize=6)
+        if prime_chars:
+            ax.axhline(prime_chars - 0.5, color="white", linewidth=0.8, linestyle="--")
+        ax.set_title(f"line {r + 1}: {text[prime_chars:]}" + (" (after the priming text)" if prime_chars else ""),
+                     fontsize=9, loc="left")
+        ax.set_ylabel("character")
+    ax.set_xlabel("time step (points)")
+    if len(phis) > n:
+        fig.suptitle(f"first {n} of {len(phis)} lines", fontsize=9)
+    fig.tight_layout()
+    ext = os.path.splitext(path)[1].lower()
+    meta = {".svg": {"Date": None}, ".pdf": {"CreationDate": None}}.get(ext, {})
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format=ext[1:], metadata=meta))
+
+
+STYLE_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ .,'")   # common, well-learnt characters
+
+
+def _line_features(off):
+    """Looks of one line (raw offsets (T, 3)): height (5-95 % of y), slant (degrees, + = leaning right, from
+    near-vertical pen-down segments), and the longest pen-down step."""
+    p = np.cumsum(off[:, :2], axis=0)
+    down = off[1:][off[:-1, 2] == 0, :2]                        # segments drawn with the pen down
+    steep = down[np.abs(down[:, 1]) > np.abs(down[:, 0])]
+    w = np.linalg.norm(steep, axis=1)
+    slant = np.degrees(np.arctan2(steep[:, 0] * np.sign(steep[:, 1]), np.abs(steep[:, 1])))
+    order = np.argsort(slant)
+    median_slant = slant[order][np.searchsorted(np.cumsum(w[order]), w.sum() / 2)] if len(w) else 0.0
+    height = np.percentile(p[:, 1], 95) - np.percentile(p[:, 1], 5)
+    return height, float(median_slant), float(np.linalg.norm(down, axis=1).max()) if len(down) else 0.0
+
+
+def _words_agree(off, text, ratio=1.5):
+    """True when the ink splits naturally into as many words as `text` has: the (W-1)th widest horizontal gap
+    between strokes is `ratio` times the Wth. Catches transcriptions with a word too many or too few."""
+    spans = sorted((s[:, 0].min(), s[:, 0].max()) for s in offsets_to_strokes(off))
+    gaps, end = [], spans[0][1]
+    for a, b in spans[1:]:
+        gaps.append(a - end)
+        end = max(end, b)
+    gaps, W = sorted(gaps, reverse=True) + [0.0], len(text.split())
+    return W == 1 or (len(gaps) >= W and gaps[W - 2] > ratio * max(gaps[W - 1], 1.0))
+
+
+def make_styles(data="data/processed/iam_ondb.npz", out="data/styles.json", preview="docs/styles.png", count=10):
+    """Pick `count` real lines for generate.py --style from the validation and test writers (never trained on):
+    one line per writer, 20-40 characters of common letters and punctuation, no pen jumps, then the writers
+    whose looks (height, slant, width and points per character) are farthest apart. Writes them as raw integer
+    offsets with text, writer and line id to `out` (JSON) and draws them, numbered, to `preview`.
+
+        python -c "import utils; utils.make_styles()"
+    """
+    from dataset import load_prepared
+    d = load_prepared(data)
+    starts, off_all = d["line_starts"], d["offsets"]
+    line = lambda i: np.concatenate([off_all[starts[i]:starts[i + 1]].astype(np.int64),
+                                     d["eos"][starts[i]:starts[i + 1], None].astype(np.int64)], axis=1)
+    heights = [np.ptp(np.percentile(np.cumsum(line(i)[:, :2], axis=0)[:, 1], [5, 95]))
+               for i in np.flatnonzero(d["split"] == 0)[::10]]
+    steps = [np.median(np.linalg.norm(line(i)[1:][line(i)[:-1, 2] == 0, :2], axis=1))
+             for i in np.flatnonzero(d["split"] == 0)[::10]]
+    ref_height, ref_step = float(np.median(heights)), float(np.median(steps))
+    by_writer = {}
+    for i in np.flatnonzero(d["split"] > 0):
+        text = str(d["texts"][i])
+        if not 20 <= len(text) <= 40 or not set(text) <= STYLE_CHARS or "  " in text:
+            continue
+        off = line(i)
+        height, slant, jump = _line_features(off)
+        width = np.ptp(np.cumsum(off[:, 0]))
+        if not (0.7 * ref_height < height < 1.6 * ref_height and 12 <= len(off) / len(text) <= 35
+                and jump < 8 * ref_step and _words_agree(off.astype(np.float64), text)):
+            continue
+        by_writer.setdefault(str(d["writer_ids"][i]), []).append(
+            (i, [height / ref_height, slant / 10, width / len(text) / ref_height, len(off) / len(text) / 20]))
+    # per writer the most typical of its lines; then farthest-point sampling over writers, from the most typical
+    writers = sorted(by_writer)
+    picks = []
+    for w in writers:
+        f = np.array([x for _, x in by_writer[w]])
+        picks.append(by_writer[w][int(np.argmin(np.abs(f - np.median(f, axis=0)).sum(axis=1)))])
+    if len(picks) < count:
+        raise ValueError(f"only {len(picks)} writers have suitable lines; ask for fewer styles")
+    feats = np.array([x for _, x in picks])
+    z = (feats - feats.mean(axis=0)) / (feats.std(axis=0) + 1e-9)
+    z[np.abs(z).max(axis=1) > 1.5] = np.nan                       # extremes are varied but often hard to read
+    if np.isfinite(z[:, 0]).sum() < count:
+        raise ValueError(f"only {int(np.isfinite(z[:, 0]).sum())} writers have suitable lines; ask for fewer styles")
+    chosen = [int(np.nanargmin(np.abs(z).sum(axis=1)))]
+    while len(chosen) < count:
+        dist = np.min([np.linalg.norm(z - z[c], axis=1) for c in chosen], axis=0)
+        chosen.append(int(np.nanargmax(dist)))
+    styles = []
+    for n, c in enumerate(chosen):
+        i = picks[c][0]
+        height, slant, _ = _line_features(line(i))
+        styles.append({"style": n, "text": str(d["texts"][i]), "writer": str(d["writer_ids"][i]),
+                       "line_id": str(d["line_ids"][i]), "split": ["train", "valid", "test"][int(d["split"][i])],
+                       "height": round(float(height), 1), "slant_degrees": round(slant, 1),
+                       "offsets": line(i).tolist()})
+    doc = {"about": "Real IAM-OnDB lines for generate.py --style N: raw offsets [dx, dy (y up), eos] in the board's "
+                    "units, first point (0, 0); picked by utils.make_styles from validation/test writers.",
+           "reference": {"height": round(ref_height, 1), "step": round(ref_step, 2)},
+           "styles": styles}
+    body = json.dumps(doc, separators=(",", ":")).replace('{"style"', '\n{"style"')
+
+    def write(tmp):
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(body + "\n")
+    atomic_write(out, write)
+    if preview:
+        draw_styles(styles, preview)
+    return styles
+
+
+def draw_styles(styles, path):
+    """All styles, numbered as for --style N, with their text, writer and slant: docs/styles.png."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    fig = Figure(figsize=(9, 1.05 * len(styles)))
+    FigureCanvasAgg(fig)
+    for n, s in enumerate(styles):
+        ax = fig.add_subplot(len(styles), 1, n + 1)
+        for stroke in offsets_to_strokes(np.asarray(s["offsets"], dtype=np.float64)):
+            ax.plot(stroke[:, 0], stroke[:, 1], "k-", linewidth=0.9, solid_capstyle="round")
+        ax.set_aspect("equal", adjustable="datalim")
+        ax.set_title(f"style {n}: \"{s['text']}\"  (writer {s['writer']}, {s['line_id']}, slant "
+                     f"{s.get('slant_degrees', 0):+.0f}°)", fontsize=8, loc="left")
+        ax.axis("off")
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=80, format="png"))
+
+# end of rendering for generate.py
+# -----------------------------------------------------------------------------
+
+
+### checkpoints, training plots and samples (train.py, evaluate.py, generate.py)
+
+def save_checkpoint(checkpoint, path):
+    """torch.save a plain dict atomically: a crash never leaves a half-written checkpoint."""
+    import torch
+    atomic_write(path, lambda tmp: torch.save(checkpoint, tmp))
+
+
+def load_checkpoint(path, map_location="cpu"):
+    """Load one of our checkpoints with weights_only=True. Raises FileNotFoundError or ValueError with a
+    one-line message that says what to do."""
+    import torch
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint {path} not found; train one with train.py or pass --checkpoint PATH")
+    try:
+        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:   # pickle, zip and torch errors all mean the same thing to a user
+        raise ValueError(f"{path} is not a readable PyTorch checkpoint ({type(e).__name__}); "
+                         f"pass a .pt file written by train.py") from None
+    if not isinstance(checkpoint, dict) or "model_config" not in checkpoint or "model" not in checkpoint:
+        raise ValueError(f"{path} is not a handwriting checkpoint (no model_config/model); pass a .pt file written by train.py")
+    return checkpoint
+
+
+def plot_loss_curve(metrics_path, png_path):
+    """Draw train and validation loss (nats per point) against steps from a metrics.jsonl file."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    with open(metrics_path) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    steps = [r["step"] for r in rows]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.5))
+    ax1.plot(steps, [r["train_loss"] for r in rows], label="train")
+    ax1.plot(steps, [r["val_nll_per_point"] for r in rows], label="validation")
+    ax1.set(xlabel="step", ylabel="nats per point", title="loss")
+    ax1.legend()
+    ax2.plot(steps, [r["val_nll_per_line"] for r in rows], color="C1")
+    ax2.set(xlabel="step", ylabel="nats per line", title="validation NLL (Graves' units)")
+    for ax in (ax1, ax2):
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    atomic_write(png_path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
+    plt.close(fig)
+
+
+def save_sample_image(model, alphabet, mean, std, path, text="", seed=0, bias=0.5, steps=700):
+    """Sample one line (synthesis: of `text`; prediction: `steps` free points) and draw it to a PNG."""
+    import torch
+    from dataset import denormalize
+    generator = torch.Generator(device=model.mdn.weight.device).manual_seed(seed)
+    was_training = model.training
+    model.eval()
+    if model.synthesis:
+        ids = alphabet.encode(text, drop_unknown=True)[None]
+        result = model.sample(ids, bias=bias, generator=generator)
+    else:
+        result = model.sample(steps=steps, bias=bias, generator=generator, batch_size=1)
+    model.train(was_training)
+    n = int(result["lengths"][0])
+    offsets = denormalize(result["strokes"][0, :n].cpu().numpy(), mean, std)
+    plot_lines([(offsets, text if model.synthesis else "(unconditional sample)")], path)
