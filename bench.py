@@ -13,7 +13,8 @@ Prints one JSON object:
 - sample: seconds to sample one 40-character line and a batch of 64 lines, with a fixed number of points per
   character (the window is pinned so the stopping rule never fires: an untrained model's stopping time is noise);
 - the device, torch version, threads, load average and every setting.
-Warm-up repetitions are excluded; medians are reported. Data are synthetic (random offsets, pen lifts with
+The headline figures come first; "train" and "sample" hold the details, each with wall-clock seconds and process
+CPU seconds (all threads together). Warm-up repetitions are excluded; medians are reported. Data are synthetic (random offsets, pen lifts with
 probability 0.05, random text), which costs the same as real data: every line is --seq-len points long.
 """
 import argparse
@@ -30,7 +31,7 @@ from reference import ReferenceModel, reference_nll
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 # defaults that depend on the device: (GPU, CPU); the CPU ones keep the whole run under a minute on 2 cores
-DEFAULTS = {"batch_size": (64, 8), "seq_len": (600, 600), "reps": (10, 3), "warmup": (2, 1)}
+DEFAULTS = {"batch_size": (64, 8), "seq_len": (600, 600), "reps": (10, 3), "warmup": (2, 1), "sample_reps": (5, 2)}
 
 
 def get_args(argv=None):
@@ -43,10 +44,12 @@ def get_args(argv=None):
     p.add_argument("--reps", type=int, default=0, help="timed repetitions, median reported (0 = 10 on GPU, 3 on CPU)")
     p.add_argument("--warmup", type=int, default=-1, help="untimed repetitions first (-1 = 2 on GPU, 1 on CPU)")
     p.add_argument("--dtype", choices=list(DTYPES), default="float32", help="autocast dtype for the networks (the loss is always float32)")
-    p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0 = torch's default, usually one per core)")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0 = torch's default, one per core). On a machine shared "
+                   "with other jobs use 1 and read the cpu_seconds figures: busy cores make multi-threaded steps stall")
     p.add_argument("--sample-chars", type=int, default=40, help="characters of text per sampled line")
     p.add_argument("--steps-per-char", type=int, default=25, help="points sampled per character (IAM-OnDB mean: about 21)")
     p.add_argument("--sample-batch", type=int, default=64, help="lines in the batched sampling test (0 = skip it)")
+    p.add_argument("--sample-reps", type=int, default=0, help="timed repetitions of each sampling test (0 = 5 on GPU, 2 on CPU)")
     p.add_argument("--skip-reference", action="store_true", help="do not time the textbook reference")
     p.add_argument("--quick", action="store_true", help="tiny sizes and one repetition: a smoke test of this script, not a measurement")
     p.add_argument("--seed", type=int, default=0, help="random seed for weights and synthetic data")
@@ -56,7 +59,7 @@ def get_args(argv=None):
     gpu = torch.device(args.device).type == "cuda"
     if args.quick:
         args.batch_size, args.seq_len, args.text_len = args.batch_size or 2, args.seq_len or 20, min(args.text_len, 5)
-        args.reps, args.warmup = args.reps or 1, max(args.warmup, 0)
+        args.reps, args.warmup, args.sample_reps = args.reps or 1, max(args.warmup, 0), args.sample_reps or 1
         args.sample_chars, args.steps_per_char, args.sample_batch = 4, 5, min(args.sample_batch, 4)
     for name, (on_gpu, on_cpu) in DEFAULTS.items():
         if getattr(args, name) == (-1 if name == "warmup" else 0):
@@ -102,17 +105,25 @@ def make_train_step(model, loss_fn, batch, device, dtype):
 
 
 def time_interleaved(fns, reps, warmup, device):
-    """Run each function warmup + reps times, in turn; return the timed seconds of each."""
+    """Run each function warmup + reps times, in turn. Returns {name: [(wall seconds, process CPU seconds)]}."""
     times = {name: [] for name in fns}
     for i in range(warmup + reps):
         for name, fn in fns.items():
             synchronize(device)
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             fn()
             synchronize(device)
             if i >= warmup:
-                times[name].append(time.perf_counter() - t0)
+                times[name].append((time.perf_counter() - t0, time.process_time() - c0))
     return times
+
+
+def summary(times, points):
+    """Median wall seconds, points per second, and the CPU-time view of the same (see --threads)."""
+    wall = statistics.median(t for t, _ in times)
+    cpu = statistics.median(c for _, c in times)
+    return {"seconds": round(wall, 4), "points_per_s": round(points / wall), "cpu_seconds": round(cpu, 4),
+            "points_per_cpu_s": round(points / cpu), "all_seconds": [round(t, 4) for t, _ in times]}
 
 
 def time_sampling(model, lines, args, device, dtype, g):
@@ -128,16 +139,8 @@ def time_sampling(model, lines, args, device, dtype, g):
         return out
 
     run(min(steps, 32))                                                # warm-up: allocator, kernels, caches
-    times = []
-    for _ in range(args.reps):
-        synchronize(device)
-        t0 = time.perf_counter()
-        run(steps)
-        synchronize(device)
-        times.append(time.perf_counter() - t0)
-    median = statistics.median(times)
-    return {"lines": lines, "points_per_line": steps, "seconds": round(median, 4),
-            "points_per_s": round(lines * steps / median), "all_seconds": [round(t, 4) for t in times]}
+    times = time_interleaved({"run": lambda: run(steps)}, args.sample_reps, 0, device)["run"]
+    return {"lines": lines, "points_per_line": steps, **summary(times, lines * steps)}
 
 
 def device_name(device):
@@ -156,7 +159,8 @@ def main(argv=None):
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
     if args.threads:
         torch.set_num_threads(args.threads)
-    load_start = os.getloadavg() if hasattr(os, "getloadavg") else None
+    loadavg = lambda: [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
+    load_start = loadavg()
     torch.manual_seed(args.seed)
     g = torch.Generator().manual_seed(args.seed)
 
@@ -173,10 +177,10 @@ def main(argv=None):
         steps["reference"] = make_train_step(reference, reference_nll, batch, device, dtype)
     times = time_interleaved(steps, args.reps, args.warmup, device)
     points = args.batch_size * args.seq_len
-    train = {f"{name}_points_per_s": round(points / statistics.median(t)) for name, t in times.items()}
-    if "reference" in times:
-        train["speedup"] = round(statistics.median(times["reference"]) / statistics.median(times["ours"]), 3)
-    train.update({f"{name}_step_seconds": [round(s, 4) for s in t] for name, t in times.items()})
+    train = {name: summary(t, points) for name, t in times.items()}
+    if "reference" in train:
+        train["speedup"] = round(train["ours"]["points_per_s"] / train["reference"]["points_per_s"], 3)
+        train["speedup_cpu_time"] = round(train["ours"]["points_per_cpu_s"] / train["reference"]["points_per_cpu_s"], 3)
 
     ### sampling (model already built and warm)
     model.eval()
@@ -188,8 +192,13 @@ def main(argv=None):
         sample["batch"] = time_sampling(model, args.sample_batch, args, device, dtype, g)
 
     result = {
+        "train_points_per_s": train["ours"]["points_per_s"],
+        "reference_points_per_s": train["reference"]["points_per_s"] if "reference" in train else None,
+        "speedup": train.get("speedup"),
+        "sample_one_line_s": sample["one_line"]["seconds"],
+        "sample_batch_s": sample["batch"]["seconds"] if "batch" in sample else None,
         "device": device_name(device), "torch": torch.__version__, "threads": torch.get_num_threads(),
-        "load_average_start": load_start, "load_average_end": os.getloadavg() if load_start else None,
+        "load_average_start": load_start, "load_average_end": loadavg(),
         "settings": {**vars(args), "model": config.to_dict(), "points_per_step": points,
                      "data": "synthetic: N(0,1) offsets, pen lifts with p = 0.05, uniform random text; all lines full length",
                      "optimizer": "Adam lr 1e-4, gradient norm clipped to 3 (as train.py)"},

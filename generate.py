@@ -273,8 +273,10 @@ def file_prime(path, styles_path):
     if not isinstance(data, dict) or not isinstance(data.get("text"), str) or not isinstance(data.get("strokes"), list):
         fail(bad)
     try:
-        strokes = [np.asarray(s, dtype=np.float64).reshape(-1, 2) for s in data["strokes"]]
+        strokes = [np.asarray(s, dtype=np.float64) for s in data["strokes"]]
     except (ValueError, TypeError):
+        fail(bad)
+    if not all(s.ndim == 2 and s.shape[1] == 2 for s in strokes if s.size):
         fail(bad)
     strokes = [s for s in strokes if len(s)]
     if not data["text"].strip() or not strokes or not all(np.isfinite(s).all() for s in strokes):

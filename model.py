@@ -236,7 +236,7 @@ class HandwritingModel(nn.Module):
         return h, c, kappa, w, torch.stack(h_seq, dim=1), torch.stack(w_seq, dim=1), phi_seq
 
     @torch.no_grad()
-    def sample(self, text=None, steps=None, bias=0.0, prime=None, prime_text=None, generator=None,
+    def sample(self, text=None, steps=None, bias=0.0, prime=None, generator=None,
                batch_size=None, max_steps_per_char=40, record=False):
         """Sample handwriting, all lines of the batch together.
 
@@ -244,7 +244,8 @@ class HandwritingModel(nn.Module):
         if prime is given ("prime text" + " " + "new text", as in the paper).
         steps: number of points (prediction), or None for synthesis: stop when the window has moved past the
         last character (phi(t, U) > phi(t, u) for all u < U), capped at max_steps_per_char * U.
-        prime: (Tp, 3) or (B, Tp, 3) normalised real strokes to feed first (style priming).
+        prime: (Tp, 3) or (B, Tp, 3) normalised real strokes to feed first (style priming), without the line's
+        first (0, 0) point: the start token x_0 = 0 takes its place, as in training.
         Returns dict: strokes (B, T, 3) normalised offsets with eos in {0, 1}; lengths (B,) points per line;
         finished (B,) bool (synthesis: False when the cap was hit); and if record: eos_prob (B, T),
         mixture (B, T, 1 + 6M raw outputs, for density plots), phi (B, T, U + 1)."""

@@ -7,7 +7,8 @@ Train Graves' prediction or synthesis network on prepared IAM-OnDB data.
 One step is one optimiser update on one chunk of --tbptt points (or whole lines with --tbptt 0); the
 recurrent state (LSTM states, kappa, window) is carried from chunk to chunk and detached. Every
 --eval-interval steps (at the end of a batch): validation NLL, a sample image, a metrics.jsonl row, a
-loss-curve PNG, last.pt and (on improvement) best.pt. Checkpoints are written atomically; --resume continues
+loss-curve PNG, last.pt and (on improvement) best.pt; at the end, model.pt: best.pt's weights in float16
+without optimiser state, the file to ship or pass to generate.py. Checkpoints are written atomically; --resume continues
 exactly where a run stopped; Ctrl-C finishes the batch, saves and exits.
 """
 import argparse
@@ -24,7 +25,7 @@ import torch.distributed as dist
 
 from dataset import HandwritingDataset, make_loader
 from model import HandwritingModel, ModelConfig, evaluate_nll, nll, summarize_nll, teacher_forcing
-from utils import load_checkpoint, plot_loss_curve, save_checkpoint, save_sample_image
+from utils import export_weights, load_checkpoint, plot_loss_curve, save_checkpoint, save_sample_image
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -243,6 +244,8 @@ def main(argv=None):
             metrics = evaluate()
     if progress:
         progress.close()
+    if master and os.path.exists(os.path.join(out, "best.pt")):   # weights only, float16: what checkpoints/ ships
+        export_weights(load_checkpoint(os.path.join(out, "best.pt")), os.path.join(out, "model.pt"))
     if metrics:
         log(f"done ({stop['why']}): {run.step} steps, {run.epoch} epochs, {run.train_time / 60:.1f} min training, "
             f"val {metrics['val_nll_per_line']:.1f} nats/line (best {run.best_val:.1f}), {run.bad_steps} skipped steps; "

@@ -443,6 +443,15 @@ def save_checkpoint(checkpoint, path):
     atomic_write(path, lambda tmp: torch.save(checkpoint, tmp))
 
 
+def export_weights(checkpoint, path, dtype="float16"):
+    """Write the shippable part of a training checkpoint: weights (as dtype) and what generation needs
+    (config, alphabet, normalisation, step, metrics); no optimiser or RNG state."""
+    import torch
+    keep = ("model_config", "alphabet", "mean", "std", "step", "metrics", "train_args")
+    weights = {k: v.to(getattr(torch, dtype)) for k, v in checkpoint["model"].items()}
+    save_checkpoint({"model": weights, **{k: checkpoint[k] for k in keep if k in checkpoint}}, path)
+
+
 def load_checkpoint(path, map_location="cpu"):
     """Load one of our checkpoints with weights_only=True. Raises FileNotFoundError or ValueError with a
     one-line message that says what to do."""

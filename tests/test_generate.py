@@ -105,7 +105,7 @@ def test_every_format_is_a_valid_file(files, tmp_path, task, ext, capsys):
             assert im.n_frames > 1
 
 
-@pytest.mark.parametrize("ext", [".png", ".svg"])
+@pytest.mark.parametrize("ext", [".png", ".svg", ".gif"])
 def test_same_seed_same_bytes(files, tmp_path, ext):
     a, b, c = (tmp_path / f"{n}{ext}" for n in "abc")
     assert run(files, "synthesis", a) == 0 and run(files, "synthesis", b) == 0

@@ -86,3 +86,17 @@ def test_reference_loss_matches_ours_in_float32_at_paper_size():
         y_ref = ref(inputs, text)
     assert torch.allclose(y, y_ref, atol=1e-5)
     assert torch.allclose(nll(y, targets, mask), reference_nll(y_ref, targets, mask), rtol=1e-4, atol=1e-2)
+
+
+def test_bench_smoke(capsys):
+    """bench.py end to end on tiny sizes: one JSON object with the headline figures."""
+    import json
+    import bench
+    threads = torch.get_num_threads()
+    try:
+        result = bench.main(["--quick", "--device", "cpu", "--threads", "1"])
+    finally:
+        torch.set_num_threads(threads)
+    assert json.loads(capsys.readouterr().out) == json.loads(json.dumps(result))
+    assert result["train_points_per_s"] > 0 and result["reference_points_per_s"] > 0 and result["speedup"] > 0
+    assert result["sample_one_line_s"] > 0 and result["sample"]["batch"]["lines"] == 4

@@ -35,6 +35,12 @@ def test_training_lowers_the_loss_and_writes_a_run(tiny_prepared, tmp_path, task
     assert ckpt["model_config"]["task"] == task and ckpt["step"] == rows[-1]["step"]
     model, _ = load_model(tmp_path / "best.pt", expect_task=task)
     assert model.config.hidden_size == 16
+    shipped = torch.load(tmp_path / "model.pt", weights_only=True)        # weights only, float16
+    assert "optimizer" not in shipped and all(v.dtype == torch.float16 for v in shipped["model"].values())
+    small, _ = load_model(tmp_path / "model.pt", expect_task=task)
+    best = torch.load(tmp_path / "best.pt", weights_only=True)["model"]
+    for k, v in small.state_dict().items():
+        assert torch.allclose(v, best[k], atol=1e-3, rtol=1e-3)
 
 
 def test_resume_matches_an_unbroken_run(tiny_prepared, tmp_path):
