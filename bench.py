@@ -13,9 +13,10 @@ Prints one JSON object:
 - sample: seconds to sample one 40-character line and a batch of 64 lines, with a fixed number of points per
   character (the window is pinned so the stopping rule never fires: an untrained model's stopping time is noise);
 - the device, torch version, threads, load average and every setting.
-The headline figures come first; "train" and "sample" hold the details, each with wall-clock seconds and process
-CPU seconds (all threads together). Warm-up repetitions are excluded; medians are reported. Data are synthetic (random offsets, pen lifts with
-probability 0.05, random text), which costs the same as real data: every line is --seq-len points long.
+The headline figures come first; "train" and "sample" hold the details: wall-clock seconds, and process CPU
+seconds (all threads together) as a second view on a shared machine. Warm-up repetitions are excluded; medians
+are reported. Data are synthetic (random offsets, pen lifts with probability 0.05, random text), which costs the
+same as real data: every line is --seq-len points long, text --text-len characters.
 """
 import argparse
 import json
@@ -24,14 +25,19 @@ import platform
 import statistics
 import time
 
-import torch
+# Idle OpenMP threads sleep instead of spinning. On cores shared with other jobs, a spinning thread that loses its
+# core stalls every parallel op: a 2-thread run on 2 busy cores took over 40 times as long as with this setting.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch  # noqa: E402  (after the OpenMP setting, which is read when torch loads)
 
 from model import HandwritingModel, ModelConfig, nll
 from reference import ReferenceModel, reference_nll
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 # defaults that depend on the device: (GPU, CPU); the CPU ones keep the whole run under a minute on 2 cores
-DEFAULTS = {"batch_size": (64, 8), "seq_len": (600, 600), "reps": (10, 3), "warmup": (2, 1), "sample_reps": (5, 2)}
+DEFAULTS = {"batch_size": (64, 8), "seq_len": (600, 600), "reps": (10, 3), "warmup": (2, 1),
+            "sample_reps": (5, 3), "sample_batch_reps": (5, 1)}
 
 
 def get_args(argv=None):
@@ -44,12 +50,13 @@ def get_args(argv=None):
     p.add_argument("--reps", type=int, default=0, help="timed repetitions, median reported (0 = 10 on GPU, 3 on CPU)")
     p.add_argument("--warmup", type=int, default=-1, help="untimed repetitions first (-1 = 2 on GPU, 1 on CPU)")
     p.add_argument("--dtype", choices=list(DTYPES), default="float32", help="autocast dtype for the networks (the loss is always float32)")
-    p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0 = torch's default, one per core). On a machine shared "
-                   "with other jobs use 1 and read the cpu_seconds figures: busy cores make multi-threaded steps stall")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0 = torch's default, one per core); "
+                   "on cores busy with other jobs, 1 is usually faster")
     p.add_argument("--sample-chars", type=int, default=40, help="characters of text per sampled line")
     p.add_argument("--steps-per-char", type=int, default=25, help="points sampled per character (IAM-OnDB mean: about 21)")
     p.add_argument("--sample-batch", type=int, default=64, help="lines in the batched sampling test (0 = skip it)")
-    p.add_argument("--sample-reps", type=int, default=0, help="timed repetitions of each sampling test (0 = 5 on GPU, 2 on CPU)")
+    p.add_argument("--sample-reps", type=int, default=0, help="timed repetitions of one-line sampling (0 = 5 on GPU, 3 on CPU)")
+    p.add_argument("--sample-batch-reps", type=int, default=0, help="timed repetitions of batched sampling (0 = 5 on GPU, 1 on CPU)")
     p.add_argument("--skip-reference", action="store_true", help="do not time the textbook reference")
     p.add_argument("--quick", action="store_true", help="tiny sizes and one repetition: a smoke test of this script, not a measurement")
     p.add_argument("--seed", type=int, default=0, help="random seed for weights and synthetic data")
@@ -59,7 +66,8 @@ def get_args(argv=None):
     gpu = torch.device(args.device).type == "cuda"
     if args.quick:
         args.batch_size, args.seq_len, args.text_len = args.batch_size or 2, args.seq_len or 20, min(args.text_len, 5)
-        args.reps, args.warmup, args.sample_reps = args.reps or 1, max(args.warmup, 0), args.sample_reps or 1
+        args.reps, args.warmup = args.reps or 1, max(args.warmup, 0)
+        args.sample_reps, args.sample_batch_reps = args.sample_reps or 1, args.sample_batch_reps or 1
         args.sample_chars, args.steps_per_char, args.sample_batch = 4, 5, min(args.sample_batch, 4)
     for name, (on_gpu, on_cpu) in DEFAULTS.items():
         if getattr(args, name) == (-1 if name == "warmup" else 0):
@@ -126,7 +134,7 @@ def summary(times, points):
             "points_per_cpu_s": round(points / cpu), "all_seconds": [round(t, 4) for t, _ in times]}
 
 
-def time_sampling(model, lines, args, device, dtype, g):
+def time_sampling(model, lines, reps, args, device, dtype, g):
     """Median seconds to sample `lines` lines of --sample-chars characters, --steps-per-char points each."""
     text = torch.randint(1, model.config.alphabet_size + 1, (lines, args.sample_chars), generator=g).to(device)
     steps = args.sample_chars * args.steps_per_char
@@ -139,7 +147,7 @@ def time_sampling(model, lines, args, device, dtype, g):
         return out
 
     run(min(steps, 32))                                                # warm-up: allocator, kernels, caches
-    times = time_interleaved({"run": lambda: run(steps)}, args.sample_reps, 0, device)["run"]
+    times = time_interleaved({"run": lambda: run(steps)}, reps, 0, device)["run"]
     return {"lines": lines, "points_per_line": steps, **summary(times, lines * steps)}
 
 
@@ -187,9 +195,9 @@ def main(argv=None):
     if model.synthesis:
         with torch.no_grad():   # pin the window at the start (kappa += exp(-30) per point): the stopping rule never fires
             model.window.bias[2 * config.window_gaussians:] = -30.0
-    sample = {"one_line": time_sampling(model, 1, args, device, dtype, g)}
+    sample = {"one_line": time_sampling(model, 1, args.sample_reps, args, device, dtype, g)}
     if args.sample_batch:
-        sample["batch"] = time_sampling(model, args.sample_batch, args, device, dtype, g)
+        sample["batch"] = time_sampling(model, args.sample_batch, args.sample_batch_reps, args, device, dtype, g)
 
     result = {
         "train_points_per_s": train["ours"]["points_per_s"],
@@ -198,6 +206,7 @@ def main(argv=None):
         "sample_one_line_s": sample["one_line"]["seconds"],
         "sample_batch_s": sample["batch"]["seconds"] if "batch" in sample else None,
         "device": device_name(device), "torch": torch.__version__, "threads": torch.get_num_threads(),
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
         "load_average_start": load_start, "load_average_end": loadavg(),
         "settings": {**vars(args), "model": config.to_dict(), "points_per_step": points,
                      "data": "synthetic: N(0,1) offsets, pen lifts with p = 0.05, uniform random text; all lines full length",

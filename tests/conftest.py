@@ -16,6 +16,15 @@ REAL_DATA = ROOT.parent / "shared" / "iam-ondb"       # CI clones the repo with 
 
 import prepare_data  # noqa: E402
 
+
+def pytest_configure(config):
+    """One CPU thread for the tests' tiny models, here and in the scripts they start: several OpenMP threads on a
+    shared 2-core machine wait on each other and run 10-30x slower."""
+    import os
+    import torch
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+
 TINY_WORDS = "the a and hat than ten dots sole lane notes head sand".split()
 
 
