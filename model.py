@@ -80,7 +80,7 @@ class Mixture(NamedTuple):
 def mixture_params(y, bias=0.0):
     """Split the network output y (B, T, 1 + 6M) into MDN parameters, in float32.
     bias > 0 is Graves' biased sampling (eq. 61-62): pi = softmax(pi_hat (1 + b)), sigma = exp(sigma_hat - b)."""
-    y = y.float()
+    y = y.float() if y.dtype in (torch.float16, torch.bfloat16) else y   # the loss in float32 (or double)
     eos_logit, pi_hat, mu1, mu2, s1, s2, rho_hat = torch.split(
         y, [1] + [(y.shape[-1] - 1) // 6] * 6, dim=-1)
     log_pi = torch.log_softmax(pi_hat * (1 + bias), dim=-1)
@@ -105,7 +105,7 @@ def nll(y, target, mask):
     """Negative log-likelihood (eq. 26) of target points (B, T, 3) under outputs y (B, T, 1 + 6M).
     mask (B, T) marks real points. Returns the loss summed over each line's points: (B,), float32."""
     mix = mixture_params(y)
-    target = target.float()
+    target = target.to(mix.mu1.dtype)
     log_p = mixture_log_density(mix, target[..., 0], target[..., 1])
     log_e = -F.binary_cross_entropy_with_logits(mix.eos_logit, target[..., 2], reduction="none")
     return -((log_p + log_e) * mask).sum(dim=1)
@@ -217,12 +217,11 @@ class HandwritingModel(nn.Module):
     def _window_loop(self, xg, onehot, h, c, kappa, w, return_phi):
         """The sequential part: layer-1 LSTM and the soft window, one step at a time.
         xg: (B, T, 4H) precomputed W_x x_t + b; onehot: (B, U, A)."""
-        B, T, _ = xg.shape
         U = onehot.shape[1]
         u = torch.arange(U + 1, device=xg.device, dtype=xg.dtype)                 # positions 0..U
         h_seq, w_seq, phis = [], [], []
-        for t in range(T):
-            h, c = lstm_cell(xg[:, t] + self.lstm1_wh(torch.cat([w, h], dim=-1)), c)   # gates (B, 4H)
+        for xg_t in xg.unbind(1):   # not xg[:, t]: each select's backward would zero-fill a (B, T, 4H) gradient
+            h, c = lstm_cell(xg_t + self.lstm1_wh(torch.cat([w, h], dim=-1)), c)   # gates (B, 4H)
             # window (eq. 46-51): phi(t, u) = sum_k alpha_k exp(-beta_k (kappa_k - u)^2)
             alpha, beta, dkappa = torch.exp(self.window(h)).unsqueeze(-1).chunk(3, dim=1)   # (B, K, 1)
             kappa = kappa + dkappa.squeeze(-1)                                     # (B, K), moves forward only
