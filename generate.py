@@ -105,6 +105,9 @@ def get_args(argv=None):
     o.add_argument("--color", default="black", metavar="C", help="ink colour: a name or #rrggbb (default: black)")
     o.add_argument("--line-height", type=int, metavar="PX", default=100,
                    help="distance between lines in pixels; sets the size of the picture (default: 100)")
+    o.add_argument("--save-strokes", metavar="FILE",
+                   help="also save the sampled lines as raw offsets (dx, dy, eos) with their texts, in an .npz laid out "
+                        "like the prepared data (for `recognizer.py read FILE`; priming strokes not included)")
     o.add_argument("--plot-attention", metavar="FILE",
                    help="also plot the window weights phi over time and characters (synthesis; .png, .svg or .pdf)")
     return p.parse_args(argv)
@@ -169,6 +172,8 @@ def check_args(args):
         if args.task != "synthesis":
             fail("--plot-attention needs --task synthesis (the prediction network has no window)")
         check_output(args.plot_attention, PLOT_FORMATS, "--plot-attention")
+    if args.save_strokes:
+        check_output(args.save_strokes, (".npz",), "--save-strokes")
     if args.task == "prediction" and (args.text is not None or args.text_file):
         fail("--text/--text-file are for --task synthesis; the prediction network writes without text (see --steps)")
     if args.task == "synthesis" and args.text is None and not args.text_file:
@@ -458,7 +463,7 @@ def generate(args):
     ### the page
     import utils
     strokes = denormalize(result["strokes"].numpy().astype(np.float64), mean, std)
-    page_lines, rows, b = [], [], 0
+    page_lines, rows, saved, b = [], [], [], 0
     for s in range(args.num_samples):
         if s:
             page_lines.append(None)
@@ -468,6 +473,7 @@ def generate(args):
                 continue
             T = int(result["lengths"][b])
             off = strokes[b, :T]
+            saved.append(off)
             value = result["eos_prob"][b, :T].numpy() if args.view == "eos" else None
             start = 0
             if args.show_prime and prime_offsets is not None:
@@ -485,7 +491,8 @@ def generate(args):
                  title=" / ".join(texts[:B // args.num_samples]))
     {".png": utils.save_png, ".svg": utils.save_svg, ".gif": utils.save_gif}[args.format](page, args.out, **style)
     t_written = time.perf_counter()
-    if args.plot_attention:
+    if args.save_strokes:
+        utils.save_strokes(args.save_strokes, saved, texts)
         utils.plot_attention([result["phi"][b, :max(int(result["lengths"][b]), 1), :len(joined[b]) + 1].numpy()
                               for b in range(B)],
                              joined, args.plot_attention, prime_chars=len(prime_text) + 1 if prime is not None else 0)
@@ -496,6 +503,8 @@ def generate(args):
           f"{args.task}, bias {args.bias}, seed {seed}{f', model step {step}' if step is not None else ''})")
     if args.plot_attention:
         print(f"wrote {args.plot_attention} (attention window phi)")
+    if args.save_strokes:
+        print(f"wrote {args.save_strokes} (raw offsets of {B} line(s))")
     print(f"time: {t_written - t_load:.2f} s from checkpoint load to written file (sampling {t_sampled - t_sample:.2f} s, "
           f"{int(result['lengths'].max())} steps x {B} lines); {time.perf_counter() - t_start:.2f} s in main")
     return 0

@@ -64,6 +64,37 @@ def plot_lines(lines, path, width=12.0, dpi=100):
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=dpi, format=os.path.splitext(path)[1][1:] or "png"))
 
+
+def save_strokes(path, lines, texts, line_ids=None):
+    """Write lines of raw offsets [(T_i, 3) (dx, dy, eos), ...] with their texts as an npz laid out like the prepared
+    file (generate.py --save-strokes; recognizer.py read): offsets (P, 2) float32, eos (P,) uint8, line_starts (N + 1,),
+    texts (N,), line_ids (N,) (default "1".."N")."""
+    lines = [np.asarray(o, dtype=np.float64).reshape(-1, 3) for o in lines]
+    starts = np.concatenate([[0], np.cumsum([len(o) for o in lines])]).astype(np.int64)
+    rows = np.concatenate(lines) if lines else np.zeros((0, 3))
+    arrays = {"offsets": rows[:, :2].astype(np.float32), "eos": (rows[:, 2] > 0.5).astype(np.uint8),
+              "line_starts": starts, "texts": np.array(list(texts), dtype=str),
+              "line_ids": np.array(line_ids or [str(n + 1) for n in range(len(lines))], dtype=str)}
+
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            np.savez_compressed(f, **arrays)
+    atomic_write(path, write)
+
+
+def load_strokes(path):
+    """Read a strokes npz (save_strokes, or prepare_data.py's file, which has the same keys) ->
+    (line ids, texts, [raw offsets (T_i, 3) float32, ...]). Raises ValueError for a file without those keys."""
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            offsets, eos, starts = f["offsets"], f["eos"], f["line_starts"]
+            texts, ids = [str(t) for t in f["texts"]], [str(t) for t in f["line_ids"]]
+    except (OSError, ValueError, KeyError) as e:
+        raise ValueError(f"{path} is not a strokes file (npz with offsets, eos, line_starts, texts, line_ids: "
+                         f"{type(e).__name__})") from None
+    rows = np.column_stack([offsets, eos]).astype(np.float32)
+    return ids, texts, [rows[a:b] for a, b in zip(starts[:-1], starts[1:])]
+
 # end of data pipeline helpers
 # -----------------------------------------------------------------------------
 
@@ -447,24 +478,26 @@ def export_weights(checkpoint, path, dtype="float16"):
     """Write the shippable part of a training checkpoint: weights (as dtype) and what generation needs
     (config, alphabet, normalisation, step, metrics); no optimiser or RNG state."""
     import torch
-    keep = ("model_config", "alphabet", "mean", "std", "step", "metrics", "train_args")
+    keep = ("model_config", "recognizer_config", "alphabet", "mean", "std", "step", "metrics", "train_args")
     weights = {k: v.to(getattr(torch, dtype)) for k, v in checkpoint["model"].items()}
     save_checkpoint({"model": weights, **{k: checkpoint[k] for k in keep if k in checkpoint}}, path)
 
 
-def load_checkpoint(path, map_location="cpu"):
-    """Load one of our checkpoints with weights_only=True. Raises FileNotFoundError or ValueError with a
-    one-line message that says what to do."""
+def load_checkpoint(path, map_location="cpu", config_key="model_config", writer="train.py"):
+    """Load one of our checkpoints with weights_only=True: a dict with `model` and `config_key` (model_config for
+    train.py's, recognizer_config for recognizer.py's). Raises FileNotFoundError or ValueError with a one-line
+    message that says what to do (`writer` names the script that makes such checkpoints)."""
     import torch
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint {path} not found; train one with train.py or pass --checkpoint PATH")
+        raise FileNotFoundError(f"checkpoint {path} not found; train one with {writer} or pass --checkpoint PATH")
     try:
         checkpoint = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:   # pickle, zip and torch errors all mean the same thing to a user
         raise ValueError(f"{path} is not a readable PyTorch checkpoint ({type(e).__name__}); "
-                         f"pass a .pt file written by train.py") from None
-    if not isinstance(checkpoint, dict) or "model_config" not in checkpoint or "model" not in checkpoint:
-        raise ValueError(f"{path} is not a handwriting checkpoint (no model_config/model); pass a .pt file written by train.py")
+                         f"pass a .pt file written by {writer}") from None
+    if not isinstance(checkpoint, dict) or config_key not in checkpoint or "model" not in checkpoint:
+        kind = "handwriting" if config_key == "model_config" else config_key.split("_")[0]
+        raise ValueError(f"{path} is not a {kind} checkpoint (no {config_key}/model); pass a .pt file written by {writer}")
     return checkpoint
 
 

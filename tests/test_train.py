@@ -102,3 +102,21 @@ def test_torchrun_two_processes_on_cpu(tiny_prepared, tmp_path):
     rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
     assert rows and rows[-1]["step"] >= 6          # rank 0 alone writes: one row per evaluation
     assert len(rows) == len({r["step"] for r in rows})
+
+
+def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tiny_prepared, tmp_path):
+    import signal
+    import time
+    p = subprocess.Popen([sys.executable, "train.py", "--data", str(tiny_prepared), "--out", str(tmp_path), *TINY,
+                          "--eval-interval", "1000000", "--max-steps", "1000000"],
+                         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and "config:" not in (p.stdout.readline() or ""):
+        pass
+    time.sleep(2)                                   # a few training steps
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == 0 and "Traceback" not in err, err[-2000:]
+    assert "done (interrupted)" in out
+    ckpt = torch.load(tmp_path / "last.pt", weights_only=True)
+    assert ckpt["step"] > 0 and ckpt["step"] == ckpt["run"]["last_eval_step"]
