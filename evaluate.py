@@ -1,20 +1,28 @@
 """
-Evaluate a trained network on a split of the prepared data, in Graves' units.
+Evaluate a trained network on a split of the prepared data, in Graves' units, or how legible its writing is.
 
     python evaluate.py --checkpoint checkpoints/synthesis.pt --data data/processed --split test
+    python evaluate.py --checkpoint checkpoints/synthesis.pt --legibility --bias 1 [--prompts FILE]
 
 Prints one JSON object: nll_per_line (mean nats per line, the paper's figure), nll_per_point, sse (mean
 squared error of the mixture's expected next offset, normalised units, per point), lines, points.
+
+--legibility writes every prompt line with the synthesis model (batched, fixed seed) and reads it back with the
+recognizer (recognizer.py); it prints cer_generated, cer_real (the recognizer on the real lines of the same texts),
+finished_fraction (lines whose window reached the end of the text within the step cap), lines and bias, and writes
+OUT/legibility.jsonl (one row per line), OUT/worst.png (the least legible lines) and OUT/generated.npz (the strokes).
 """
 import argparse
 import json
+import os
 import sys
 
+import numpy as np
 import torch
 
-from dataset import HandwritingDataset, make_loader
-from model import evaluate_nll, load_model, summarize_nll
-from utils import load_checkpoint
+from dataset import Alphabet, HandwritingDataset, denormalize, make_loader, normalize
+from model import error_rates, evaluate_nll, load_model, load_recognizer, read_lines, summarize_nll
+from utils import load_checkpoint, plot_lines, save_strokes
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -23,11 +31,24 @@ def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--checkpoint", default="checkpoints/synthesis.pt", help="checkpoint written by train.py (last.pt, best.pt or a shipped one)")
     p.add_argument("--data", default="data/processed", help="folder with iam_ondb.npz, or the .npz itself")
-    p.add_argument("--split", choices=["train", "valid", "test"], default="valid", help="which split to evaluate")
+    p.add_argument("--split", choices=["train", "valid", "test"], default=None,
+                   help="which split to evaluate; none given: valid, or with --legibility test (its lines give the "
+                        "default prompts and the real handwriting)")
     p.add_argument("--batch-size", type=int, default=64, help="lines per batch")
-    p.add_argument("--max-lines", type=int, default=0, help="evaluate only the first N lines of the split (0 = all)")
+    p.add_argument("--max-lines", type=int, default=0, help="evaluate only the first N lines of the split, or prompts (0 = all)")
     p.add_argument("--device", default="auto", help="'auto' (CUDA when present), 'cpu', 'cuda', ...")
     p.add_argument("--dtype", choices=list(DTYPES), default="float32", help="autocast dtype (the loss is always float32)")
+    g = p.add_argument_group("legibility")
+    g.add_argument("--legibility", action="store_true",
+                   help="write every prompt with the synthesis model and read it back with --recognizer (CER, not NLL)")
+    g.add_argument("--prompts", default=None, help="UTF-8 text file, one line of text per line; none given: the transcriptions of --split")
+    g.add_argument("--recognizer", default="checkpoints/recognizer.pt", help="recognizer checkpoint (recognizer.py train)")
+    g.add_argument("--bias", type=float, default=1.0, help="sampling bias (paper section 5.4, eq. 61-62; 0 = unbiased)")
+    g.add_argument("--seed", type=int, default=0, help="sampling seed (the same seed and batch size give the same lines)")
+    g.add_argument("--max-steps-per-char", type=int, default=40,
+                   help="step cap: a line stops after this many points per character (real lines take about 21)")
+    g.add_argument("--worst", type=int, default=12, help="lines drawn in OUT/worst.png, highest CER first")
+    g.add_argument("--out", default="samples/legibility", help="folder for legibility.jsonl, worst.png and generated.npz")
     return p.parse_args(argv)
 
 
@@ -35,6 +56,9 @@ def main(argv=None):
     args = get_args(argv)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           "cpu" if args.device == "auto" else args.device)
+    if args.legibility:
+        return legibility(args, device)
+    args.split = args.split or "valid"
     try:
         checkpoint = load_checkpoint(args.checkpoint, map_location=device)
         model, checkpoint = load_model(checkpoint)
@@ -50,6 +74,106 @@ def main(argv=None):
     total = evaluate_nll(model, make_loader(dataset, args.batch_size, shuffle=False), device, DTYPES[args.dtype])
     result = {"checkpoint": args.checkpoint, "split": args.split, "task": model.config.task, **summarize_nll(total)}
     print(json.dumps(result))
+
+
+### legibility: generate, then read back
+
+def read_prompts(path):
+    """Non-blank lines of a UTF-8 text file, spaces collapsed."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return [" ".join(line.split()) for line in f if line.strip()]
+    except UnicodeDecodeError:
+        raise ValueError(f"--prompts {path} is not UTF-8 text") from None
+    except OSError as e:
+        raise FileNotFoundError(f"cannot read --prompts {path}: {e.strerror}") from None
+
+
+def legibility(args, device):
+    split = args.split or "test"
+    try:
+        model, ckpt = load_model(args.checkpoint, map_location=device, expect_task="synthesis")
+        if not os.path.isfile(args.recognizer):
+            raise FileNotFoundError(f"recognizer {args.recognizer} not found; train one with `python recognizer.py train` "
+                                    f"or pass --recognizer PATH")
+        recognizer, rec_ckpt = load_recognizer(args.recognizer, map_location=device)
+        real = HandwritingDataset(args.data, split) if args.prompts is None or os.path.exists(args.data) else None
+        prompts = read_prompts(args.prompts) if args.prompts else list(real.texts)
+    except (FileNotFoundError, ValueError) as e:
+        sys.exit(f"error: {e}")
+    prompts = prompts[:args.max_lines or None]
+    # the real line of every prompt: the split's own line for the default prompts, else the first line with that text
+    by_text = {} if real is None else {t: i for i, t in reversed(list(enumerate(real.texts)))}
+    real_index = (list(range(len(prompts))) if args.prompts is None else [by_text.get(p) for p in prompts])
+    alphabet = Alphabet(ckpt["alphabet"])
+    unknown = list(dict.fromkeys(c for p in prompts for c in alphabet.unknown(p)))
+    if unknown:
+        print(f"evaluate.py: warning: left out characters the model lacks: {' '.join(map(repr, unknown))}", file=sys.stderr)
+    asked = [" ".join("".join(c for c in p if c in alphabet.index).split()) for p in prompts]   # what the model writes
+    keep = [i for i, t in enumerate(asked) if t]
+    if not keep:
+        sys.exit("error: no prompt has a character the model can write")
+    model.to(device)
+    recognizer.to(device)
+
+    ### generate, batched by length, with one seeded generator
+    from tqdm import tqdm
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+    order = sorted(keep, key=lambda i: len(asked[i]))
+    mean, std = np.asarray(ckpt["mean"], np.float64), np.asarray(ckpt["std"], np.float64)
+    raw, finished, steps = {}, {}, {}
+    for a in tqdm(range(0, len(order), args.batch_size), desc="generating", unit="batch", disable=None):
+        idx = order[a:a + args.batch_size]
+        text = torch.nn.utils.rnn.pad_sequence([alphabet.encode(asked[i]) for i in idx], batch_first=True)
+        result = model.sample(text=text.to(device), bias=args.bias, generator=generator,
+                              max_steps_per_char=args.max_steps_per_char)
+        strokes = denormalize(result["strokes"].cpu().double().numpy(), mean, std)
+        for b, i in enumerate(idx):
+            # each line's own cap (sample() caps the batch by its longest text), so batching changes nothing
+            cap = args.max_steps_per_char * len(asked[i]) + 1
+            steps[i] = min(int(result["lengths"][b]), cap)
+            raw[i] = strokes[b, :steps[i]]
+            finished[i] = bool(result["finished"][b]) and int(result["lengths"][b]) <= cap
+
+    ### read back: the generated lines and the real ones, on the recognizer's scale
+    rec_alphabet = Alphabet(rec_ckpt["alphabet"])
+    rec_mean, rec_std = np.asarray(rec_ckpt["mean"], np.float32), np.asarray(rec_ckpt["std"], np.float32)
+    hyps = dict(zip(keep, read_lines(recognizer, [torch.from_numpy(normalize(raw[i].astype(np.float32), rec_mean, rec_std))
+                                                  for i in keep], rec_alphabet, args.batch_size)))
+    with_real = [i for i in keep if real_index[i] is not None]
+    real_hyps = {}
+    if with_real:
+        real.set_normalization(rec_mean, rec_std)
+        real_hyps = dict(zip(with_real, read_lines(recognizer, [real[real_index[i]][0] for i in with_real],
+                                                   rec_alphabet, args.batch_size)))
+
+    ### report
+    rows = []
+    for i in keep:
+        row = {"index": i, "text": asked[i], "recognised": hyps[i], "cer": error_rates([asked[i]], [hyps[i]])["cer"],
+               "finished": finished[i], "steps": steps[i]}
+        if i in real_hyps:
+            ref = real.texts[real_index[i]]
+            row.update(real_line_id=real.line_ids[real_index[i]], real_text=ref, real_recognised=real_hyps[i],
+                       real_cer=error_rates([ref], [real_hyps[i]])["cer"])
+        rows.append(row)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "legibility.jsonl"), "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    save_strokes(os.path.join(args.out, "generated.npz"), [raw[i] for i in keep], [asked[i] for i in keep],
+                 [str(i) for i in keep])
+    worst = sorted(rows, key=lambda r: -r["cer"])[:args.worst]
+    plot_lines([(raw[r["index"]], f"#{r['index']}  CER {r['cer']:.2f}{'' if r['finished'] else ' (unfinished)'}  "
+                                  f"asked: {r['text']!r}  read: {r['recognised']!r}") for r in worst],
+               os.path.join(args.out, "worst.png"))
+    gen = error_rates([asked[i] for i in keep], [hyps[i] for i in keep])
+    rea = error_rates([real.texts[real_index[i]] for i in with_real], [real_hyps[i] for i in with_real]) if with_real else None
+    print(json.dumps({"checkpoint": args.checkpoint, "recognizer": args.recognizer, "bias": args.bias, "seed": args.seed,
+                      "lines": len(keep), "cer_generated": gen["cer"], "wer_generated": gen["wer"],
+                      "cer_real": rea and rea["cer"], "wer_real": rea and rea["wer"], "real_lines": len(with_real),
+                      "finished_fraction": sum(finished.values()) / len(keep),
+                      "steps_per_char": sum(steps.values()) / max(sum(len(asked[i]) for i in keep), 1),
+                      "out": args.out}))
 
 
 if __name__ == "__main__":

@@ -493,6 +493,7 @@ def generate(args):
     t_written = time.perf_counter()
     if args.save_strokes:
         utils.save_strokes(args.save_strokes, saved, texts)
+    if args.plot_attention:
         utils.plot_attention([result["phi"][b, :max(int(result["lengths"][b]), 1), :len(joined[b]) + 1].numpy()
                               for b in range(B)],
                              joined, args.plot_attention, prime_chars=len(prime_text) + 1 if prime is not None else 0)

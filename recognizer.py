@@ -1,0 +1,344 @@
+"""
+Online handwriting recognizer for IAM-OnDB lines (CTC), the legibility measure of evaluate.py --legibility.
+
+    python recognizer.py train --data data/processed --out checkpoints/recognizer
+    python recognizer.py read data/processed/iam_ondb.npz:a01-000u-01     # a prepared line, by its line id
+    python recognizer.py read samples/hello.npz                            # lines saved by generate.py --save-strokes
+    python recognizer.py evaluate --checkpoint checkpoints/recognizer.pt --split test
+
+The network (model.py, section "the recognizer") reads the same normalised (dx, dy, eos) sequences as the handwriting
+model: strided 1-D convolutions (4x fewer frames than points), a bidirectional LSTM, and per-frame character
+probabilities trained with CTC; it reads by greedy (best path) decoding, with no dictionary or language model.
+`train` writes last.pt / best.pt (lowest validation CER) atomically and resumes exactly; at the end model.pt holds
+best.pt's weights in float16 without optimiser state: the file to ship as checkpoints/recognizer.pt.
+CER = total edit distance / total reference characters; WER the same over words.
+"""
+import argparse
+import json
+import math
+import os
+import signal
+import sys
+import time
+
+import numpy as np
+import torch
+
+from dataset import Alphabet, HandwritingDataset, make_loader, normalize
+from model import Recognizer, RecognizerConfig, ctc_loss, error_rates, load_recognizer, read_lines
+from utils import export_weights, load_checkpoint, load_strokes, save_checkpoint
+
+DEFAULT_CHECKPOINT = "checkpoints/recognizer.pt"
+CKPT = dict(config_key="recognizer_config", writer="recognizer.py train")   # what load_checkpoint expects here
+
+
+def get_args(argv=None):
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(), formatter_class=fmt)
+    sub = p.add_subparsers(dest="command", required=True, metavar="{train,read,evaluate}")
+
+    t = sub.add_parser("train", help="train on the train split, CER on valid every --eval-interval steps", formatter_class=fmt)
+    t.add_argument("--data", default="data/processed", help="folder with iam_ondb.npz from prepare_data.py, or the .npz itself")
+    t.add_argument("--out", default="checkpoints/recognizer", help="run folder: last.pt, best.pt, model.pt, metrics.jsonl")
+    t.add_argument("--resume", default=None, help="checkpoint to resume from (a last.pt); 'auto' = OUT/last.pt if it exists")
+    t.add_argument("--conv-channels", type=int, default=128, help="channels of the 1-D convolutions")
+    t.add_argument("--conv-layers", type=int, default=3, help="1-D convolutions before the LSTM")
+    t.add_argument("--kernel-size", type=int, default=5, help="convolution width in points (odd)")
+    t.add_argument("--downsample", type=int, default=4, help="points per frame (a power of 2: stride-2 convolutions); "
+                   "a character spans about 21 points and CTC needs at least one frame per character")
+    t.add_argument("--hidden-size", type=int, default=256, help="LSTM cells per direction")
+    t.add_argument("--layers", type=int, default=3, help="bidirectional LSTM layers")
+    t.add_argument("--dropout", type=float, default=0.2, help="dropout after the convolutions and between LSTM layers")
+    t.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (Adam)")
+    t.add_argument("--warmup", type=int, default=300, help="steps of linear learning-rate warm-up")
+    t.add_argument("--schedule", choices=["cosine", "constant"], default="cosine",
+                   help="after warm-up: cosine decay to lr/20 over --max-steps (or over --epochs when --max-steps is 0), or constant")
+    t.add_argument("--batch-size", type=int, default=32, help="lines per batch")
+    t.add_argument("--clip", type=float, default=5.0, help="clip the gradient norm to this (0 = off)")
+    t.add_argument("--epochs", type=int, default=60, help="passes over the training split (stops at whichever of epochs/max-steps/time-limit comes first)")
+    t.add_argument("--max-steps", type=int, default=0, help="stop after this many optimiser steps (0 = no limit)")
+    t.add_argument("--time-limit", type=float, default=0, help="stop after this many minutes of training, then evaluate and save (0 = no limit)")
+    t.add_argument("--augment-scale", type=float, default=0.1, help="random size change per line, +- this fraction (0 = off)")
+    t.add_argument("--augment-shear", type=float, default=0.15, help="random slant per line: dx += k dy with |k| <= this (0 = off)")
+    t.add_argument("--max-points", type=int, default=0, help="drop training lines longer than this many points (0 = keep all)")
+    t.add_argument("--max-lines", type=int, default=0, help="use only the first N training lines (0 = all; quick runs)")
+    t.add_argument("--eval-interval", type=int, default=500, help="steps between validation CER, metrics row and checkpoints")
+    t.add_argument("--eval-lines", type=int, default=0, help="validation lines to read (0 = the whole split)")
+    t.add_argument("--device", default="auto", help="'auto' (CUDA when present), 'cpu', 'cuda', ...")
+    t.add_argument("--seed", type=int, default=1337, help="random seed (initialisation, data order, augmentation)")
+    t.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
+
+    r = sub.add_parser("read", help="print the text of handwritten lines", formatter_class=fmt,
+                       description="FILE is a strokes .npz (prepare_data.py's iam_ondb.npz, or generate.py --save-strokes "
+                                   "output): FILE reads every line in it, FILE:LINE_ID one line (e.g. "
+                                   "data/processed/iam_ondb.npz:a01-000u-01; generate.py numbers its lines 1, 2, ...).")
+    r.add_argument("files", nargs="+", metavar="FILE[:LINE_ID]", help="strokes file, optionally with a line id")
+    r.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT, help="recognizer checkpoint (model.pt, best.pt or last.pt of a run)")
+    r.add_argument("--compare", action="store_true", help="also print each line's id, stored text and CER, and the total CER")
+    r.add_argument("--batch-size", type=int, default=64, help="lines read at once")
+    r.add_argument("--device", default="cpu", help="torch device")
+
+    e = sub.add_parser("evaluate", help="CER and WER on a split of the prepared data (prints JSON)", formatter_class=fmt)
+    e.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT, help="recognizer checkpoint")
+    e.add_argument("--data", default="data/processed", help="folder with iam_ondb.npz, or the .npz itself")
+    e.add_argument("--split", choices=["train", "valid", "test"], default="test", help="which split to read")
+    e.add_argument("--max-lines", type=int, default=0, help="read only the first N lines of the split (0 = all)")
+    e.add_argument("--batch-size", type=int, default=64, help="lines read at once")
+    e.add_argument("--device", default="auto", help="'auto' (CUDA when present), 'cpu', 'cuda', ...")
+    e.add_argument("--out", default=None, help="also write one JSON row per line (id, text, recognised, cer) to this file")
+    return p.parse_args(argv)
+
+
+def pick_device(name):
+    return torch.device("cuda" if name == "auto" and torch.cuda.is_available() else "cpu" if name == "auto" else name)
+
+
+def main(argv=None):
+    args = get_args(argv)
+    try:
+        {"train": train, "read": read, "evaluate": evaluate}[args.command](args)
+    except (FileNotFoundError, ValueError) as e:
+        sys.exit(f"error: {e}")
+
+
+### evaluate: CER / WER on a split
+
+def evaluate(args):
+    device = pick_device(args.device)
+    model, ckpt = load_recognizer(args.checkpoint, map_location=device)
+    dataset = HandwritingDataset(args.data, args.split, max_lines=args.max_lines or None)
+    dataset.set_normalization(ckpt["mean"], ckpt["std"])           # the scale the recognizer was trained on
+    hyps = read_lines(model.to(device), [dataset[i][0] for i in range(len(dataset))], Alphabet(ckpt["alphabet"]),
+                      args.batch_size)
+    if args.out:
+        with open(args.out, "w", encoding="utf-8") as f:
+            for i, (ref, hyp) in enumerate(zip(dataset.texts, hyps)):
+                f.write(json.dumps({"id": dataset.line_ids[i], "text": ref, "recognised": hyp,
+                                    "cer": error_rates([ref], [hyp])["cer"]}) + "\n")
+    print(json.dumps({"checkpoint": args.checkpoint, "split": args.split, "step": ckpt.get("step"),
+                      **error_rates(dataset.texts, hyps)}))
+
+
+### read: lines of a strokes file
+
+def read_spec(spec):
+    """'FILE' or 'FILE:LINE_ID' -> (ids, texts, raw offsets) of the lines it names."""
+    path, line_id = spec, None
+    if not os.path.isfile(spec) and ":" in spec:
+        path, line_id = spec.rsplit(":", 1)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} not found; give FILE or FILE:LINE_ID, FILE a strokes .npz (prepare_data.py's "
+                                f"iam_ondb.npz, or one written by generate.py --save-strokes)")
+    ids, texts, lines = load_strokes(path)
+    if line_id is None:
+        return ids, texts, lines
+    if line_id not in ids:
+        raise ValueError(f"no line {line_id!r} in {path} (its ids: {', '.join(ids[:3])}{', ...' if len(ids) > 3 else ''})")
+    i = ids.index(line_id)
+    return [ids[i]], [texts[i]], [lines[i]]
+
+
+def read(args):
+    model, ckpt = load_recognizer(args.checkpoint, map_location=args.device)
+    ids, refs, lines = [], [], []
+    for spec in args.files:
+        i, t, ln = read_spec(spec)
+        ids += i
+        refs += t
+        lines += ln
+    mean, std = np.asarray(ckpt["mean"], np.float32), np.asarray(ckpt["std"], np.float32)
+    strokes = [torch.from_numpy(normalize(ln, mean, std)) for ln in lines]
+    hyps = read_lines(model.to(args.device), strokes, Alphabet(ckpt["alphabet"]), args.batch_size)
+    for line_id, ref, hyp in zip(ids, refs, hyps):
+        if args.compare:
+            print(f"{line_id}  CER {error_rates([ref], [hyp])['cer']:.3f}\n  text:       {ref}\n  recognised: {hyp}")
+        else:
+            print(hyp)
+    if args.compare and len(ids) > 1:
+        r = error_rates(refs, hyps)
+        print(f"total: CER {r['cer']:.4f}, WER {r['wer']:.4f} over {r['lines']} lines")
+
+
+### train
+
+def augment(strokes, mask, mean, std, generator, scale=0.1, shear=0.15):
+    """Random size (1 +- scale) and slant (dx += k dy, |k| <= shear) per line, applied in board units.
+    strokes: (B, T, 3) normalised; returns a new normalised tensor, padding left at zero."""
+    B = strokes.shape[0]
+    s = (1 + scale * (2 * torch.rand(B, 1, generator=generator) - 1)).to(strokes.device)   # (B, 1)
+    k = (shear * (2 * torch.rand(B, 1, generator=generator) - 1)).to(strokes.device)
+    raw_x, raw_y = strokes[..., 0] * std[0] + mean[0], strokes[..., 1] * std[1] + mean[1]   # (B, T) board units
+    x, y = s * (raw_x + k * raw_y), s * raw_y
+    out = torch.stack([(x - mean[0]) / std[0], (y - mean[1]) / std[1], strokes[..., 2]], dim=-1)
+    return out * mask.unsqueeze(-1)
+
+
+def learning_rate(step, args, total_steps):
+    """Linear warm-up, then cosine decay to lr/20 at total_steps (or constant)."""
+    if step < args.warmup:
+        return args.lr * (step + 1) / args.warmup
+    if args.schedule == "constant":
+        return args.lr
+    progress = min((step - args.warmup) / max(total_steps - args.warmup, 1), 1.0)
+    return args.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+class Run:
+    """Counters a checkpoint saves, so that --resume continues exactly."""
+
+    def __init__(self):
+        self.step = 0              # optimiser steps done
+        self.epoch = 0
+        self.batch_in_epoch = 0    # batches of the current epoch already done
+        self.best_cer = math.inf
+        self.bad_steps = 0         # non-finite updates skipped
+        self.train_time = 0.0      # seconds spent training, over all resumed runs
+        self.last_eval_step = 0
+
+
+def train(args):
+    device = pick_device(args.device)
+    train_set = HandwritingDataset(args.data, "train", max_points=args.max_points or None, max_lines=args.max_lines or None)
+    valid_set = HandwritingDataset(args.data, "valid", max_lines=args.eval_lines or None)
+    if len(train_set) == 0 or len(valid_set) == 0:
+        raise ValueError(f"{args.data} has an empty train or valid split; re-run prepare_data.py")
+    alphabet = train_set.alphabet
+    out = args.out
+    resume = os.path.join(out, "last.pt") if args.resume == "auto" else args.resume
+    if args.resume == "auto" and not os.path.exists(resume):
+        resume = None
+    ckpt = load_checkpoint(resume, **CKPT) if resume else None
+    if ckpt:
+        config = RecognizerConfig.from_dict(ckpt["recognizer_config"])
+        if ckpt["alphabet"] != alphabet.chars:
+            raise ValueError(f"{resume} was trained with another alphabet; use the data it was trained on")
+    else:
+        config = RecognizerConfig(conv_channels=args.conv_channels, conv_layers=args.conv_layers,
+                                  kernel_size=args.kernel_size, downsample=args.downsample, hidden_size=args.hidden_size,
+                                  layers=args.layers, dropout=args.dropout, alphabet_size=len(alphabet.chars))
+    torch.manual_seed(args.seed)
+    model = Recognizer(config).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
+    run = Run()
+    if ckpt:
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        run.__dict__.update(ckpt["run"])
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        if device.type == "cuda" and ckpt["rng"].get("cuda") is not None:
+            torch.cuda.set_rng_state(ckpt["rng"]["cuda"], device)
+        print(f"resumed from {resume} at step {run.step} (epoch {run.epoch}, batch {run.batch_in_epoch})")
+    mean, std = train_set.mean.tolist(), train_set.std.tolist()
+    batches_per_epoch = len(make_loader(train_set, args.batch_size, shuffle=True).batch_sampler)
+    total_steps = args.max_steps or args.epochs * batches_per_epoch
+    print(f"recognizer: {model.num_params() / 1e6:.2f}M parameters, {len(train_set)} train / {len(valid_set)} valid "
+          f"lines, {len(alphabet.chars)} characters, device {device}")
+    print("config: " + json.dumps(vars(args)))
+
+    def checkpoint(path, metrics):
+        save_checkpoint({
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "recognizer_config": config.to_dict(), "alphabet": alphabet.chars, "mean": mean, "std": std,
+            "step": run.step, "run": dict(run.__dict__), "metrics": metrics, "train_args": vars(args),
+            "rng": {"torch": torch.get_rng_state(),
+                    "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None},
+        }, path)
+
+    def validate():
+        t0 = time.time()
+        hyps = read_lines(model, [valid_set[i][0] for i in range(len(valid_set))], alphabet, batch_size=64)
+        model.train()
+        rates = error_rates(valid_set.texts, hyps)
+        metrics = {"step": run.step, "epoch": run.epoch, "train_loss": stats["loss"] / max(stats["chars"], 1),
+                   "val_cer": rates["cer"], "val_wer": rates["wer"], "val_lines": rates["lines"],
+                   "lines_per_s": stats["lines"] / max(stats["seconds"], 1e-9), "eval_seconds": time.time() - t0,
+                   "lr": learning_rate(run.step, args, total_steps), "train_minutes": run.train_time / 60,
+                   "bad_steps": run.bad_steps, "example": {"text": valid_set.texts[0], "recognised": hyps[0]}}
+        improved = metrics["val_cer"] < run.best_cer
+        run.best_cer = min(run.best_cer, metrics["val_cer"])
+        run.last_eval_step = run.step
+        os.makedirs(out, exist_ok=True)
+        with open(os.path.join(out, "metrics.jsonl"), "a") as f:
+            f.write(json.dumps(metrics) + "\n")
+        checkpoint(os.path.join(out, "last.pt"), metrics)
+        if improved:
+            checkpoint(os.path.join(out, "best.pt"), metrics)
+        log(f"step {run.step}: val CER {metrics['val_cer']:.4f}, WER {metrics['val_wer']:.4f}, train "
+            f"{metrics['train_loss']:.3f} nats/char, {metrics['lines_per_s']:.1f} lines/s"
+            + (" *best*" if improved else "") + f"  [{hyps[0]!r}]")
+        return metrics
+
+    stop = {"why": None}
+    signal.signal(signal.SIGINT, lambda *_: stop.update(why="interrupted"))   # finish the batch, save, exit
+    progress = None
+    if not args.no_progress:
+        from tqdm import tqdm
+        progress = tqdm(initial=run.step, total=args.max_steps or total_steps, unit="step", dynamic_ncols=True)
+    log = progress.write if progress else print
+    stats = {"loss": 0.0, "chars": 0, "lines": 0, "seconds": 0.0}
+    metrics, t_start = None, time.time()
+    model.train()
+    while stop["why"] is None and run.epoch < args.epochs:
+        loader = make_loader(train_set, args.batch_size, shuffle=True, seed=args.seed + run.epoch)
+        batches = list(loader.batch_sampler)
+        for b in range(run.batch_in_epoch, len(batches)):
+            t0 = time.time()
+            batch = loader.collate_fn([train_set[i] for i in batches[b]])
+            strokes, mask = batch["strokes"].to(device), batch["stroke_mask"].to(device)
+            if args.augment_scale or args.augment_shear:
+                g = torch.Generator().manual_seed(args.seed * 1_000_003 + run.step)   # a function of the step: resumable
+                strokes = augment(strokes, mask, mean, std, g, args.augment_scale, args.augment_shear)
+            targets, target_lengths = batch["text"].to(device), batch["text_mask"].sum(dim=1).to(device)
+            log_probs, frames = model(strokes, mask.sum(dim=1))
+            loss_sum = ctc_loss(log_probs, frames, targets, target_lengths)
+            loss = loss_sum / target_lengths.sum().clamp(min=1)                   # nats per character
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate(run.step, args, total_steps)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            # why clip: CTC gradients spike on lines whose alignment is barely feasible (few frames per character)
+            gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip if args.clip > 0 else math.inf)
+            if torch.isfinite(loss) and torch.isfinite(gnorm):
+                optimizer.step()
+                run.step += 1
+                stats["loss"] += loss_sum.item()
+                stats["chars"] += int(target_lengths.sum())
+                stats["lines"] += len(batches[b])
+            else:
+                run.bad_steps += 1
+                log(f"step {run.step}: non-finite loss or gradient, update skipped ({run.bad_steps} so far)")
+            run.batch_in_epoch = b + 1
+            dt = time.time() - t0
+            run.train_time += dt
+            stats["seconds"] += dt
+            if progress:
+                progress.n = run.step
+                progress.set_postfix(loss=f"{loss.item():.3f}", lines_s=f"{stats['lines'] / max(stats['seconds'], 1e-9):.1f}",
+                                     epoch=run.epoch, refresh=False)
+                progress.refresh()
+            if args.max_steps and run.step >= args.max_steps:
+                stop["why"] = "max steps"
+            elif args.time_limit and time.time() - t_start >= args.time_limit * 60:
+                stop["why"] = "time limit"
+            if stop["why"] or run.step - run.last_eval_step >= args.eval_interval:
+                metrics = validate()
+                stats = {"loss": 0.0, "chars": 0, "lines": 0, "seconds": 0.0}
+            if stop["why"]:
+                break
+        else:
+            run.epoch += 1
+            run.batch_in_epoch = 0
+    if stop["why"] is None:
+        stop["why"] = "epochs done"
+        if metrics is None or run.step != run.last_eval_step:
+            metrics = validate()
+    if progress:
+        progress.close()
+    export_weights(load_checkpoint(os.path.join(out, "best.pt"), **CKPT), os.path.join(out, "model.pt"))
+    print(f"done ({stop['why']}): {run.step} steps, {run.epoch} epochs, {run.train_time / 60:.1f} min training, "
+          f"val CER {metrics['val_cer']:.4f} (best {run.best_cer:.4f}), {run.bad_steps} skipped steps; "
+          f"{out}/model.pt is the file to ship as {DEFAULT_CHECKPOINT}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,185 @@
+"""The recognizer (model.py, recognizer.py) and evaluate.py --legibility: CTC decoding and error rates exactly, learning
+on tiny data, checkpoints, and every command end to end on tiny models (CPU, one thread)."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import evaluate
+import generate
+import recognizer
+import train
+from dataset import HandwritingDataset, collate
+from model import (Recognizer, RecognizerConfig, ctc_loss, edit_distance, error_rates, greedy_decode,
+                   load_recognizer, read_lines)
+from utils import load_strokes
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_REC = ["--conv-channels", "16", "--hidden-size", "16", "--layers", "1", "--batch-size", "8", "--no-progress"]
+
+
+def one_hot_log_probs(paths, classes=5):
+    """(B, T, C) log-probabilities whose argmax follows the given id paths."""
+    lp = torch.full((len(paths), max(map(len, paths)), classes), -5.0)
+    for b, path in enumerate(paths):
+        for t, i in enumerate(path):
+            lp[b, t, i] = -0.1
+    return lp
+
+
+def test_greedy_decode_collapses_repeats_then_drops_blanks():
+    lp = one_hot_log_probs([[0, 1, 1, 0, 1, 2, 2, 0, 0, 3], [2, 2, 0, 3, 3, 3, 1, 1, 4, 4], [0] * 10])
+    frames = torch.tensor([10, 4, 10])                    # the second line ends after 4 frames
+    assert greedy_decode(lp, frames) == [[1, 1, 2, 3], [2, 3], []]
+
+
+def test_edit_distance_and_error_rates():
+    assert edit_distance("kitten", "sitting") == 3
+    assert edit_distance("", "abc") == edit_distance("abc", "") == 3
+    assert edit_distance("flaw", "lawn") == 2
+    assert edit_distance("the cat sat".split(), "the bat sat down".split()) == 2
+    r = error_rates(["the cat", "dog"], ["the bat", "dog"])
+    assert r["cer"] == pytest.approx(1 / 10) and r["wer"] == pytest.approx(1 / 3)
+    assert (r["lines"], r["chars"], r["words"]) == (2, 10, 3)
+    assert error_rates(["ab"], [""])["cer"] == 1.0 and error_rates(["ab"], ["abcd"])["cer"] == 1.0
+
+
+def test_frames_and_padding_do_not_depend_on_the_batch():
+    torch.manual_seed(0)
+    model = Recognizer(RecognizerConfig(conv_channels=8, hidden_size=8, layers=2, alphabet_size=6)).eval()
+    short, long = torch.randn(37, 3), torch.randn(90, 3)
+    x = torch.nn.utils.rnn.pad_sequence([short, long], batch_first=True)
+    lp, frames = model(x, torch.tensor([37, 90]))
+    alone, f_alone = model(short[None], torch.tensor([37]))
+    assert frames.tolist() == [10, 23] and f_alone.tolist() == [10]       # ceil(points / 4)
+    assert lp.dtype == torch.float32 and torch.allclose(lp[0, :10], alone[0], atol=1e-5)
+
+
+def test_ctc_learns_to_read_four_lines(tiny_prepared):
+    data = HandwritingDataset(tiny_prepared, "train", max_lines=4)
+    batch = collate([data[i] for i in range(4)])
+    lengths, target_lengths = batch["stroke_mask"].sum(1), batch["text_mask"].sum(1)
+    torch.manual_seed(0)
+    model = Recognizer(RecognizerConfig(conv_channels=32, hidden_size=32, layers=1, dropout=0.0,
+                                        alphabet_size=len(data.alphabet.chars)))
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(120):
+        log_probs, frames = model(batch["strokes"], lengths)
+        loss = ctc_loss(log_probs, frames, batch["text"], target_lengths) / target_lengths.sum()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert all(np.isfinite(losses)) and losses[-1] < 0.1 * losses[0]
+    assert read_lines(model, [data[i][0] for i in range(4)], data.alphabet) == data.texts
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_prepared, tmp_path_factory):
+    """A tiny recognizer run folder and a tiny synthesis checkpoint, both on tiny_prepared."""
+    d = tmp_path_factory.mktemp("recognizer")
+    recognizer.main(["train", "--data", str(tiny_prepared), "--out", str(d / "rec"), *TINY_REC,
+                     "--max-steps", "12", "--eval-interval", "6"])
+    train.main(["--data", str(tiny_prepared), "--out", str(d / "syn"), "--hidden-size", "16", "--mixtures", "2",
+                "--window-gaussians", "2", "--batch-size", "8", "--tbptt", "25", "--no-progress", "--sample-text", "ab",
+                "--max-steps", "2", "--eval-interval", "2"])
+    return d
+
+
+def test_training_writes_self_describing_checkpoints(trained):
+    rows = [json.loads(line) for line in open(trained / "rec" / "metrics.jsonl")]
+    assert [r["step"] for r in rows] == [6, 12] and all(0 <= r["val_cer"] for r in rows)
+    assert all(np.isfinite(r["train_loss"]) and r["lines_per_s"] > 0 for r in rows)
+    last = torch.load(trained / "rec" / "last.pt", weights_only=True)
+    assert {"model", "optimizer", "recognizer_config", "alphabet", "mean", "std", "step", "run", "rng"} <= last.keys()
+    assert last["step"] == 12 and last["recognizer_config"]["hidden_size"] == 16
+    shipped = torch.load(trained / "rec" / "model.pt", weights_only=True)
+    assert "optimizer" not in shipped and all(v.dtype == torch.float16 for v in shipped["model"].values())
+    model, ckpt = load_recognizer(str(trained / "rec" / "model.pt"))
+    assert isinstance(model, Recognizer) and ckpt["alphabet"] == last["alphabet"]
+
+
+def test_resume_matches_an_unbroken_run(tiny_prepared, tmp_path):
+    common = ["train", "--data", str(tiny_prepared), *TINY_REC, "--eval-interval", "4", "--max-steps", "8"]
+    recognizer.main([*common, "--out", str(tmp_path / "a")])
+    recognizer.main([*common[:-1], "4", "--out", str(tmp_path / "b")])
+    recognizer.main([*common, "--out", str(tmp_path / "b"), "--resume", "auto"])
+    a = torch.load(tmp_path / "a" / "last.pt", weights_only=True)
+    b = torch.load(tmp_path / "b" / "last.pt", weights_only=True)
+    assert a["step"] == b["step"] == 8
+    for k in a["model"]:
+        assert torch.allclose(a["model"][k], b["model"][k], atol=1e-6), k
+
+
+def test_read_and_evaluate_commands(trained, tiny_prepared, tmp_path, capsys):
+    ckpt = str(trained / "rec" / "model.pt")
+    ids, texts, lines = load_strokes(tiny_prepared)
+    recognizer.main(["read", f"{tiny_prepared}:{ids[0]}", "--checkpoint", ckpt])
+    assert len(capsys.readouterr().out.splitlines()) == 1
+    # generated lines: generate.py --save-strokes, then read all of them, and one by its number
+    assert generate.main(["--checkpoint", str(trained / "syn" / "last.pt"), "--text", "the hat\nsand", "--seed", "1",
+                          "--max-steps-per-char", "5", "--out", str(tmp_path / "g.png"),
+                          "--save-strokes", str(tmp_path / "g.npz")]) == 0
+    g_ids, g_texts, g_lines = load_strokes(tmp_path / "g.npz")
+    assert g_ids == ["1", "2"] and g_texts == ["the hat", "sand"] and all(ln.shape[1] == 3 for ln in g_lines)
+    capsys.readouterr()
+    recognizer.main(["read", str(tmp_path / "g.npz"), f"{tmp_path / 'g.npz'}:2", "--checkpoint", ckpt, "--compare"])
+    out = capsys.readouterr().out
+    assert out.count("recognised:") == 3 and "text:       sand" in out and "total: CER" in out
+    recognizer.main(["evaluate", "--checkpoint", ckpt, "--data", str(tiny_prepared), "--split", "test",
+                     "--out", str(tmp_path / "rows.jsonl")])
+    result = json.loads(capsys.readouterr().out)
+    assert result["lines"] == 5 and 0 <= result["cer"] and 0 <= result["wer"]
+    assert len(open(tmp_path / "rows.jsonl").readlines()) == 5
+
+
+def test_legibility_end_to_end(trained, tiny_prepared, tmp_path, capsys):
+    base = ["--checkpoint", str(trained / "syn" / "last.pt"), "--legibility", "--data", str(tiny_prepared),
+            "--recognizer", str(trained / "rec" / "model.pt"), "--bias", "1", "--max-steps-per-char", "5",
+            "--batch-size", "3"]
+    evaluate.main([*base, "--out", str(tmp_path / "a")])
+    result = json.loads(capsys.readouterr().out)
+    assert {"cer_generated", "cer_real", "finished_fraction", "lines", "bias"} <= result.keys()
+    assert result["lines"] == result["real_lines"] == 5 and result["bias"] == 1.0
+    assert 0 <= result["finished_fraction"] <= 1 and result["cer_real"] >= 0
+    rows = [json.loads(line) for line in open(tmp_path / "a" / "legibility.jsonl")]
+    assert len(rows) == 5 and {"text", "recognised", "cer", "finished", "steps", "real_cer"} <= rows[0].keys()
+    assert all(r["steps"] <= 5 * len(r["text"]) + 1 for r in rows)
+    assert (tmp_path / "a" / "worst.png").stat().st_size > 0
+    assert len(load_strokes(tmp_path / "a" / "generated.npz")[2]) == 5
+    # a prompts file: one text with a real test line, one without
+    real_text = HandwritingDataset(tiny_prepared, "test").texts[2]
+    (tmp_path / "prompts.txt").write_text(f"{real_text}\n\nnot a real  line\n", encoding="utf-8")
+    evaluate.main([*base, "--out", str(tmp_path / "b"), "--prompts", str(tmp_path / "prompts.txt")])
+    result = json.loads(capsys.readouterr().out)
+    assert result["lines"] == 2 and result["real_lines"] == 1
+
+
+def test_missing_files_give_one_line_errors(trained, tiny_prepared, tmp_path):
+    rec, syn = str(trained / "rec" / "model.pt"), str(trained / "syn" / "last.pt")
+    in_process = [
+        (recognizer.main, ["read", str(tmp_path / "none.npz"), "--checkpoint", rec], "not found"),
+        (recognizer.main, ["read", f"{tiny_prepared}:zz-000-99", "--checkpoint", rec], "no line 'zz-000-99'"),
+        (recognizer.main, ["read", str(tiny_prepared), "--checkpoint", syn], "not a recognizer checkpoint"),
+        (recognizer.main, ["evaluate", "--checkpoint", rec, "--data", str(tmp_path / "nowhere")], "prepare_data.py"),
+        (recognizer.main, ["train", "--data", str(tmp_path / "nowhere")], "prepare_data.py"),
+        (evaluate.main, ["--checkpoint", rec, "--legibility", "--data", str(tiny_prepared)], "not a handwriting checkpoint"),
+        (evaluate.main, ["--checkpoint", syn, "--legibility", "--prompts", str(tmp_path / "none.txt"),
+                         "--recognizer", rec, "--data", str(tiny_prepared)], "cannot read --prompts"),
+    ]
+    for main, args, message in in_process:
+        with pytest.raises(SystemExit) as e:
+            main(args)
+        assert message in str(e.value) and "\n" not in str(e.value), (args, e.value)
+    for args, message in [(["recognizer.py", "read", str(tiny_prepared), "--checkpoint", str(tmp_path / "r.pt")],
+                           "recognizer.py train"),
+                          (["evaluate.py", "--checkpoint", syn, "--legibility", "--recognizer", str(tmp_path / "r.pt"),
+                            "--data", str(tiny_prepared)], "recognizer.py train")]:
+        r = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert r.returncode == 1 and message in r.stderr and "Traceback" not in r.stderr, r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1
