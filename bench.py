@@ -34,7 +34,7 @@ import torch  # noqa: E402  (after the OpenMP setting, which is read when torch 
 from model import HandwritingModel, ModelConfig, nll
 from reference import ReferenceModel, reference_nll
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+DTYPES = ("float32", "bfloat16")
 # defaults that depend on the device: (GPU, CPU); the CPU ones keep the whole run under a minute on 2 cores
 DEFAULTS = {"batch_size": (64, 8), "seq_len": (600, 600), "reps": (10, 3), "warmup": (2, 1),
             "sample_reps": (5, 3), "sample_batch_reps": (5, 1)}
@@ -49,7 +49,7 @@ def get_args(argv=None):
     p.add_argument("--text-len", type=int, default=30, help="characters per line of text in training (IAM-OnDB median: 29)")
     p.add_argument("--reps", type=int, default=0, help="timed repetitions, median reported (0 = 10 on GPU, 3 on CPU)")
     p.add_argument("--warmup", type=int, default=-1, help="untimed repetitions first (-1 = 2 on GPU, 1 on CPU)")
-    p.add_argument("--dtype", choices=list(DTYPES), default="float32", help="autocast dtype for the networks (the loss is always float32)")
+    p.add_argument("--dtype", choices=DTYPES, default="float32", help="autocast dtype for the networks (the loss is always float32)")
     p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0 = torch's default, one per core); "
                    "on cores busy with other jobs, 1 is usually faster")
     p.add_argument("--sample-chars", type=int, default=40, help="characters of text per sampled line")
@@ -164,7 +164,7 @@ def device_name(device):
 
 def main(argv=None):
     args = get_args(argv)
-    device, dtype = torch.device(args.device), DTYPES[args.dtype]
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     if args.threads:
         torch.set_num_threads(args.threads)
     loadavg = lambda: [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None

@@ -22,9 +22,8 @@ import torch
 
 from dataset import Alphabet, HandwritingDataset, denormalize, make_loader, normalize
 from model import error_rates, evaluate_nll, load_model, load_recognizer, read_lines, summarize_nll
-from utils import load_checkpoint, plot_lines, save_strokes
+from utils import DTYPES, load_checkpoint, pick_device, plot_lines, save_strokes
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def get_args(argv=None):
@@ -37,7 +36,7 @@ def get_args(argv=None):
     p.add_argument("--batch-size", type=int, default=64, help="lines per batch")
     p.add_argument("--max-lines", type=int, default=0, help="evaluate only the first N lines of the split, or prompts (0 = all)")
     p.add_argument("--device", default="auto", help="'auto' (CUDA when present), 'cpu', 'cuda', ...")
-    p.add_argument("--dtype", choices=list(DTYPES), default="float32", help="autocast dtype (the loss is always float32)")
+    p.add_argument("--dtype", choices=DTYPES, default="float32", help="autocast dtype (the loss is always float32)")
     g = p.add_argument_group("legibility")
     g.add_argument("--legibility", action="store_true",
                    help="write every prompt with the synthesis model and read it back with --recognizer (CER, not NLL)")
@@ -54,8 +53,7 @@ def get_args(argv=None):
 
 def main(argv=None):
     args = get_args(argv)
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if args.device == "auto" else args.device)
+    device = pick_device(args.device)
     if args.legibility:
         return legibility(args, device)
     args.split = args.split or "valid"
@@ -71,7 +69,7 @@ def main(argv=None):
     # the checkpoint's normalisation, so a model is scored on the scale it was trained on
     dataset.set_normalization(checkpoint["mean"], checkpoint["std"])
     model.to(device)
-    total = evaluate_nll(model, make_loader(dataset, args.batch_size, shuffle=False), device, DTYPES[args.dtype])
+    total = evaluate_nll(model, make_loader(dataset, args.batch_size, shuffle=False), device, getattr(torch, args.dtype))
     result = {"checkpoint": args.checkpoint, "split": args.split, "task": model.config.task, **summarize_nll(total)}
     print(json.dumps(result))
 

@@ -24,8 +24,20 @@ RHO_MAX = 1.0 - 1e-4    # |rho| < 1: keeps 1 - rho^2 away from 0
 LOG_2PI = math.log(2 * math.pi)
 
 
+class Config:
+    """Dict round trip for the dataclass configs stored in checkpoints (unknown keys from newer versions ignored)."""
+
+    def to_dict(self):
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d):
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
 @dataclass
-class ModelConfig:
+class ModelConfig(Config):
     task: str = "synthesis"        # 'prediction' (section 4) or 'synthesis' (section 5)
     input_size: int = 3            # (dx, dy, eos) per point
     hidden_size: int = 400         # cells per LSTM layer (paper: 400)
@@ -44,14 +56,6 @@ class ModelConfig:
     @property
     def output_size(self):
         return 1 + 6 * self.mixtures   # eos + (pi, mu1, mu2, sigma1, sigma2, rho) x M
-
-    def to_dict(self):
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d):
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})
 
 
 class State(NamedTuple):
@@ -386,7 +390,7 @@ BLANK = 0   # CTC blank = the dataset's padding id
 
 
 @dataclass
-class RecognizerConfig:
+class RecognizerConfig(Config):
     input_size: int = 3            # (dx, dy, eos) per point, normalised as for the handwriting model
     conv_channels: int = 128       # channels of every convolution
     conv_layers: int = 3           # 1-D convolutions; the last log2(downsample) of them have stride 2
@@ -403,14 +407,6 @@ class RecognizerConfig:
             raise ValueError(f"downsample must be a power of 2 <= 2 ** conv_layers, not {self.downsample}")
         if self.alphabet_size <= 0 or self.kernel_size % 2 == 0:
             raise ValueError("a recognizer needs alphabet_size > 0 and an odd kernel_size")
-
-    def to_dict(self):
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d):
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})
 
 
 class Recognizer(nn.Module):

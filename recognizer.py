@@ -26,7 +26,8 @@ import torch
 
 from dataset import Alphabet, HandwritingDataset, make_loader, normalize
 from model import Recognizer, RecognizerConfig, ctc_loss, error_rates, load_recognizer, read_lines
-from utils import export_weights, load_checkpoint, load_strokes, save_checkpoint
+from utils import (export_weights, load_checkpoint, load_strokes, pick_device, restore_training_state, save_checkpoint,
+                   training_state)
 
 DEFAULT_CHECKPOINT = "checkpoints/recognizer.pt"
 CKPT = dict(config_key="recognizer_config", writer="recognizer.py train")   # what load_checkpoint expects here
@@ -87,10 +88,6 @@ def get_args(argv=None):
     e.add_argument("--device", default="auto", help="'auto' (CUDA when present), 'cpu', 'cuda', ...")
     e.add_argument("--out", default=None, help="also write one JSON row per line (id, text, recognised, cer) to this file")
     return p.parse_args(argv)
-
-
-def pick_device(name):
-    return torch.device("cuda" if name == "auto" and torch.cuda.is_available() else "cpu" if name == "auto" else name)
 
 
 def main(argv=None):
@@ -221,12 +218,7 @@ def train(args):
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
     run = Run()
     if ckpt:
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        run.__dict__.update(ckpt["run"])
-        torch.set_rng_state(ckpt["rng"]["torch"])
-        if device.type == "cuda" and ckpt["rng"].get("cuda") is not None:
-            torch.cuda.set_rng_state(ckpt["rng"]["cuda"], device)
+        restore_training_state(ckpt, model, optimizer, run, device)
         print(f"resumed from {resume} at step {run.step} (epoch {run.epoch}, batch {run.batch_in_epoch})")
     mean, std = train_set.mean.tolist(), train_set.std.tolist()
     batches_per_epoch = len(make_loader(train_set, args.batch_size, shuffle=True).batch_sampler)
@@ -237,11 +229,9 @@ def train(args):
 
     def checkpoint(path, metrics):
         save_checkpoint({
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            **training_state(model, optimizer, run, device),
             "recognizer_config": config.to_dict(), "alphabet": alphabet.chars, "mean": mean, "std": std,
-            "step": run.step, "run": dict(run.__dict__), "metrics": metrics, "train_args": vars(args),
-            "rng": {"torch": torch.get_rng_state(),
-                    "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None},
+            "metrics": metrics, "train_args": vars(args),
         }, path)
 
     def validate():

@@ -25,9 +25,9 @@ import torch.distributed as dist
 
 from dataset import HandwritingDataset, make_loader
 from model import HandwritingModel, ModelConfig, evaluate_nll, nll, summarize_nll, teacher_forcing
-from utils import export_weights, load_checkpoint, plot_loss_curve, save_checkpoint, save_sample_image
+from utils import (DTYPES, export_weights, load_checkpoint, pick_device, plot_loss_curve, restore_training_state,
+                   save_checkpoint, save_sample_image, training_state)
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def get_args(argv=None):
@@ -60,7 +60,7 @@ def get_args(argv=None):
     p.add_argument("--max-bad-steps", type=int, default=20, help="stop after this many consecutive NaN/Inf losses or gradients")
     # system
     p.add_argument("--device", default="auto", help="'auto' (CUDA when present), 'cpu', 'cuda', 'cuda:1', ...")
-    p.add_argument("--dtype", choices=list(DTYPES), default="float32", help="autocast dtype for the network (the loss is always float32)")
+    p.add_argument("--dtype", choices=DTYPES, default="float32", help="autocast dtype for the network (the loss is always float32)")
     p.add_argument("--seed", type=int, default=1337, help="random seed (initialisation and data order)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
     return p.parse_args(argv)
@@ -84,8 +84,7 @@ def main(argv=None):
     args = get_args(argv)
     ### distributed setup (torchrun sets RANK / WORLD_SIZE / LOCAL_RANK)
     ddp = "RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1
-    if args.device == "auto":
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    args.device = str(pick_device(args.device))
     if ddp:
         dist.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
         rank, world = dist.get_rank(), dist.get_world_size()
@@ -95,7 +94,7 @@ def main(argv=None):
     else:
         rank, world = 0, 1
     master = rank == 0
-    device, dtype = torch.device(args.device), DTYPES[args.dtype]
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     out = args.out or os.path.join("runs", args.task)
     log = print if master else (lambda *a, **k: None)
 
@@ -135,12 +134,7 @@ def main(argv=None):
         optimizer = torch.optim.RMSprop(model.parameters(), lr=args.lr, alpha=0.95, momentum=0.9, eps=1e-4, centered=True)
     run = Run()
     if ckpt:
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        run.__dict__.update(ckpt["run"])
-        torch.set_rng_state(ckpt["rng"]["torch"])
-        if device.type == "cuda" and ckpt["rng"].get("cuda") is not None:
-            torch.cuda.set_rng_state(ckpt["rng"]["cuda"], device)
+        restore_training_state(ckpt, model, optimizer, run, device)
         log(f"resumed from {resume} at step {run.step} (epoch {run.epoch}, batch {run.batch_in_epoch})")
     raw_model = model
     if ddp:
@@ -152,12 +146,10 @@ def main(argv=None):
     def checkpoint(path, metrics):
         """Everything to continue exactly: weights, optimiser, counters, RNG, config, data stats."""
         save_checkpoint({
-            "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
+            **training_state(raw_model, optimizer, run, device),
             "model_config": config.to_dict(), "alphabet": train_set.alphabet.chars,
             "mean": [float(v) for v in train_set.mean], "std": [float(v) for v in train_set.std],
-            "step": run.step, "run": dict(run.__dict__), "metrics": metrics, "train_args": vars(args),
-            "rng": {"torch": torch.get_rng_state(),
-                    "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None},
+            "metrics": metrics, "train_args": vars(args),
         }, path)
 
     def evaluate():

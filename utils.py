@@ -468,6 +468,37 @@ def draw_styles(styles, path):
 
 ### checkpoints, training plots and samples (train.py, evaluate.py, generate.py)
 
+DTYPES = ("float32", "bfloat16", "float16")   # --dtype choices: autocast dtypes (losses stay float32)
+
+
+def pick_device(name):
+    """'auto' -> CUDA when present, else CPU; anything else as given ('cpu', 'cuda:1', ...)."""
+    import torch
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def training_state(model, optimizer, run, device):
+    """What a checkpoint needs to continue exactly: weights, optimiser, counters (run's attributes) and RNG states."""
+    import torch
+    return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": run.step,
+            "run": dict(run.__dict__),
+            "rng": {"torch": torch.get_rng_state(),
+                    "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}}
+
+
+def restore_training_state(checkpoint, model, optimizer, run, device):
+    """Inverse of training_state: load weights, optimiser, counters and RNG states in place."""
+    import torch
+    model.load_state_dict(checkpoint["model"])
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    run.__dict__.update(checkpoint["run"])
+    torch.set_rng_state(checkpoint["rng"]["torch"])
+    if device.type == "cuda" and checkpoint["rng"].get("cuda") is not None:
+        torch.cuda.set_rng_state(checkpoint["rng"]["cuda"], device)
+
+
 def save_checkpoint(checkpoint, path):
     """torch.save a plain dict atomically: a crash never leaves a half-written checkpoint."""
     import torch
