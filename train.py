@@ -36,6 +36,9 @@ def get_args(argv=None):
     p.add_argument("--data", default="data/processed", help="folder with iam_ondb.npz from prepare_data.py, or the .npz itself")
     p.add_argument("--out", default=None, help="run folder for checkpoints, metrics and images (default: runs/TASK)")
     p.add_argument("--resume", default=None, help="checkpoint to resume from (a last.pt); 'auto' = OUT/last.pt if it exists")
+    p.add_argument("--init-from", default=None,
+                   help="start a new run from this checkpoint's weights and config (any .pt from train.py, e.g. a shipped "
+                        "model); fresh optimiser and counters; --resume wins when both apply")
     # model (paper defaults)
     p.add_argument("--hidden-size", type=int, default=400, help="LSTM cells per layer (paper: 400)")
     p.add_argument("--layers", type=int, default=3, help="stacked LSTM layers (paper: 3)")
@@ -111,17 +114,17 @@ def main(argv=None):
     resume = os.path.join(out, "last.pt") if args.resume == "auto" else args.resume
     if resume == os.path.join(out, "last.pt") and args.resume == "auto" and not os.path.exists(resume):
         resume = None
-    ckpt = None
-    if resume:
+    ckpt, source = None, resume or args.init_from
+    if source:
         try:
-            ckpt = load_checkpoint(resume)
+            ckpt = load_checkpoint(source)
         except (FileNotFoundError, ValueError) as e:
             sys.exit(f"error: {e}")
         config = ModelConfig.from_dict(ckpt["model_config"])
         if config.task != args.task:
-            sys.exit(f"error: {resume} is a {config.task} checkpoint; resume it with --task {config.task}")
+            sys.exit(f"error: {source} is a {config.task} checkpoint; train on from it with --task {config.task}")
         if ckpt.get("alphabet", train_set.alphabet.chars) != train_set.alphabet.chars:
-            sys.exit(f"error: {resume} was trained with another alphabet; use the data it was trained on")
+            sys.exit(f"error: {source} was trained with another alphabet; use the data it was trained on")
     else:
         config = ModelConfig(task=args.task, hidden_size=args.hidden_size, layers=args.layers, mixtures=args.mixtures,
                              window_gaussians=args.window_gaussians,
@@ -133,15 +136,18 @@ def main(argv=None):
     else:   # Graves (2013) eq. 38-41; torch adds eps outside the square root
         optimizer = torch.optim.RMSprop(model.parameters(), lr=args.lr, alpha=0.95, momentum=0.9, eps=1e-4, centered=True)
     run = Run()
-    if ckpt:
+    if ckpt and resume:
         restore_training_state(ckpt, model, optimizer, run, device)
         log(f"resumed from {resume} at step {run.step} (epoch {run.epoch}, batch {run.batch_in_epoch})")
+    elif ckpt:   # --init-from: weights only (float16 files are cast back), a new optimiser and run
+        model.load_state_dict({k: v.float() for k, v in ckpt["model"].items()})
+        log(f"initialised from the weights of {args.init_from} (trained {ckpt.get('step', '?')} steps there)")
     raw_model = model
     if ddp:
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     log(f"{config.task} model: {raw_model.num_params() / 1e6:.2f}M parameters, {len(train_set)} train / "
         f"{len(valid_set)} valid lines, device {device}, dtype {args.dtype}, {world} process(es)")
-    log("config: " + json.dumps({**vars(args), "out": out}))
+    log("config: " + json.dumps({**vars(args), "out": out}) + "\nmodel config: " + json.dumps(config.to_dict()))
 
     def checkpoint(path, metrics):
         """Everything to continue exactly: weights, optimiser, counters, RNG, config, data stats."""

@@ -87,6 +87,29 @@ def test_stepwise_equals_batched(task):
 
 
 @pytest.mark.parametrize("task", ["prediction", "synthesis"])
+def test_sampling_step_equals_batched_forward(task):
+    """sample()'s step (merged, transposed weights) computes what forward() computes over the whole sequence."""
+    model = tiny(task)
+    x, text = batch()
+    y, state, phi = model(x, text, return_phi=True) if task == "synthesis" else (*model(x, text), None)
+    weights = model._step_weights()
+    synthesis = task == "synthesis"
+    onehot = model.one_hot(text).double() if synthesis else None
+    u = torch.arange(text.shape[1] + 1, dtype=torch.double) if synthesis else None
+    s, ys, phis = model.initial_state(x.shape[0]), [], []
+    for t in range(x.shape[1]):
+        yt, s, pt = model._step(x[:, t], s, weights, onehot, u)
+        ys.append(yt)
+        phis.append(pt)
+    assert torch.allclose(torch.stack(ys, 1), y, atol=1e-10)
+    for a, b in zip(s.h + s.c, state.h + state.c):
+        assert torch.allclose(a, b, atol=1e-10)
+    if synthesis:
+        assert torch.allclose(torch.stack(phis, 1), phi, atol=1e-10)
+        assert torch.allclose(s.kappa, state.kappa, atol=1e-10) and torch.allclose(s.window, state.window, atol=1e-10)
+
+
+@pytest.mark.parametrize("task", ["prediction", "synthesis"])
 def test_chunked_equals_whole_including_gradients(task):
     model = tiny(task)
     x, text = batch(T=17)
@@ -171,6 +194,22 @@ def test_sampling_stops_when_window_passes_the_text():
     model.window.bias.data[4:].fill_(-30.0)             # kappa frozen: the cap is hit and reported
     r = model.sample(text, generator=torch.Generator().manual_seed(0), max_steps_per_char=3)
     assert not r["finished"].any() and int(r["lengths"][0]) == 3 * 6 + 1
+
+
+def test_stopping_step_matches_the_rule_checked_naively():
+    """Lines of different lengths in one batch: each stops at the first step where phi(U) beats every phi(u < U)."""
+    model = tiny("synthesis").float()
+    with torch.no_grad():
+        model.window.bias[4:].fill_(math.log(0.3))      # kappa += ~0.3 characters per step
+        model.window.weight[4:].zero_()
+    text = torch.tensor([[1, 2, 3, 4, 5, 6, 7, 1, 2, 3], [3, 2, 1, 0, 0, 0, 0, 0, 0, 0]])
+    r = model.sample(text, generator=torch.Generator().manual_seed(0), record=True)
+    assert r["finished"].all()
+    for b, U in enumerate([10, 3]):
+        phi = r["phi"][b]                                # (T, U_max + 1)
+        first = next(t for t in range(phi.shape[0]) if phi[t, U] > phi[t, :U].max())
+        assert int(r["lengths"][b]) == first
+    assert int(r["lengths"][1]) < int(r["lengths"][0])
 
 
 def test_paper_size_parameter_count():

@@ -56,6 +56,20 @@ def test_resume_matches_an_unbroken_run(tiny_prepared, tmp_path):
         assert json.loads(f.readlines()[-1])["val_nll_per_line"] == pytest.approx(rows[-1]["val_nll_per_line"], abs=1e-3)
 
 
+def test_init_from_starts_a_new_run_from_shipped_weights(tiny_prepared, tmp_path, capsys):
+    run_train(tiny_prepared, tmp_path / "a", "--max-steps", "20", "--eval-interval", "20", "--lr", "3e-3")
+    first = json.loads(open(tmp_path / "a" / "metrics.jsonl").readlines()[-1])["val_nll_per_line"]
+    # the float16 weights-only file, and a different --hidden-size that the checkpoint's config overrides
+    rows = run_train(tiny_prepared, tmp_path / "b", "--init-from", str(tmp_path / "a" / "model.pt"), "--hidden-size", "8",
+                     "--max-steps", "1", "--eval-interval", "1", "--lr", "1e-9")
+    scratch = run_train(tiny_prepared, tmp_path / "c", "--max-steps", "1", "--eval-interval", "1", "--lr", "1e-9")
+    assert rows[0]["step"] == scratch[0]["step"] < 20                   # counters start afresh
+    assert rows[0]["val_nll_per_line"] == pytest.approx(first, abs=0.5)  # ... from the trained weights
+    assert abs(scratch[0]["val_nll_per_line"] - first) > 5
+    assert torch.load(tmp_path / "b" / "last.pt", weights_only=True)["model_config"]["hidden_size"] == 16
+    assert "initialised from the weights" in capsys.readouterr().out
+
+
 def test_non_finite_steps_are_skipped_then_stop_the_run(tiny_prepared, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(train, "nll", lambda y, t, m: (y.sum() * float("nan")).expand(y.shape[0]))
     with pytest.raises(SystemExit) as e:
@@ -83,6 +97,8 @@ def test_bad_checkpoints_give_one_line_errors(tiny_prepared, tmp_path):
     data = ["--data", str(tiny_prepared)]
     cases = [
         (["train.py", "--task", "synthesis", "--resume", str(tmp_path / "p" / "last.pt"), *data], "prediction checkpoint"),
+        (["train.py", "--task", "synthesis", "--init-from", str(tmp_path / "p" / "model.pt"), *data], "prediction checkpoint"),
+        (["train.py", "--init-from", str(junk), *data], "not a readable PyTorch checkpoint"),
         (["evaluate.py", "--checkpoint", str(junk), *data], "not a readable PyTorch checkpoint"),
         (["evaluate.py", "--checkpoint", str(tmp_path / "missing.pt"), *data], "not found"),
         (["train.py", "--data", str(tmp_path / "nowhere")], "prepare_data.py"),
