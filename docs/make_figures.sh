@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Regenerates every sample picture in the README from the shipped checkpoints (deterministic: fixed seeds).
+#   bash docs/make_figures.sh            # writes docs/*.png, *.svg, *.gif
+#   bash docs/make_figures.sh /tmp/figs  # somewhere else
+# Loss curves come from training runs (train.py writes loss.png); docs/styles.png from utils.make_styles().
+set -euo pipefail
+cd "$(dirname "$0")/.."
+out=${1:-docs}
+mkdir -p "$out"
+export OMP_NUM_THREADS=1
+g() { python generate.py "$@"; }
+
+g --text "Handwriting from text\nin one command" --bias 1 --seed 1 --out "$out/synthesis.png" \
+  --plot-attention "$out/attention.png"
+# the legibility sheet (issue 5): 10 sentences not in the training text, bias 1, one line each
+g --text-file docs/sentences.txt --max-chars-per-line 48 --bias 1 --seed 1 --out "$out/sheet.png"
+for b in 0 0.5 1 2; do
+  g --text "the quick brown fox" --bias "$b" --seed 4 --out "$out/bias_$b.png" --line-height 80
+done
+g --text "Three versions" --num-samples 3 --bias 0.75 --seed 7 --out "$out/samples.png"
+g --text "the quick brown fox" --style 3 --bias 1 --seed 4 --show-prime --out "$out/style.png"
+g --prime-file docs/prime_example.json --text "is a concern for us all" --bias 1 --seed 2 --show-prime \
+  --out "$out/prime.png"
+g --text "Plot me" --bias 1 --seed 3 --stroke-width 1.5 --color "#1a237e" --out "$out/plot.svg"
+g --text "Watch me write" --bias 1 --seed 3 --out "$out/writing.gif"
+for v in strokes eos density; do
+  g --text "Where the pen goes" --bias 1 --seed 5 --view "$v" --out "$out/view_$v.png"
+done
+g --task prediction --num-samples 3 --bias 0.5 --seed 3 --out "$out/prediction.png"
+echo "figures in $out"
