@@ -57,6 +57,8 @@ def get_args(argv=None):
     p.add_argument("--sample-batch", type=int, default=64, help="lines in the batched sampling test (0 = skip it)")
     p.add_argument("--sample-reps", type=int, default=0, help="timed repetitions of one-line sampling (0 = 5 on GPU, 3 on CPU)")
     p.add_argument("--sample-batch-reps", type=int, default=0, help="timed repetitions of batched sampling (0 = 5 on GPU, 1 on CPU)")
+    p.add_argument("--compile", action="store_true", help="torch.compile our model's window step (train.py --compile); "
+                   "compile time is spent in the warm-up")
     p.add_argument("--skip-reference", action="store_true", help="do not time the textbook reference")
     p.add_argument("--quick", action="store_true", help="tiny sizes and one repetition: a smoke test of this script, not a measurement")
     p.add_argument("--seed", type=int, default=0, help="random seed for weights and synthetic data")
@@ -176,6 +178,8 @@ def main(argv=None):
     config = ModelConfig(task=args.task, hidden_size=400, layers=3, mixtures=20, window_gaussians=10,
                          alphabet_size=80 if args.task == "synthesis" else 0)
     model = HandwritingModel(config).to(device)
+    if args.compile:
+        model.compile_window_step()
     batch = synthetic_batch(args, max(config.alphabet_size, 1), device, g)
 
     ### training throughput

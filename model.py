@@ -151,6 +151,7 @@ class HandwritingModel(nn.Module):
             nn.LSTM(cfg.input_size + (H if n > 0 else 0) + (A if self.synthesis else 0), H, batch_first=True)
             for n in range(first, cfg.layers))
         self.mdn = nn.Linear(cfg.layers * H, cfg.output_size)   # every layer -> output (eq. 17)
+        self._compiled_step = None                               # see compile_window_step()
         self._init_weights()
 
     def _init_weights(self):
@@ -216,16 +217,28 @@ class HandwritingModel(nn.Module):
         """The sequential part: layer-1 LSTM and the soft window, one step at a time.
         xg: (B, T, 4H) precomputed W_x x_t + b; onehot: (B, U, A)."""
         u = torch.arange(onehot.shape[1] + 1, device=xg.device, dtype=xg.dtype)   # positions 0..U
+        step = self._compiled_step or self._window_step
         h_seq, w_seq, phis = [], [], []
         for xg_t in xg.unbind(1):   # not xg[:, t]: each select's backward would zero-fill a (B, T, 4H) gradient
-            h, c = lstm_cell(xg_t + self.lstm1_wh(torch.cat([w, h], dim=-1)), c)   # gates (B, 4H)
-            kappa, phi, w = self._window(self.window(h), kappa, u, onehot)
+            h, c, kappa, phi, w = step(xg_t, w, h, c, kappa, u, onehot)
             h_seq.append(h)
             w_seq.append(w)
             if return_phi:
                 phis.append(phi)
         phi_seq = torch.stack(phis, dim=1) if return_phi else None
         return h, c, kappa, w, torch.stack(h_seq, dim=1), torch.stack(w_seq, dim=1), phi_seq
+
+    def _window_step(self, xg_t, w, h, c, kappa, u, onehot):
+        """One step of layer 1 (gates = xg_t + W_wh [w_{t-1}, h_{t-1}]) and the window. Returns h, c, kappa, phi, w."""
+        h, c = lstm_cell(xg_t + self.lstm1_wh(torch.cat([w, h], dim=-1)), c)   # gates (B, 4H)
+        kappa, phi, w = self._window(self.window(h), kappa, u, onehot)
+        return h, c, kappa, phi, w
+
+    def compile_window_step(self, **kwargs):
+        """torch.compile the window loop's step (fuses its ~25 small kernels per step into a few, forward and backward);
+        the first batches compile (tens of seconds), then every step is cheaper. kwargs go to torch.compile."""
+        self._compiled_step = torch.compile(self._window_step, **kwargs)
+        return self
 
     @staticmethod
     def _window(window_out, kappa, u, onehot):

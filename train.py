@@ -64,6 +64,9 @@ def get_args(argv=None):
     # system
     p.add_argument("--device", default="auto", help="'auto' (CUDA when present), 'cpu', 'cuda', 'cuda:1', ...")
     p.add_argument("--dtype", choices=DTYPES, default="float32", help="autocast dtype for the network (the loss is always float32)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the window loop's step (fewer kernel launches per step on a GPU; the first batches "
+                        "compile for tens of seconds; needs a C++ compiler on CPU)")
     p.add_argument("--seed", type=int, default=1337, help="random seed (initialisation and data order)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
     return p.parse_args(argv)
@@ -143,6 +146,8 @@ def main(argv=None):
         model.load_state_dict({k: v.float() for k, v in ckpt["model"].items()})
         log(f"initialised from the weights of {args.init_from} (trained {ckpt.get('step', '?')} steps there)")
     raw_model = model
+    if args.compile:
+        raw_model.compile_window_step()
     if ddp:
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     log(f"{config.task} model: {raw_model.num_params() / 1e6:.2f}M parameters, {len(train_set)} train / "
