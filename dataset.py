@@ -193,3 +193,15 @@ def make_loader(dataset, batch_size, shuffle, seed=0, drop_last=False, num_worke
     """
     sampler = BucketBatchSampler(dataset.lengths, batch_size, shuffle=shuffle, seed=seed, drop_last=drop_last)
     return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=num_workers)
+
+
+def augment(strokes, mask, mean, std, generator, scale=0.1, shear=0.15):
+    """Random size (1 +- scale) and slant (dx += k dy, |k| <= shear) per line, applied in board units.
+    strokes: (B, T, 3) normalised; returns a new normalised tensor, padding left at zero."""
+    B = strokes.shape[0]
+    s = (1 + scale * (2 * torch.rand(B, 1, generator=generator) - 1)).to(strokes.device)   # (B, 1)
+    k = (shear * (2 * torch.rand(B, 1, generator=generator) - 1)).to(strokes.device)
+    raw_x, raw_y = strokes[..., 0] * std[0] + mean[0], strokes[..., 1] * std[1] + mean[1]   # (B, T) board units
+    x, y = s * (raw_x + k * raw_y), s * raw_y
+    out = torch.stack([(x - mean[0]) / std[0], (y - mean[1]) / std[1], strokes[..., 2]], dim=-1)
+    return out * mask.unsqueeze(-1)

@@ -24,9 +24,9 @@ import time
 import numpy as np
 import torch
 
-from dataset import Alphabet, HandwritingDataset, make_loader, normalize
+from dataset import Alphabet, HandwritingDataset, augment, make_loader, normalize
 from model import Recognizer, RecognizerConfig, ctc_loss, error_rates, load_recognizer, read_lines
-from utils import (export_weights, load_checkpoint, load_strokes, pick_device, restore_training_state, save_checkpoint,
+from utils import (export_weights, learning_rate, load_checkpoint, load_strokes, pick_device, restore_training_state, save_checkpoint,
                    training_state)
 
 DEFAULT_CHECKPOINT = "checkpoints/recognizer.pt"
@@ -158,28 +158,6 @@ def read(args):
 
 ### train
 
-def augment(strokes, mask, mean, std, generator, scale=0.1, shear=0.15):
-    """Random size (1 +- scale) and slant (dx += k dy, |k| <= shear) per line, applied in board units.
-    strokes: (B, T, 3) normalised; returns a new normalised tensor, padding left at zero."""
-    B = strokes.shape[0]
-    s = (1 + scale * (2 * torch.rand(B, 1, generator=generator) - 1)).to(strokes.device)   # (B, 1)
-    k = (shear * (2 * torch.rand(B, 1, generator=generator) - 1)).to(strokes.device)
-    raw_x, raw_y = strokes[..., 0] * std[0] + mean[0], strokes[..., 1] * std[1] + mean[1]   # (B, T) board units
-    x, y = s * (raw_x + k * raw_y), s * raw_y
-    out = torch.stack([(x - mean[0]) / std[0], (y - mean[1]) / std[1], strokes[..., 2]], dim=-1)
-    return out * mask.unsqueeze(-1)
-
-
-def learning_rate(step, args, total_steps):
-    """Linear warm-up, then cosine decay to lr/20 at total_steps (or constant)."""
-    if step < args.warmup:
-        return args.lr * (step + 1) / args.warmup
-    if args.schedule == "constant":
-        return args.lr
-    progress = min((step - args.warmup) / max(total_steps - args.warmup, 1), 1.0)
-    return args.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress)))
-
-
 class Run:
     """Counters a checkpoint saves, so that --resume continues exactly."""
 
@@ -242,7 +220,7 @@ def train(args):
         metrics = {"step": run.step, "epoch": run.epoch, "train_loss": stats["loss"] / max(stats["chars"], 1),
                    "val_cer": rates["cer"], "val_wer": rates["wer"], "val_lines": rates["lines"],
                    "lines_per_s": stats["lines"] / max(stats["seconds"], 1e-9), "eval_seconds": time.time() - t0,
-                   "lr": learning_rate(run.step, args, total_steps), "train_minutes": run.train_time / 60,
+                   "lr": learning_rate(run.step, total_steps, args.lr, args.warmup, args.schedule), "train_minutes": run.train_time / 60,
                    "bad_steps": run.bad_steps, "example": {"text": valid_set.texts[0], "recognised": hyps[0]}}
         improved = metrics["val_cer"] < run.best_cer
         run.best_cer = min(run.best_cer, metrics["val_cer"])
@@ -283,7 +261,7 @@ def train(args):
             loss_sum = ctc_loss(log_probs, frames, targets, target_lengths)
             loss = loss_sum / target_lengths.sum().clamp(min=1)                   # nats per character
             for group in optimizer.param_groups:
-                group["lr"] = learning_rate(run.step, args, total_steps)
+                group["lr"] = learning_rate(run.step, total_steps, args.lr, args.warmup, args.schedule)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             # why clip: CTC gradients spike on lines whose alignment is barely feasible (few frames per character)

@@ -23,9 +23,9 @@ from dataclasses import asdict
 import torch
 import torch.distributed as dist
 
-from dataset import HandwritingDataset, make_loader
+from dataset import HandwritingDataset, augment, make_loader
 from model import HandwritingModel, ModelConfig, evaluate_nll, nll, summarize_nll, teacher_forcing
-from utils import (DTYPES, export_weights, load_checkpoint, pick_device, plot_loss_curve, restore_training_state,
+from utils import (DTYPES, export_weights, learning_rate, load_checkpoint, pick_device, plot_loss_curve, restore_training_state,
                    save_checkpoint, save_sample_image, training_state)
 
 
@@ -48,12 +48,19 @@ def get_args(argv=None):
     p.add_argument("--optimizer", choices=["adam", "rmsprop"], default="adam",
                    help="adam, or the paper's RMSProp variant (centred, decay 0.95, momentum 0.9, eps 1e-4; use --lr 1e-4)")
     p.add_argument("--lr", type=float, default=1e-3, help="learning rate (paper, RMSProp: 1e-4)")
+    p.add_argument("--schedule", choices=["constant", "cosine"], default="constant",
+                   help="learning rate after warm-up: constant (the paper), or cosine decay to lr/20 at --max-steps")
+    p.add_argument("--warmup", type=int, default=0, help="steps of linear learning-rate warm-up (paper: none)")
     p.add_argument("--batch-size", type=int, default=64, help="lines per batch (per process under torchrun)")
     p.add_argument("--tbptt", type=int, default=0, help="truncated BPTT chunk length in points; 0 = whole lines")
     p.add_argument("--clip", type=float, default=3.0, help="clip the gradient norm to this (0 = off); the paper clipped derivatives instead")
     p.add_argument("--epochs", type=int, default=50, help="passes over the training split (stops at whichever of epochs/max-steps/time-limit comes first)")
     p.add_argument("--max-steps", type=int, default=0, help="stop after this many optimiser steps (0 = no limit)")
     p.add_argument("--time-limit", type=float, default=0, help="stop after this many minutes of training, then evaluate and save (0 = no limit)")
+    p.add_argument("--augment-scale", type=float, default=0.0,
+                   help="data augmentation: random size change per line, +- this fraction (paper: none, 0)")
+    p.add_argument("--augment-shear", type=float, default=0.0,
+                   help="data augmentation: random slant per line, dx += k dy with |k| <= this (paper: none, 0)")
     p.add_argument("--max-points", type=int, default=0, help="drop training lines longer than this many points (0 = keep all)")
     p.add_argument("--max-lines", type=int, default=0, help="use only the first N training lines (0 = all; for quick tests)")
     # evaluation and logging
@@ -69,7 +76,10 @@ def get_args(argv=None):
                         "compile for tens of seconds; needs a C++ compiler on CPU)")
     p.add_argument("--seed", type=int, default=1337, help="random seed (initialisation and data order)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.schedule == "cosine" and not args.max_steps:
+        p.error("--schedule cosine decays over --max-steps: give --max-steps N")
+    return args
 
 
 class Run:
@@ -173,6 +183,7 @@ def main(argv=None):
         metrics = {"step": run.step, "epoch": run.epoch, "train_loss": run_loss.mean(),
                    **{f"val_{k}": v for k, v in summarize_nll(total).items()},
                    "points_per_s": run_loss.points / max(run_loss.seconds, 1e-9), "bad_steps": run.bad_steps,
+                   "lr": optimizer.param_groups[0]["lr"],
                    "train_minutes": run.train_time / 60}
         raw_model.train()
         run.last_eval_step = run.step
@@ -214,6 +225,10 @@ def main(argv=None):
         for b in range(run.batch_in_epoch, len(batches)):
             batch = loader.collate_fn([train_set[i] for i in batches[b]])
             t0 = time.time()
+            if args.augment_scale or args.augment_shear:
+                g = torch.Generator().manual_seed(args.seed * 1_000_003 + run.step)   # a function of the step: resumable
+                batch["strokes"] = augment(batch["strokes"], batch["stroke_mask"], train_set.mean.tolist(),
+                                           train_set.std.tolist(), g, args.augment_scale, args.augment_shear)
             train_batch(model, raw_model, optimizer, batch, args, device, dtype, run, run_loss, log)
             run.batch_in_epoch = b + 1
             run.train_time += time.time() - t0
@@ -303,6 +318,8 @@ def train_batch(model, raw_model, optimizer, batch, args, device, dtype, run, ru
         loss_sum = nll(y, targets[:, sl], tmask[:, sl]).sum()
         loss = loss_sum / points.clamp(min=1)            # mean nats per point: the scale Adam's lr expects
         state = state.detach()
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(run.step, args.max_steps, args.lr, args.warmup, args.schedule)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         # why clip: rare huge gradients from near-singular Gaussians would otherwise wreck the weights

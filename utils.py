@@ -3,6 +3,7 @@
 Nothing here does work at import time; matplotlib is imported only when drawing.
 """
 import json
+import math
 import os
 
 import numpy as np
@@ -469,6 +470,16 @@ def draw_styles(styles, path):
 ### checkpoints, training plots and samples (train.py, evaluate.py, generate.py)
 
 DTYPES = ("float32", "bfloat16", "float16")   # --dtype choices: autocast dtypes (losses stay float32)
+
+
+def learning_rate(step, total_steps, lr, warmup=0, schedule="constant"):
+    """Linear warm-up over `warmup` steps, then constant or cosine decay to lr/20 at total_steps."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    if schedule == "constant":
+        return lr
+    progress = min((step - warmup) / max(total_steps - warmup, 1), 1.0)
+    return lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
 def pick_device(name):

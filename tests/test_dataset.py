@@ -110,3 +110,22 @@ def test_offsets_to_strokes_and_plot(tmp_path, tiny_prepared):
     lines = [(denormalize(ds[i][0], ds.mean, ds.std), ds.texts[i]) for i in range(2)]
     plot_lines(lines, tmp_path / "lines.png")
     assert (tmp_path / "lines.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_augment_scales_and_slants_each_line_in_board_units():
+    from dataset import augment
+    mean, std = [1.0, -2.0], [3.0, 4.0]
+    raw = torch.tensor([[[5.0, 2.0, 0.0], [1.0, -3.0, 1.0], [0.0, 0.0, 0.0]]]).repeat(2, 1, 1)   # (B=2, T=3, 3)
+    norm = raw.clone()
+    norm[..., 0], norm[..., 1] = (raw[..., 0] - mean[0]) / std[0], (raw[..., 1] - mean[1]) / std[1]
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]])
+    norm = norm * mask[..., None]
+    out = augment(norm, mask, mean, std, torch.Generator().manual_seed(0), scale=0.2, shear=0.3)
+    back_x, back_y = out[..., 0] * std[0] + mean[0], out[..., 1] * std[1] + mean[1]
+    for b in range(2):
+        s = back_y[b, 0] / raw[b, 0, 1]                                   # the line's scale
+        k = (back_x[b, 0] / s - raw[b, 0, 0]) / raw[b, 0, 1]              # ... and slant
+        assert 0.8 <= s <= 1.2 and abs(k) <= 0.3
+        assert torch.allclose(back_x[b, 1], s * (raw[b, 1, 0] + k * raw[b, 1, 1]), atol=1e-5)
+        assert torch.allclose(back_y[b, 1], s * raw[b, 1, 1], atol=1e-5)
+    assert torch.equal(out[..., 2], norm[..., 2]) and torch.all(out[0, 2] == 0)   # eos kept, padding zero

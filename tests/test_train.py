@@ -1,5 +1,6 @@
 """End-to-end runs of train.py and evaluate.py on a tiny prepared dataset (CPU)."""
 import json
+import math
 import os
 import subprocess
 import sys
@@ -68,6 +69,28 @@ def test_init_from_starts_a_new_run_from_shipped_weights(tiny_prepared, tmp_path
     assert abs(scratch[0]["val_nll_per_line"] - first) > 5
     assert torch.load(tmp_path / "b" / "last.pt", weights_only=True)["model_config"]["hidden_size"] == 16
     assert "initialised from the weights" in capsys.readouterr().out
+
+
+def test_learning_rate_schedule():
+    from utils import learning_rate
+    assert learning_rate(0, 100, 1.0, warmup=10) == pytest.approx(0.1)            # linear warm-up
+    assert learning_rate(50, 100, 1.0, warmup=10) == 1.0                          # then constant
+    assert learning_rate(10, 100, 1.0, warmup=10, schedule="cosine") == pytest.approx(1.0)
+    assert learning_rate(55, 100, 1.0, warmup=10, schedule="cosine") == pytest.approx(0.525)   # half way
+    assert learning_rate(100, 100, 1.0, warmup=10, schedule="cosine") == pytest.approx(0.05)   # lr / 20 at the end
+
+
+def test_cosine_schedule_and_augmentation_in_a_run(tiny_prepared, tmp_path):
+    rows = run_train(tiny_prepared, tmp_path, "--max-steps", "24", "--eval-interval", "12", "--lr", "2e-3",
+                     "--schedule", "cosine", "--warmup", "4", "--augment-scale", "0.1", "--augment-shear", "0.15")
+    assert rows[-1]["step"] >= 24
+    from utils import learning_rate
+    for r in rows:                                  # the lr of the last update before each evaluation
+        assert r["lr"] == pytest.approx(learning_rate(r["step"] - 1, 24, 2e-3, 4, "cosine"))
+    assert rows[-1]["lr"] < 0.2 * 2e-3 and all(map(math.isfinite, (r["val_nll_per_line"] for r in rows)))
+    r = subprocess.run([sys.executable, "train.py", "--schedule", "cosine", "--data", str(tiny_prepared)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and "--max-steps" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_non_finite_steps_are_skipped_then_stop_the_run(tiny_prepared, tmp_path, monkeypatch, capsys):
