@@ -8,8 +8,9 @@ One model class covers both tasks:
   and fed to layers 2..L at step t and to layer 1 at step t + 1.
 
 Only layer 1 and the window form a step-by-step recurrence; layers 2..L and the MDN head run fused over
-the whole chunk (cuDNN LSTM on GPU). The same `forward` serves training (long chunks, truncated BPTT with
-carried state) and sampling (chunks of one step).
+the whole chunk (cuDNN LSTM on GPU). `forward` serves training (chunks of truncated BPTT with carried state),
+evaluation and priming; sampling steps one point at a time with `_step`, the same maths with each layer's
+weights merged into one matrix (tested equal to `forward`).
 """
 import math
 from dataclasses import dataclass, asdict, fields
@@ -184,9 +185,8 @@ class HandwritingModel(nn.Module):
         """x: (B, T, 3) input points; text: (B, U) ids (synthesis); state: from the previous chunk or None.
         Returns y (B, T, 1 + 6M), the new State, and if return_phi the window weights phi (B, T, U + 1)
         (the last column is position U, just past the text, used by the stopping rule)."""
-        B, T, _ = x.shape
         if state is None:
-            state = self.initial_state(B, x.device)
+            state = self.initial_state(x.shape[0], x.device)
         hs, h_new, c_new, phi = [], [], [], None
         if self.synthesis:
             if text is None:
