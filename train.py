@@ -18,7 +18,6 @@ import os
 import signal
 import sys
 import time
-from dataclasses import asdict
 
 import torch
 import torch.distributed as dist
