@@ -42,30 +42,6 @@ def offsets_to_strokes(offsets):
     return [s for s in np.split(points, ends) if len(s)]
 
 
-def plot_lines(lines, path, width=12.0, dpi=100):
-    """Draw [(offsets (T, 3), text), ...] one line per row to an image file (PNG by extension).
-
-    Pen paths are drawn connected within a stroke and never across a pen lift; y points up.
-    """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg   # Agg without touching pyplot's backend
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(width, 1.6 * max(len(lines), 1)))
-    FigureCanvasAgg(fig)
-    for i, (offsets, text) in enumerate(lines):
-        ax = fig.add_subplot(len(lines), 1, i + 1)
-        for stroke in offsets_to_strokes(offsets):
-            if len(stroke) == 1:                               # a dot
-                ax.plot(stroke[:, 0], stroke[:, 1], "k.", markersize=2)
-            else:
-                ax.plot(stroke[:, 0], stroke[:, 1], "k-", linewidth=1.0)
-        ax.set_aspect("equal", adjustable="datalim")
-        ax.set_title(text, fontsize=9, loc="left")
-        ax.axis("off")
-    fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=dpi, format=os.path.splitext(path)[1][1:] or "png"))
-
-
 def save_strokes(path, lines, texts, line_ids=None):
     """Write lines of raw offsets [(T_i, 3) (dx, dy, eos), ...] with their texts as an npz laid out like the prepared
     file (generate.py --save-strokes; recognizer.py read): offsets (P, 2) float32, eos (P,) uint8, line_starts (N + 1,),
@@ -100,7 +76,7 @@ def load_strokes(path):
 # -----------------------------------------------------------------------------
 
 # -----------------------------------------------------------------------------
-### rendering for generate.py
+### rendering: generate.py's pages, and captioned sheets of lines (plot_lines)
 # A page of sampled lines, laid out with even line spacing and cropped to the ink, drawn as PNG or GIF with
 # Pillow (a dependency of matplotlib, so nothing extra to install) or as SVG written by hand (one <path> per
 # pen-down stroke, for pen plotters). Input: raw offsets (dx, dy with y up, eos); page: pixels with y down.
@@ -313,6 +289,39 @@ def save_svg(page, path, view="plain", color=(0, 0, 0), width=2.0, background=No
     atomic_write(path, write)
 
 
+def plot_lines(lines, path, line_height=60, width=1.5):
+    """Draw [(offsets (T, 3) raw, caption), ...] to a PNG, one line per row under its caption, with the page
+    renderer below (the look of generate.py's pages; each row scaled on its own). For data checks, training samples
+    and the legibility report."""
+    from PIL import Image, ImageDraw, ImageFont
+    try:
+        font = ImageFont.load_default(size=13)
+    except TypeError:                                      # Pillow < 10.1: the small bitmap font
+        font = ImageFont.load_default()
+    margin, caption_height, rows = 24, 20, []
+    for offsets, caption in lines:
+        image = None
+        if len(offsets):
+            ink = _Ink(layout_page([PageLine(offsets)], line_height=line_height, margin=margin), width=width)
+            ink.draw_all()
+            image = ink.image()
+            image = image.crop((0, margin - 6, image.width, image.height - margin + 6))   # trim the vertical margins
+        rows.append((str(caption), image))
+    W = max([400] + [im.width for _, im in rows if im] + [int(font.getlength(c)) + 2 * margin for c, _ in rows])
+    H = sum(caption_height + (im.height if im else 0) + margin // 2 for _, im in rows) + margin // 2
+    page = Image.new("RGB", (W, H), "white")
+    draw = ImageDraw.Draw(page)
+    y = margin // 2
+    for caption, image in rows:
+        draw.text((margin, y), caption, fill=(80, 80, 80), font=font)
+        y += caption_height
+        if image:
+            page.paste(image, (0, y))
+            y += image.height
+        y += margin // 2
+    atomic_write(path, lambda tmp: page.save(tmp, format="PNG"))
+
+
 def plot_attention(phis, texts, path, prime_chars=0, max_rows=8):
     """The soft window (eq. 46-47): phi over time (x, points) and characters (y), one panel per line.
     phis: list of (T, U + 1) arrays (the last column is the position just past the text); texts: list of str.
@@ -448,22 +457,11 @@ def make_styles(data="data/processed/iam_ondb.npz", out="data/styles.json", prev
 
 def draw_styles(styles, path):
     """All styles, numbered as for --style N, with their text, writer and slant: docs/styles.png."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-    fig = Figure(figsize=(9, 1.05 * len(styles)))
-    FigureCanvasAgg(fig)
-    for n, s in enumerate(styles):
-        ax = fig.add_subplot(len(styles), 1, n + 1)
-        for stroke in offsets_to_strokes(np.asarray(s["offsets"], dtype=np.float64)):
-            ax.plot(stroke[:, 0], stroke[:, 1], "k-", linewidth=0.9, solid_capstyle="round")
-        ax.set_aspect("equal", adjustable="datalim")
-        ax.set_title(f"style {n}: \"{s['text']}\"  (writer {s['writer']}, {s['line_id']}, slant "
-                     f"{s.get('slant_degrees', 0):+.0f}°)", fontsize=8, loc="left")
-        ax.axis("off")
-    fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=80, format="png"))
+    plot_lines([(np.asarray(s["offsets"], dtype=np.float64),
+                 f"style {n}: \"{s['text']}\"  (writer {s['writer']}, {s['line_id']}, slant {s.get('slant_degrees', 0):+.0f} deg)")
+                for n, s in enumerate(styles)], path, line_height=50)
 
-# end of rendering for generate.py
+# end of rendering
 # -----------------------------------------------------------------------------
 
 
@@ -545,13 +543,14 @@ def load_checkpoint(path, map_location="cpu", config_key="model_config", writer=
 
 def plot_loss_curve(metrics_path, png_path):
     """Draw train and validation loss (nats per point) against steps from a metrics.jsonl file."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.backends.backend_agg import FigureCanvasAgg   # Agg without touching pyplot's backend
+    from matplotlib.figure import Figure
     with open(metrics_path) as f:
         rows = [json.loads(line) for line in f if line.strip()]
     steps = [r["step"] for r in rows]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.5))
+    fig = Figure(figsize=(10, 3.5))
+    FigureCanvasAgg(fig)
+    ax1, ax2 = fig.subplots(1, 2)
     ax1.plot(steps, [r["train_loss"] for r in rows], label="train")
     ax1.plot(steps, [r["val_nll_per_point"] for r in rows], label="validation")
     ax1.set(xlabel="step", ylabel="nats per point", title="loss")
@@ -562,7 +561,6 @@ def plot_loss_curve(metrics_path, png_path):
         ax.grid(alpha=0.3)
     fig.tight_layout()
     atomic_write(png_path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
-    plt.close(fig)
 
 
 def save_sample_image(model, alphabet, mean, std, path, text="", seed=0, bias=0.5, steps=700):
