@@ -20,8 +20,8 @@ import sys
 import numpy as np
 import torch
 
-from dataset import Alphabet, HandwritingDataset, denormalize, make_loader, normalize
-from model import error_rates, evaluate_nll, load_model, load_recognizer, read_lines, summarize_nll
+from dataset import Alphabet, HandwritingDataset, make_loader
+from model import error_rates, evaluate_nll, load_model, load_recognizer, read_lines, summarize_nll, write_and_read
 from utils import DTYPES, load_checkpoint, pick_device, plot_lines, save_strokes
 
 
@@ -114,30 +114,13 @@ def legibility(args, device):
     model.to(device)
     recognizer.to(device)
 
-    ### generate, batched by length, with one seeded generator
-    from tqdm import tqdm
+    ### generate with one seeded generator, then read back on the recognizer's scale
     generator = torch.Generator(device=device).manual_seed(args.seed)
-    order = sorted(keep, key=lambda i: len(asked[i]))
-    mean, std = np.asarray(ckpt["mean"], np.float64), np.asarray(ckpt["std"], np.float64)
-    raw, finished, steps = {}, {}, {}
-    for a in tqdm(range(0, len(order), args.batch_size), desc="generating", unit="batch", disable=None):
-        idx = order[a:a + args.batch_size]
-        text = torch.nn.utils.rnn.pad_sequence([alphabet.encode(asked[i]) for i in idx], batch_first=True)
-        result = model.sample(text=text.to(device), bias=args.bias, generator=generator,
-                              max_steps_per_char=args.max_steps_per_char)
-        strokes = denormalize(result["strokes"].cpu().double().numpy(), mean, std)
-        for b, i in enumerate(idx):
-            # each line's own cap (sample() caps the batch by its longest text), so batching changes nothing
-            cap = args.max_steps_per_char * len(asked[i]) + 1
-            steps[i] = min(int(result["lengths"][b]), cap)
-            raw[i] = strokes[b, :steps[i]]
-            finished[i] = bool(result["finished"][b]) and int(result["lengths"][b]) <= cap
-
-    ### read back: the generated lines and the real ones, on the recognizer's scale
     rec_alphabet = Alphabet(rec_ckpt["alphabet"])
     rec_mean, rec_std = np.asarray(rec_ckpt["mean"], np.float32), np.asarray(rec_ckpt["std"], np.float32)
-    hyps = dict(zip(keep, read_lines(recognizer, [torch.from_numpy(normalize(raw[i].astype(np.float32), rec_mean, rec_std))
-                                                  for i in keep], rec_alphabet, args.batch_size)))
+    out = write_and_read(model, recognizer, [asked[i] for i in keep], alphabet, rec_alphabet, (ckpt["mean"], ckpt["std"]),
+                         (rec_mean, rec_std), args.bias, generator, args.batch_size, args.max_steps_per_char, progress=True)
+    raw, hyps, finished, steps = (dict(zip(keep, values)) for values in out)
     with_real = [i for i in keep if real_index[i] is not None]
     real_hyps = {}
     if with_real:

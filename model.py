@@ -542,6 +542,42 @@ def read_lines(model, strokes, alphabet, batch_size=64):
     return texts
 
 
+@torch.no_grad()
+def write_and_read(model, recognizer, texts, alphabet, rec_alphabet, norm, rec_norm, bias=1.0, generator=None,
+                   batch_size=64, max_steps_per_char=40, progress=False):
+    """Legibility (evaluate.py --legibility, train.py --recognizer): write every text with the synthesis model, batched
+    by length, and read the lines back with the recognizer. texts: strings in the model's alphabet; norm, rec_norm:
+    (mean, std) of the data each model was trained on. Each line is capped at max_steps_per_char points per character
+    of its own text (sample() caps a batch by its longest), so batching changes nothing.
+    Returns raw offsets [(T_i, 3) float64], recognised texts, finished flags and step counts, in the order of texts."""
+    import numpy as np
+    from dataset import denormalize, normalize
+    device = model.mdn.weight.device
+    was_training = model.training
+    model.eval()
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+    raw, finished, steps = [None] * len(texts), [False] * len(texts), [0] * len(texts)
+    batches = range(0, len(order), batch_size)
+    if progress:
+        from tqdm import tqdm
+        batches = tqdm(batches, desc="generating", unit="batch", disable=None)
+    for a in batches:
+        idx = order[a:a + batch_size]
+        text = nn.utils.rnn.pad_sequence([alphabet.encode(texts[i]) for i in idx], batch_first=True)
+        result = model.sample(text=text.to(device), bias=bias, generator=generator, max_steps_per_char=max_steps_per_char)
+        strokes = denormalize(result["strokes"].cpu().double().numpy(), *norm)
+        for b, i in enumerate(idx):
+            cap = max_steps_per_char * len(texts[i]) + 1
+            steps[i] = min(int(result["lengths"][b]), cap)
+            raw[i] = strokes[b, :steps[i]]
+            finished[i] = bool(result["finished"][b]) and int(result["lengths"][b]) <= cap
+    model.train(was_training)
+    rec_mean, rec_std = (np.asarray(v, np.float32) for v in rec_norm)
+    read = read_lines(recognizer, [torch.from_numpy(normalize(r.astype(np.float32), rec_mean, rec_std)) for r in raw],
+                      rec_alphabet, batch_size)
+    return raw, read, finished, steps
+
+
 def load_recognizer(checkpoint, map_location="cpu"):
     """Rebuild a Recognizer from a checkpoint dict or path (recognizer.py train). Raises FileNotFoundError or
     ValueError with a one-line message."""

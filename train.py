@@ -22,8 +22,9 @@ import time
 import torch
 import torch.distributed as dist
 
-from dataset import HandwritingDataset, augment, make_loader
-from model import HandwritingModel, ModelConfig, evaluate_nll, nll, summarize_nll, teacher_forcing
+from dataset import Alphabet, HandwritingDataset, augment, make_loader
+from model import (HandwritingModel, ModelConfig, error_rates, evaluate_nll, load_recognizer, nll, summarize_nll,
+                   teacher_forcing, write_and_read)
 from utils import (DTYPES, export_weights, learning_rate, load_checkpoint, pick_device, plot_loss_curve, restore_training_state,
                    save_checkpoint, save_sample_image, training_state)
 
@@ -66,6 +67,14 @@ def get_args(argv=None):
     p.add_argument("--eval-interval", type=int, default=500, help="steps between evaluations and checkpoints")
     p.add_argument("--eval-lines", type=int, default=0, help="validation lines to evaluate (0 = the whole split)")
     p.add_argument("--sample-text", default="The quick brown fox jumps over the lazy dog", help="phrase drawn at every evaluation (synthesis)")
+    p.add_argument("--recognizer", default=None,
+                   help="recognizer checkpoint (recognizer.py train; synthesis only): every evaluation also writes "
+                        "--legibility-lines validation texts and reads them back: val_cer and val_finished in metrics.jsonl")
+    p.add_argument("--legibility-lines", type=int, default=64, help="validation texts written per legibility check")
+    p.add_argument("--legibility-bias", type=float, default=1.0, help="sampling bias of the legibility check (section 5.4)")
+    p.add_argument("--select-by", choices=["nll", "cer"], default="nll",
+                   help="which validation figure picks best.pt (and so model.pt): NLL per line, or the legibility "
+                        "check's character error rate (needs --recognizer); the lowest NLL is not always the most legible")
     p.add_argument("--max-bad-steps", type=int, default=20, help="stop after this many consecutive NaN/Inf losses or gradients")
     # system
     p.add_argument("--device", default="auto", help="'auto' (CUDA when present), 'cpu', 'cuda', 'cuda:1', ...")
@@ -78,6 +87,8 @@ def get_args(argv=None):
     args = p.parse_args(argv)
     if args.schedule == "cosine" and not args.max_steps:
         p.error("--schedule cosine decays over --max-steps: give --max-steps N")
+    if args.select_by == "cer" and not args.recognizer:
+        p.error("--select-by cer needs --recognizer PATH (a recognizer.py checkpoint)")
     return args
 
 
@@ -88,7 +99,7 @@ class Run:
         self.step = 0              # optimiser steps done
         self.epoch = 0             # current epoch
         self.batch_in_epoch = 0    # batches of the current epoch already done
-        self.best_val = math.inf
+        self.best_val = math.inf   # lowest validation figure chosen by --select-by
         self.bad_steps = 0         # NaN/Inf updates skipped, in total
         self.bad_in_row = 0        # ... and since the last good one
         self.train_time = 0.0      # seconds spent training, over all resumed runs
@@ -159,6 +170,20 @@ def main(argv=None):
         raw_model.compile_window_step()
     if ddp:
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    ### legibility check (optional): a recognizer reads back validation texts written at every evaluation
+    recognizer = None
+    if args.recognizer:
+        if config.task != "synthesis":
+            sys.exit("error: --recognizer checks legibility of written text: it needs --task synthesis")
+        try:
+            recognizer, rec_ckpt = load_recognizer(args.recognizer, map_location=device)
+        except (FileNotFoundError, ValueError) as e:
+            sys.exit(f"error: {e}")
+        recognizer.to(device)
+        chars = set(train_set.alphabet.chars)
+        legible_texts = [t for t in (" ".join("".join(c for c in text if c in chars).split())
+                                     for text in valid_set.texts[:args.legibility_lines]) if t]
+
     log(f"{config.task} model: {raw_model.num_params() / 1e6:.2f}M parameters, {len(train_set)} train / "
         f"{len(valid_set)} valid lines, device {device}, dtype {args.dtype}, {world} process(es)")
     log("config: " + json.dumps({**vars(args), "out": out}) + "\nmodel config: " + json.dumps(config.to_dict()))
@@ -188,8 +213,16 @@ def main(argv=None):
         run.last_eval_step = run.step
         if not master:
             return metrics
-        improved = metrics["val_nll_per_line"] < run.best_val
-        run.best_val = min(run.best_val, metrics["val_nll_per_line"])
+        if recognizer is not None:   # same texts and seed every time: comparable from one evaluation to the next
+            generator = torch.Generator(device=device).manual_seed(args.seed)
+            _, read, finished, _ = write_and_read(
+                raw_model, recognizer, legible_texts, train_set.alphabet, Alphabet(rec_ckpt["alphabet"]),
+                (train_set.mean, train_set.std), (rec_ckpt["mean"], rec_ckpt["std"]), args.legibility_bias, generator,
+                args.batch_size)
+            metrics.update(val_cer=error_rates(legible_texts, read)["cer"], val_finished=sum(finished) / len(finished))
+        key = "val_cer" if args.select_by == "cer" else "val_nll_per_line"
+        improved = metrics[key] < run.best_val
+        run.best_val = min(run.best_val, metrics[key])
         os.makedirs(out, exist_ok=True)
         with open(os.path.join(out, "metrics.jsonl"), "a") as f:
             f.write(json.dumps(metrics) + "\n")
@@ -201,7 +234,9 @@ def main(argv=None):
         if improved:
             checkpoint(os.path.join(out, "best.pt"), metrics)
         log(f"step {run.step}: val {metrics['val_nll_per_line']:.1f} nats/line ({metrics['val_nll_per_point']:.3f}/point), "
-            f"train {metrics['train_loss']:.3f}/point, {metrics['points_per_s']:.0f} points/s" + (" *best*" if improved else ""))
+            f"train {metrics['train_loss']:.3f}/point, {metrics['points_per_s']:.0f} points/s"
+            + (f", CER {metrics['val_cer']:.3f} ({metrics['val_finished']:.0%} finished)" if "val_cer" in metrics else "")
+            + (" *best*" if improved else ""))
         return metrics
 
     ### Ctrl-C: finish the current batch, save, exit
@@ -265,7 +300,7 @@ def main(argv=None):
         export_weights(load_checkpoint(os.path.join(out, "best.pt")), os.path.join(out, "model.pt"))
     if metrics:
         log(f"done ({stop['why']}): {run.step} steps, {run.epoch} epochs, {run.train_time / 60:.1f} min training, "
-            f"val {metrics['val_nll_per_line']:.1f} nats/line (best {run.best_val:.1f}), {run.bad_steps} skipped steps; "
+            f"val {metrics['val_nll_per_line']:.1f} nats/line (best {args.select_by} {run.best_val:.4g}), {run.bad_steps} skipped steps; "
             f"checkpoints in {out}")
     if ddp:
         dist.barrier()           # rank 0 may still be writing checkpoints

@@ -542,22 +542,28 @@ def load_checkpoint(path, map_location="cpu", config_key="model_config", writer=
 
 
 def plot_loss_curve(metrics_path, png_path):
-    """Draw train and validation loss (nats per point) against steps from a metrics.jsonl file."""
+    """Draw train and validation loss (nats per point), validation NLL per line and, when train.py checked
+    legibility (--recognizer), the generated lines' CER, against steps from a metrics.jsonl file."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg   # Agg without touching pyplot's backend
     from matplotlib.figure import Figure
     with open(metrics_path) as f:
         rows = [json.loads(line) for line in f if line.strip()]
     steps = [r["step"] for r in rows]
-    fig = Figure(figsize=(10, 3.5))
+    cer = [(r["step"], r["val_cer"]) for r in rows if "val_cer" in r]
+    fig = Figure(figsize=(15 if cer else 10, 3.5))
     FigureCanvasAgg(fig)
-    ax1, ax2 = fig.subplots(1, 2)
+    axes = fig.subplots(1, 3 if cer else 2)
+    ax1, ax2 = axes[:2]
     ax1.plot(steps, [r["train_loss"] for r in rows], label="train")
     ax1.plot(steps, [r["val_nll_per_point"] for r in rows], label="validation")
     ax1.set(xlabel="step", ylabel="nats per point", title="loss")
     ax1.legend()
     ax2.plot(steps, [r["val_nll_per_line"] for r in rows], color="C1")
     ax2.set(xlabel="step", ylabel="nats per line", title="validation NLL (Graves' units)")
-    for ax in (ax1, ax2):
+    if cer:
+        axes[2].plot(*zip(*cer), color="C2", marker=".")
+        axes[2].set(xlabel="step", ylabel="character error rate", title="legibility: recognizer CER of written lines")
+    for ax in axes:
         ax.grid(alpha=0.3)
     fig.tight_layout()
     atomic_write(png_path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))

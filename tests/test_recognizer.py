@@ -13,9 +13,9 @@ import evaluate
 import generate
 import recognizer
 import train
-from dataset import HandwritingDataset, collate
-from model import (Recognizer, RecognizerConfig, ctc_loss, edit_distance, error_rates, greedy_decode,
-                   load_recognizer, read_lines)
+from dataset import Alphabet, HandwritingDataset, collate
+from model import (Recognizer, RecognizerConfig, ctc_loss, edit_distance, error_rates, greedy_decode, load_model,
+                   load_recognizer, read_lines, write_and_read)
 from utils import load_strokes
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -158,6 +158,35 @@ def test_legibility_end_to_end(trained, tiny_prepared, tmp_path, capsys):
     evaluate.main([*base, "--out", str(tmp_path / "b"), "--prompts", str(tmp_path / "prompts.txt")])
     result = json.loads(capsys.readouterr().out)
     assert result["lines"] == 2 and result["real_lines"] == 1
+
+
+def test_train_checks_legibility_and_selects_best_by_cer(trained, tiny_prepared, tmp_path):
+    rec = str(trained / "rec" / "model.pt")
+    train.main(["--data", str(tiny_prepared), "--out", str(tmp_path), "--hidden-size", "16", "--mixtures", "2",
+                "--window-gaussians", "2", "--batch-size", "8", "--tbptt", "0", "--no-progress", "--sample-text", "ab",
+                "--max-steps", "6", "--eval-interval", "2", "--lr", "3e-3", "--recognizer", rec, "--select-by", "cer",
+                "--legibility-lines", "4", "--legibility-bias", "0.5"])
+    rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    assert len(rows) >= 2 and all(0 <= r["val_cer"] and 0 <= r["val_finished"] <= 1 for r in rows)
+    best = torch.load(tmp_path / "best.pt", weights_only=True)
+    assert best["metrics"]["val_cer"] == min(r["val_cer"] for r in rows)              # picked by CER, the first lowest
+    assert best["step"] == next(r["step"] for r in rows if r["val_cer"] == best["metrics"]["val_cer"])
+    # the figure is the evaluate.py measure: the same texts, seed and bias give the same CER
+    syn, ckpt = load_model(str(tmp_path / "last.pt"))
+    rmodel, rckpt = load_recognizer(rec)
+    data = HandwritingDataset(tiny_prepared, "valid")
+    texts = data.texts[:4]
+    _, read, finished, _ = write_and_read(syn, rmodel, texts, data.alphabet, Alphabet(rckpt["alphabet"]),
+                                          (ckpt["mean"], ckpt["std"]), (rckpt["mean"], rckpt["std"]), 0.5,
+                                          torch.Generator().manual_seed(1337), 8)
+    assert rows[-1]["val_cer"] == pytest.approx(error_rates(texts, read)["cer"])
+    assert rows[-1]["val_finished"] == pytest.approx(sum(finished) / 4)
+    assert (tmp_path / "loss.png").stat().st_size > 0
+    for args, message in [(["--select-by", "cer"], "needs --recognizer"),
+                          (["--task", "prediction", "--recognizer", rec], "needs --task synthesis")]:
+        r = subprocess.run([sys.executable, "train.py", "--data", str(tiny_prepared), *args], cwd=ROOT,
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode != 0 and message in r.stderr and "Traceback" not in r.stderr, r.stderr
 
 
 def test_missing_files_give_one_line_errors(trained, tiny_prepared, tmp_path):
