@@ -441,12 +441,12 @@ BLANK = 0   # CTC blank = the dataset's padding id
 @dataclass
 class RecognizerConfig(Config):
     input_size: int = 3            # (dx, dy, eos) per point, normalised as for the handwriting model
-    conv_channels: int = 128       # channels of every convolution
+    conv_channels: int = 96       # channels of every convolution
     conv_layers: int = 3           # 1-D convolutions; the last log2(downsample) of them have stride 2
     kernel_size: int = 5           # points (odd)
     downsample: int = 4            # frames = ceil(points / downsample); a power of 2
-    hidden_size: int = 256         # LSTM cells per direction
-    layers: int = 3                # bidirectional LSTM layers
+    hidden_size: int = 128         # LSTM cells per direction
+    layers: int = 2                # bidirectional LSTM layers
     dropout: float = 0.2           # after the convolutions and between LSTM layers (training only)
     alphabet_size: int = 0         # characters; the output has alphabet_size + 1 classes (blank first)
 

@@ -164,7 +164,8 @@ def main(argv=None):
         log(f"resumed from {resume} at step {run.step} (epoch {run.epoch}, batch {run.batch_in_epoch})")
     elif ckpt:   # --init-from: weights only (float16 files are cast back), a new optimiser and run
         model.load_state_dict({k: v.float() for k, v in ckpt["model"].items()})
-        log(f"initialised from the weights of {args.init_from} (trained {ckpt.get('step', '?')} steps there)")
+        log(f"initialised from the weights of {args.init_from} (trained {ckpt.get('step', '?')} steps there; "
+            "its model config is used, the model-size flags are ignored)")
     raw_model = model
     if args.compile:
         raw_model.compile_window_step()
@@ -181,8 +182,8 @@ def main(argv=None):
             sys.exit(f"error: {e}")
         recognizer.to(device)
         chars = set(train_set.alphabet.chars)
-        legible_texts = [t for t in (" ".join("".join(c for c in text if c in chars).split())
-                                     for text in valid_set.texts[:args.legibility_lines]) if t]
+        texts = HandwritingDataset(args.data, "valid", max_lines=args.legibility_lines).texts   # not cut to --eval-lines
+        legible_texts = [t for t in (" ".join("".join(c for c in text if c in chars).split()) for text in texts) if t]
 
     log(f"{config.task} model: {raw_model.num_params() / 1e6:.2f}M parameters, {len(train_set)} train / "
         f"{len(valid_set)} valid lines, device {device}, dtype {args.dtype}, {world} process(es)")

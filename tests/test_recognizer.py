@@ -165,7 +165,7 @@ def test_train_checks_legibility_and_selects_best_by_cer(trained, tiny_prepared,
     train.main(["--data", str(tiny_prepared), "--out", str(tmp_path), "--hidden-size", "16", "--mixtures", "2",
                 "--window-gaussians", "2", "--batch-size", "8", "--tbptt", "0", "--no-progress", "--sample-text", "ab",
                 "--max-steps", "6", "--eval-interval", "2", "--lr", "3e-3", "--recognizer", rec, "--select-by", "cer",
-                "--legibility-lines", "4", "--legibility-bias", "0.5"])
+                "--legibility-lines", "4", "--legibility-bias", "0.5", "--eval-lines", "2"])   # legibility: 4 lines, not 2
     rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
     assert len(rows) >= 2 and all(0 <= r["val_cer"] and 0 <= r["val_finished"] <= 1 for r in rows)
     best = torch.load(tmp_path / "best.pt", weights_only=True)
