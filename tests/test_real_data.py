@@ -53,3 +53,20 @@ def test_real_dataset_loads(real):
     valid = HandwritingDataset(out / "iam_ondb.npz", "valid")
     strokes, text = valid[0]
     assert strokes.shape[1] == 3 and len(text) > 0 and len(valid) > 1000
+
+
+def test_shipped_models_read_and_write_real_text(real, tmp_path, capsys):
+    """The shipped recognizer reads real test lines, and reads the shipped synthesis model's lines of the same texts
+    (whole splits: 5.3 % and 9.6 % CER, checkpoints/README.md; these 32 lines get loose bounds)."""
+    import evaluate
+    import recognizer
+    _, out, _ = real
+    data, rec, syn = str(out / "iam_ondb.npz"), str(ROOT / "checkpoints" / "recognizer.pt"), str(ROOT / "checkpoints" / "synthesis.pt")
+    recognizer.main(["evaluate", "--checkpoint", rec, "--data", data, "--split", "test", "--max-lines", "32"])
+    real_lines = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert real_lines["lines"] == 32 and real_lines["cer"] < 0.12
+    evaluate.main(["--checkpoint", syn, "--legibility", "--recognizer", rec, "--data", data, "--split", "test",
+                   "--max-lines", "32", "--bias", "1", "--out", str(tmp_path)])
+    written = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert written["lines"] == 32 and written["cer_generated"] < 0.2 and written["finished_fraction"] >= 0.85
+    assert written["cer_real"] == pytest.approx(real_lines["cer"])     # the same lines, the same reading
