@@ -14,8 +14,9 @@ g --text "Handwriting from text\nin one command" --bias 1 --seed 1 --out "$out/s
   --plot-attention "$out/attention.png"
 # the legibility sheet (issue 5): 10 sentences not in the training text, bias 1, one line each
 g --text-file docs/sentences.txt --max-chars-per-line 48 --bias 1 --seed 1 --out "$out/sheet.png"
+# the same four sentences of the sheet at bias 0, 0.5, 1 and 2 (issue 5)
 for b in 0 0.5 1 2; do
-  g --text "the quick brown fox" --bias "$b" --seed 4 --out "$out/bias_$b.png" --line-height 80
+  g --text-file <(head -4 docs/sentences.txt) --max-chars-per-line 48 --bias "$b" --seed 4 --out "$out/bias_$b.png"
 done
 g --text "Three versions" --num-samples 3 --bias 0.75 --seed 7 --out "$out/samples.png"
 g --text "the quick brown fox" --style 3 --bias 1 --seed 4 --show-prime --out "$out/style.png"
