@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# A GPU session's work in stages, each one command that ends within a time budget (the device tool allows 10
+# minutes a call; DEVELOPERS.md). Needs only the prepared arrays: data/processed/iam_ondb.npz (16 MB; carry it).
+#   bash docs/gpu_session.sh bench                # bench.py on the GPU: bf16, eager and compiled, batch 64 and 256
+#   bash docs/gpu_session.sh synthesis 8          # train 8 more minutes (resumes runs/synthesis), evaluate, sample
+#   bash docs/gpu_session.sh prediction 8         # the same for the prediction network
+# Results go to $OUT (default out/): log.txt, metrics.jsonl, loss.png, the last training sample, model.pt (float16
+# weights, the file to ship), valid.json (evaluate.py on the whole validation split, best.pt), legibility.json
+# (synthesis: evaluate.py --legibility, bias 1, 300 validation prompts) and last.pt cut into 15 MB parts
+# (last.pt.part-aa, ...): on a fresh machine, put the parts back in runs/TASK/ and this script joins them and resumes.
+# Environment: TRAIN_ARGS adds train.py flags (e.g. "--batch-size 128 --lr 2e-3"); DEVICE (cuda) and DTYPE (bfloat16);
+# EVAL_ARGS adds evaluate.py flags (e.g. "--max-lines 100" for a quick run).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+stage=${1:?usage: bash docs/gpu_session.sh bench|synthesis|prediction [MINUTES]}
+minutes=${2:-8}
+out=${OUT:-out}
+device=${DEVICE:-cuda}
+dtype=${DTYPE:-bfloat16}
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1
+exec > >(tee -a "$out/log.txt") 2>&1
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo "no nvidia-smi"
+
+case $stage in
+  bench)
+    for b in 64 256; do
+      python bench.py --device "$device" --dtype "$dtype" --batch-size "$b" > "$out/bench_b$b.json"
+      python bench.py --device "$device" --dtype "$dtype" --batch-size "$b" --compile --skip-reference \
+        > "$out/bench_b${b}_compile.json"
+    done
+    ;;
+  synthesis|prediction)
+    run=runs/$stage
+    if [ ! -f "$run/last.pt" ] && compgen -G "$run/last.pt.part-*" > /dev/null; then
+      cat "$run"/last.pt.part-* > "$run/last.pt"
+      echo "joined $run/last.pt from its parts"
+    fi
+    extra=()
+    if [ "$stage" = synthesis ]; then
+      extra=(--recognizer checkpoints/recognizer.pt --select-by cer --legibility-lines 128)
+    fi
+    # shellcheck disable=SC2086
+    python train.py --task "$stage" --out "$run" --resume auto --time-limit "$minutes" --device "$device" \
+      --dtype "$dtype" --no-progress "${extra[@]}" ${TRAIN_ARGS:-}
+    cp "$run/metrics.jsonl" "$run/loss.png" "$run/model.pt" "$out/"
+    last_sample=$(ls "$run"/sample_*.png 2>/dev/null | tail -1)
+    [ -n "$last_sample" ] && cp "$last_sample" "$out/"
+    # shellcheck disable=SC2086
+    python evaluate.py --checkpoint "$run/best.pt" --split valid --device "$device" ${EVAL_ARGS:-} | tail -1 \
+      | tee "$out/valid.json"
+    if [ "$stage" = synthesis ]; then
+      # shellcheck disable=SC2086
+      python evaluate.py --checkpoint "$run/best.pt" --legibility --split valid --max-lines 300 --bias 1 \
+        --device "$device" --out "$run/legibility" ${EVAL_ARGS:-} | tail -1 | tee "$out/legibility.json"
+    fi
+    rm -f "$out"/last.pt.part-*
+    split -b 15M "$run/last.pt" "$out/last.pt.part-"
+    ;;
+  *)
+    echo "unknown stage '$stage': use bench, synthesis or prediction" >&2
+    exit 2
+    ;;
+esac
+echo "stage $stage done; files in $out: $(ls "$out" | tr '\n' ' ')"
