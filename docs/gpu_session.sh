@@ -9,7 +9,7 @@
 # (synthesis: evaluate.py --legibility, bias 1, 300 validation prompts) and last.pt cut into 15 MB parts
 # (last.pt.part-aa, ...): on a fresh machine, put the parts back in runs/TASK/ and this script joins them and resumes.
 # Environment: TRAIN_ARGS adds train.py flags (e.g. "--batch-size 128 --lr 2e-3"); DEVICE (cuda) and DTYPE (bfloat16);
-# EVAL_ARGS adds evaluate.py flags (e.g. "--max-lines 100" for a quick run).
+# EVAL_ARGS adds evaluate.py flags (e.g. "--max-lines 100" for a quick run); RUN is the run folder (runs/TASK).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 stage=${1:?usage: bash docs/gpu_session.sh bench|synthesis|prediction [MINUTES]}
@@ -31,7 +31,7 @@ case $stage in
     done
     ;;
   synthesis|prediction)
-    run=runs/$stage
+    run=${RUN:-runs/$stage}
     if [ ! -f "$run/last.pt" ] && compgen -G "$run/last.pt.part-*" > /dev/null; then
       cat "$run"/last.pt.part-* > "$run/last.pt"
       echo "joined $run/last.pt from its parts"

@@ -159,3 +159,31 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tiny_prepared, tmp_path):
     assert "done (interrupted)" in out
     ckpt = torch.load(tmp_path / "last.pt", weights_only=True)
     assert ckpt["step"] > 0 and ckpt["step"] == ckpt["run"]["last_eval_step"]
+
+
+def test_gpu_session_script_trains_evaluates_and_resumes_from_parts(tiny_prepared, tmp_path):
+    """docs/gpu_session.sh (CPU, tiny sizes): a stage leaves model.pt, metrics and last.pt in parts in $OUT; a call
+    on a 'fresh machine' (no last.pt, only the parts put back) joins them and trains on."""
+    run = tmp_path / "run"
+    tiny = " ".join(["--data", str(tiny_prepared), *TINY, "--eval-interval", "2", "--legibility-lines", "3"])
+
+    def stage(out, steps):
+        env = {**os.environ, "DEVICE": "cpu", "DTYPE": "float32", "RUN": str(run), "OUT": str(out),
+               "TRAIN_ARGS": f"{tiny} --max-steps {steps}", "EVAL_ARGS": f"--data {tiny_prepared}"}
+        r = subprocess.run(["bash", "docs/gpu_session.sh", "synthesis", "1"], cwd=ROOT, env=env,
+                           capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+        return r.stdout
+
+    stage(tmp_path / "a", 2)
+    a = tmp_path / "a"
+    assert {"model.pt", "metrics.jsonl", "loss.png", "valid.json", "legibility.json", "log.txt"} <= {p.name for p in a.iterdir()}
+    assert json.loads((a / "valid.json").read_text())["lines"] == 5
+    assert 0 <= json.loads((a / "legibility.json").read_text())["cer_generated"]
+    first = torch.load(run / "last.pt", weights_only=True)["step"]
+    (run / "last.pt").unlink()
+    for part in a.glob("last.pt.part-*"):
+        (run / part.name).write_bytes(part.read_bytes())
+    log = stage(tmp_path / "b", first + 2)
+    assert "joined" in log and f"resumed from {run / 'last.pt'} at step {first}" in log
+    assert torch.load(run / "last.pt", weights_only=True)["step"] > first
