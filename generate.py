@@ -78,6 +78,9 @@ def get_args(argv=None):
     s.add_argument("--max-steps-per-char", type=int, metavar="N", default=40,
                    help="safety cap for synthesis: a line stops after this many points per character of its text "
                         "(default: 40; real lines take about 20-25)")
+    s.add_argument("--retries", type=int, metavar="N", default=2,
+                   help="a line that reaches that cap (its window stalled) is sampled again, up to N more times; "
+                        "0 = keep it as it is (default: 2)")
     s.add_argument("--device", default="cpu", metavar="DEV", help="torch device: cpu, cuda, cuda:1, mps (default: cpu)")
     s.add_argument("--threads", type=int, metavar="N", default=1,
                    help="CPU threads for torch (default: 1; sampling runs one small step at a time, where more threads "
@@ -149,6 +152,8 @@ def check_args(args):
              f"not {args.max_chars_per_line}")
     if not 1 <= args.steps <= MAX_STEPS:
         fail(f"--steps must be between 1 and {MAX_STEPS}, not {args.steps}")
+    if args.retries < 0:
+        fail(f"--retries must be >= 0, not {args.retries}")
     if args.max_steps_per_char < 1:
         fail(f"--max-steps-per-char must be >= 1, not {args.max_steps_per_char}")
     if not 0 < args.stroke_width <= 50:
@@ -448,17 +453,19 @@ def generate(args):
         for b, i in enumerate(ids):
             text_ids[b, :len(i)] = i
         result = model.sample(text=text_ids.to(device), bias=args.bias, prime=prime, generator=generator,
-                              max_steps_per_char=args.max_steps_per_char, record=record)
+                              max_steps_per_char=args.max_steps_per_char, record=record, retries=args.retries)
     else:
         result = model.sample(steps=args.steps, bias=args.bias, prime=prime, generator=generator, batch_size=B,
                               record=record)
     result = {k: v.cpu() for k, v in result.items()}
     t_sampled = time.perf_counter()
-    cap = result["strokes"].shape[1]
     for b in np.flatnonzero(~result["finished"].numpy()):
-        print(f"generate.py: warning: {where[b]} ({texts[b][:30]!r}) did not finish within {cap} steps; "
-              f"try a lower --bias, a shorter line (--max-chars-per-line), another --style or a better-trained "
-              f"checkpoint", file=sys.stderr)
+        print(f"generate.py: warning: {where[b]} ({texts[b][:30]!r}) did not reach the end of its text within the "
+              f"cap (--max-steps-per-char) in {int(result['attempts'][b])} attempt(s); try another --seed, a lower --bias, "
+              f"a shorter line (--max-chars-per-line), another --style or a better-trained checkpoint", file=sys.stderr)
+    for b in np.flatnonzero(result["finished"].numpy() & (result["attempts"].numpy() > 1)):
+        print(f"generate.py: {where[b]} ({texts[b][:30]!r}) was sampled again: attempt {int(result['attempts'][b])} "
+              f"finished (the ones before reached the cap)", file=sys.stderr)
 
     ### the page
     import utils

@@ -280,7 +280,7 @@ class HandwritingModel(nn.Module):
 
     @torch.no_grad()
     def sample(self, text=None, steps=None, bias=0.0, prime=None, generator=None,
-               batch_size=None, max_steps_per_char=40, record=False):
+               batch_size=None, max_steps_per_char=40, record=False, retries=0):
         """Sample handwriting, all lines of the batch together.
 
         text: (B, U) ids (synthesis; padded with 0), which should already include the priming text
@@ -289,9 +289,10 @@ class HandwritingModel(nn.Module):
         last character (phi(t, U) > phi(t, u) for all u < U), capped at max_steps_per_char * U.
         prime: (Tp, 3) or (B, Tp, 3) normalised real strokes to feed first (style priming), without the line's
         first (0, 0) point: the start token x_0 = 0 takes its place, as in training.
+        retries: lines that hit the cap are sampled again (together, the generator going on), up to this many times.
         Returns dict: strokes (B, T, 3) normalised offsets with eos in {0, 1}; lengths (B,) points per line;
-        finished (B,) bool (synthesis: False when the cap was hit); and if record: eos_prob (B, T),
-        mixture (B, T, 1 + 6M raw outputs, for density plots), phi (B, T, U + 1)."""
+        finished (B,) bool (synthesis: False when the cap was hit); attempts (B,) samplings per line; and if
+        record: eos_prob (B, T), mixture (B, T, 1 + 6M raw outputs, for density plots), phi (B, T, U + 1)."""
         device = self.mdn.weight.device
         if self.synthesis:
             if text is None:
@@ -354,12 +355,19 @@ class HandwritingModel(nn.Module):
         # the last point of each line ends its stroke
         strokes[torch.arange(B, device=device), (lengths - 1).clamp(min=0), 2] = 1.0
         result = {"strokes": strokes, "lengths": lengths,
-                  "finished": finished if self.synthesis else torch.ones(B, dtype=torch.bool, device=device)}
+                  "finished": finished if self.synthesis else torch.ones(B, dtype=torch.bool, device=device),
+                  "attempts": torch.ones(B, dtype=torch.long, device=device)}
         if record:
             result["eos_prob"] = torch.stack(eos_prob, dim=1)
             result["mixture"] = torch.stack(ys, dim=1)
             if self.synthesis:
                 result["phi"] = torch.stack(phis, dim=1)
+        if self.synthesis and retries > 0 and not bool(finished.all()):
+            again = torch.nonzero(~finished).squeeze(1)
+            retry = self.sample(text[again], bias=bias, generator=generator, max_steps_per_char=max_steps_per_char,
+                                prime=None if prime is None else prime[again], record=record, retries=retries - 1)
+            retry["attempts"] += 1
+            result = replace_rows(result, retry, again)
         return result
 
     @staticmethod
@@ -379,6 +387,22 @@ class HandwritingModel(nn.Module):
         x2 = mu2 + s2 * (rho * normal[:, 0] + torch.sqrt(1 - rho ** 2) * normal[:, 1])
         eos = (uniform[:, 1] < torch.sigmoid(mix.eos_logit)).float()
         return torch.stack([x1, x2, eos], dim=-1)
+
+
+def replace_rows(result, other, rows):
+    """Put the lines of `other` (a sample() result for len(rows) lines) into `result` at `rows`; tensors with a
+    time axis (dim 1) are zero-padded to the longer of the two."""
+    merged = {}
+    for key, value in result.items():
+        new = other[key]
+        if value.dim() > 1 and value.shape[1] != new.shape[1]:
+            T = max(value.shape[1], new.shape[1])
+            pad = lambda v: F.pad(v, [0, 0] * (v.dim() - 2) + [0, T - v.shape[1]])
+            value, new = pad(value), pad(new)
+        value = value.clone()
+        value[rows] = new
+        merged[key] = value
+    return merged
 
 
 def load_model(checkpoint, map_location="cpu", expect_task=None):

@@ -116,7 +116,7 @@ def test_same_seed_same_bytes(files, tmp_path, ext):
 def test_lines_and_samples_are_one_batch(files, tmp_path, spy):
     out = tmp_path / "page.png"
     assert run(files, "synthesis", out, "--text", "ab cd\n\nef gh ij kl mn", "--max-chars-per-line", "8",
-               "--num-samples", "3") == 0
+               "--num-samples", "3", "--retries", "0") == 0              # retries would add calls for stalled lines
     assert len(spy) == 1
     text = spy[0]["text"]                                                      # (B, U): 3 lines x 3 samples
     assert text.shape[0] == 9 and (text[:, 0] > 0).all()
@@ -171,7 +171,10 @@ def test_views_and_attention(files, tmp_path, view):
 def test_unfinished_line_is_reported(files, tmp_path, capsys):
     assert run(files, "synthesis", tmp_path / "x.png", "--text", "abc\ndefgh", "--max-steps-per-char", "1") == 0
     err = capsys.readouterr().err
-    assert "line 1" in err and "line 2" in err and "did not finish within" in err and "--bias" in err
+    assert "line 1" in err and "line 2" in err and "did not reach the end of its text" in err and "--bias" in err
+    assert "in 3 attempt(s)" in err                                          # --retries 2 by default
+    assert run(files, "synthesis", tmp_path / "x.png", "--text", "abc", "--max-steps-per-char", "1", "--retries", "0") == 0
+    assert "in 1 attempt(s)" in capsys.readouterr().err
 
 
 def errors(files, tmp_path):
@@ -204,6 +207,7 @@ def errors(files, tmp_path):
         (syn + ["--text", "ab", "--plot-attention", str(tmp_path / "a.gif")], "unsupported extension '.gif'"),
         (syn + ["--text", "ab", "--color", "sparkly"], "is not a colour"),
         (syn + ["--text", "ab", "--bias", "-1"], "--bias must be >= 0"),
+        (syn + ["--text", "ab", "--retries", "-1"], "--retries must be >= 0"),
         (syn + ["--text", "ab", "--device", "nonsense"], "--device nonsense cannot be used"),
         (syn + [], "nothing to write"),
         (["--task", "prediction", "--checkpoint", files["prediction"], "--text", "ab"], "are for --task synthesis"),

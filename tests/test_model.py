@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from model import HandwritingModel, ModelConfig, mixture_params, nll, teacher_forcing
+from model import HandwritingModel, ModelConfig, mixture_params, nll, replace_rows, teacher_forcing
 
 
 def tiny(task, **kw):
@@ -229,6 +229,31 @@ def test_stopping_step_matches_the_rule_checked_naively():
         first = next(t for t in range(phi.shape[0]) if phi[t, U] > phi[t, :U].max())
         assert int(r["lengths"][b]) == first
     assert int(r["lengths"][1]) < int(r["lengths"][0])
+
+
+def test_lines_that_hit_the_cap_are_sampled_again():
+    """retries: only the lines that hit the cap are sampled again (the others are exactly as without retries)."""
+    model = tiny("synthesis").float()
+    with torch.no_grad():
+        model.window.bias[4:].fill_(math.log(0.5))      # kappa += ~0.5 characters per step
+        model.window.weight[4:].zero_()
+    text = torch.tensor([[1, 2, 3, 4, 5, 6, 7, 1, 2, 3], [3, 2, 1, 0, 0, 0, 0, 0, 0, 0]])
+    kw = dict(max_steps_per_char=1, record=True)         # cap 11 steps: the 10-character line cannot finish
+    r0 = model.sample(text, generator=torch.Generator().manual_seed(0), **kw)
+    r2 = model.sample(text, generator=torch.Generator().manual_seed(0), retries=2, **kw)
+    assert r0["finished"].tolist() == r2["finished"].tolist() == [False, True]
+    assert r0["attempts"].tolist() == [1, 1] and r2["attempts"].tolist() == [3, 1]
+    for key in r0:
+        assert r2[key].shape == r0[key].shape and torch.equal(r2[key][1], r0[key][1]), key
+    assert not torch.equal(r2["strokes"][0], r0["strokes"][0])          # line 0 was drawn again
+
+
+def test_replace_rows_pads_the_time_axis():
+    a = {"strokes": torch.zeros(3, 4, 3), "lengths": torch.tensor([4, 4, 4])}
+    b = {"strokes": torch.ones(1, 6, 3), "lengths": torch.tensor([6])}
+    m = replace_rows(a, b, torch.tensor([1]))
+    assert m["strokes"].shape == (3, 6, 3) and m["lengths"].tolist() == [4, 6, 4]
+    assert m["strokes"][1].eq(1).all() and m["strokes"][[0, 2]].eq(0).all() and a["strokes"].eq(0).all()
 
 
 def test_paper_size_parameter_count():
