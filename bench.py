@@ -7,7 +7,7 @@ Speed benchmark: training throughput of our model against a textbook implementat
 
 Prints one JSON object:
 - train: points per second for one optimiser step (forward, float32 loss, backward, gradient-norm clip, Adam; as in
-  train.py) at paper size (3 x 400 LSTM, M = 20 mixtures, K = 10 window Gaussians, 80 characters), for our model
+  train.py) at paper size (3 x 400 LSTM, M = 20 mixtures, K = 10 window Gaussians, 81 characters), for our model
   (model.py) and for the textbook reference (reference.py: nn.LSTMCell loop, plain window and MDN) in the same
   run, repetitions interleaved so that a change of machine load hits both; the speed-up is ours / reference;
 - sample: seconds to sample one 40-character line and a batch of 64 lines, with a fixed number of points per
@@ -176,7 +176,7 @@ def main(argv=None):
 
     ### paper-size model and its textbook twin (same weights)
     config = ModelConfig(task=args.task, hidden_size=400, layers=3, mixtures=20, window_gaussians=10,
-                         alphabet_size=80 if args.task == "synthesis" else 0)
+                         alphabet_size=81 if args.task == "synthesis" else 0)
     model = HandwritingModel(config).to(device)
     if args.compile:
         model.compile_window_step()

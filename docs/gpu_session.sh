@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # A GPU session's work in stages, each one command that ends within a time budget (the device tool allows 10
-# minutes a call; DEVELOPERS.md). Needs only the prepared arrays: data/processed/iam_ondb.npz (16 MB; carry it).
+# minutes a call). Needs only the prepared arrays: data/processed/iam_ondb.npz (16 MB; carry it).
 #   bash docs/gpu_session.sh bench                # bench.py on the GPU: bf16, eager and compiled, batch 64 and 256
 #   bash docs/gpu_session.sh synthesis 8          # train 8 more minutes (resumes runs/synthesis), evaluate, sample
 #   bash docs/gpu_session.sh prediction 8         # the same for the prediction network
