@@ -201,12 +201,17 @@ def test_sampling_is_seeded_and_batched(task):
         assert r1["phi"].shape == (2, T, 5)
 
 
+def steady_window(model, chars_per_step):
+    """Make kappa move by exactly chars_per_step per step (window_gaussians=2: kappa_hat is outputs 4 and 5)."""
+    with torch.no_grad():
+        model.window.bias[4:].fill_(math.log(chars_per_step))
+        model.window.weight[4:].zero_()
+    return model
+
+
 def test_sampling_stops_when_window_passes_the_text():
     """Force kappa to race ahead: every line must stop long before the cap and be marked finished."""
-    model = tiny("synthesis").float()
-    with torch.no_grad():
-        model.window.bias[4:].fill_(math.log(2.0))      # kappa += ~2 characters per step
-        model.window.weight[4:].zero_()
+    model = steady_window(tiny("synthesis").float(), 2.0)
     text = torch.tensor([[1, 2, 3, 4, 5, 6]])
     r = model.sample(text, generator=torch.Generator().manual_seed(0), max_steps_per_char=20)
     assert r["finished"].all() and int(r["lengths"][0]) < 10
@@ -217,10 +222,7 @@ def test_sampling_stops_when_window_passes_the_text():
 
 def test_stopping_step_matches_the_rule_checked_naively():
     """Lines of different lengths in one batch: each stops at the first step where phi(U) beats every phi(u < U)."""
-    model = tiny("synthesis").float()
-    with torch.no_grad():
-        model.window.bias[4:].fill_(math.log(0.3))      # kappa += ~0.3 characters per step
-        model.window.weight[4:].zero_()
+    model = steady_window(tiny("synthesis").float(), 0.3)
     text = torch.tensor([[1, 2, 3, 4, 5, 6, 7, 1, 2, 3], [3, 2, 1, 0, 0, 0, 0, 0, 0, 0]])
     r = model.sample(text, generator=torch.Generator().manual_seed(0), record=True)
     assert r["finished"].all()
@@ -233,10 +235,7 @@ def test_stopping_step_matches_the_rule_checked_naively():
 
 def test_lines_that_hit_the_cap_are_sampled_again():
     """retries: only the lines that hit the cap are sampled again (the others are exactly as without retries)."""
-    model = tiny("synthesis").float()
-    with torch.no_grad():
-        model.window.bias[4:].fill_(math.log(0.5))      # kappa += ~0.5 characters per step
-        model.window.weight[4:].zero_()
+    model = steady_window(tiny("synthesis").float(), 0.5)
     text = torch.tensor([[1, 2, 3, 4, 5, 6, 7, 1, 2, 3], [3, 2, 1, 0, 0, 0, 0, 0, 0, 0]])
     kw = dict(max_steps_per_char=1, record=True)         # cap 11 steps: the 10-character line cannot finish
     r0 = model.sample(text, generator=torch.Generator().manual_seed(0), **kw)
