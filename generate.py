@@ -353,9 +353,7 @@ def density_map(page, results, rows, mean, std, bias, shape):
     heat = torch.zeros(H * W)
     mean_t, std_t = torch.tensor(mean, dtype=torch.float32), torch.tensor(std, dtype=torch.float32)
     s = page.scale
-    for line, b in zip(page.lines, rows):
-        if line is None:
-            continue
+    for line, b in zip([ln for ln in page.lines if ln is not None], rows):   # rows: batch row of each drawn line
         T = int(results["lengths"][b])
         if T == 0:
             continue

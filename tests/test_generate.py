@@ -166,6 +166,9 @@ def test_views_and_attention(files, tmp_path, view):
     assert out.stat().st_size > 500 and att.stat().st_size > 500
     assert run(files, "synthesis", tmp_path / f"{view}.svg", "--view", view) == 0
     ET.parse(tmp_path / f"{view}.svg")
+    # blank rows (an empty line, the gap between samples) and a priming line do not shift the views' rows
+    assert run(files, "synthesis", out, "--view", view, "--text", "ab\n\ncd e", "--num-samples", "2",
+               "--style", "0", "--show-prime") == 0
 
 
 def test_unfinished_line_is_reported(files, tmp_path, capsys):
@@ -252,3 +255,19 @@ def test_shipped_styles():
         off = np.asarray(s["offsets"])
         assert off.shape[1] == 3 and off[0, :2].tolist() == [0, 0] and off[-1, 2] == 1 and s["text"]
     assert (ROOT / "docs" / "styles.png").exists()
+
+
+def test_density_map_follows_each_drawn_line_past_blank_rows():
+    """density_map pairs page lines with batch rows: a blank row between them must not shift the pairing."""
+    import utils
+    g = torch.Generator().manual_seed(0)
+    offsets = [torch.randn(n, 3, generator=g).numpy() * [20, 5, 0] + [30, 0, 0] for n in (5, 9)]
+    lines = [utils.PageLine(offsets[0]), None, utils.PageLine(offsets[1])]
+    page = utils.layout_page(lines, line_height=60, margin=10)
+    results = {"lengths": torch.tensor([5, 9]), "mixture": torch.randn(2, 9, 1 + 6 * 2, generator=g)}
+    heat = generate.density_map(page, results, [0, 1], np.zeros(2), np.full(2, 20.0), 0.0, (page.height, page.width))
+    assert heat.shape == (page.height, page.width)
+    for ln in (lines[0], lines[2]):                               # density around both lines' pens
+        x0, y0 = ln.xy.min(0).astype(int)
+        x1, y1 = ln.xy.max(0).astype(int)
+        assert heat[max(y0 - 3, 0):y1 + 4, max(x0 - 3, 0):x1 + 4].sum() > 0
