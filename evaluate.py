@@ -46,6 +46,9 @@ def get_args(argv=None):
     g.add_argument("--seed", type=int, default=0, help="sampling seed (the same seed and batch size give the same lines)")
     g.add_argument("--max-steps-per-char", type=int, default=40,
                    help="step cap: a line stops after this many points per character (real lines take about 21)")
+    g.add_argument("--retries", type=int, default=0,
+                   help="write a line again when it reaches the cap, up to N more times, as generate.py does "
+                        "(default 0: the model's own first-attempt figures)")
     g.add_argument("--worst", type=int, default=12, help="lines drawn in OUT/worst.png, highest CER first")
     g.add_argument("--out", default="samples/legibility", help="folder for legibility.jsonl, worst.png and generated.npz")
     return p.parse_args(argv)
@@ -119,7 +122,8 @@ def legibility(args, device):
     rec_alphabet = Alphabet(rec_ckpt["alphabet"])
     rec_mean, rec_std = np.asarray(rec_ckpt["mean"], np.float32), np.asarray(rec_ckpt["std"], np.float32)
     out = write_and_read(model, recognizer, [asked[i] for i in keep], alphabet, rec_alphabet, (ckpt["mean"], ckpt["std"]),
-                         (rec_mean, rec_std), args.bias, generator, args.batch_size, args.max_steps_per_char, progress=True)
+                         (rec_mean, rec_std), args.bias, generator, args.batch_size, args.max_steps_per_char, progress=True,
+                         retries=args.retries)
     raw, hyps, finished, steps = (dict(zip(keep, values)) for values in out)
     with_real = [i for i in keep if real_index[i] is not None]
     real_hyps = {}
@@ -149,7 +153,7 @@ def legibility(args, device):
                os.path.join(args.out, "worst.png"))
     gen = error_rates([asked[i] for i in keep], [hyps[i] for i in keep])
     rea = error_rates([real.texts[real_index[i]] for i in with_real], [real_hyps[i] for i in with_real]) if with_real else None
-    print(json.dumps({"checkpoint": args.checkpoint, "recognizer": args.recognizer, "bias": args.bias, "seed": args.seed,
+    print(json.dumps({"checkpoint": args.checkpoint, "recognizer": args.recognizer, "bias": args.bias, "seed": args.seed, "retries": args.retries,
                       "lines": len(keep), "cer_generated": gen["cer"], "wer_generated": gen["wer"],
                       "cer_real": rea and rea["cer"], "wer_real": rea and rea["wer"], "real_lines": len(with_real),
                       "finished_fraction": sum(finished.values()) / len(keep),

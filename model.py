@@ -568,11 +568,12 @@ def read_lines(model, strokes, alphabet, batch_size=64):
 
 @torch.no_grad()
 def write_and_read(model, recognizer, texts, alphabet, rec_alphabet, norm, rec_norm, bias=1.0, generator=None,
-                   batch_size=64, max_steps_per_char=40, progress=False):
+                   batch_size=64, max_steps_per_char=40, progress=False, retries=0):
     """Legibility (evaluate.py --legibility, train.py --recognizer): write every text with the synthesis model, batched
     by length, and read the lines back with the recognizer. texts: strings in the model's alphabet; norm, rec_norm:
     (mean, std) of the data each model was trained on. Each line is capped at max_steps_per_char points per character
-    of its own text (sample() caps a batch by its longest), so batching changes nothing.
+    of its own text (sample() caps a batch by its longest), so batching changes nothing. retries: as in sample()
+    (lines that reach the batch's cap are written again; what generate.py users get).
     Returns raw offsets [(T_i, 3) float64], recognised texts, finished flags and step counts, in the order of texts."""
     import numpy as np
     from dataset import denormalize, normalize
@@ -588,7 +589,8 @@ def write_and_read(model, recognizer, texts, alphabet, rec_alphabet, norm, rec_n
     for a in batches:
         idx = order[a:a + batch_size]
         text = nn.utils.rnn.pad_sequence([alphabet.encode(texts[i]) for i in idx], batch_first=True)
-        result = model.sample(text=text.to(device), bias=bias, generator=generator, max_steps_per_char=max_steps_per_char)
+        result = model.sample(text=text.to(device), bias=bias, generator=generator, max_steps_per_char=max_steps_per_char,
+                              retries=retries)
         strokes = denormalize(result["strokes"].cpu().double().numpy(), *norm)
         for b, i in enumerate(idx):
             cap = max_steps_per_char * len(texts[i]) + 1

@@ -152,6 +152,16 @@ def test_legibility_end_to_end(trained, tiny_prepared, tmp_path, capsys):
     assert all(r["steps"] <= 5 * len(r["text"]) + 1 for r in rows)
     assert (tmp_path / "a" / "worst.png").stat().st_size > 0
     assert len(load_strokes(tmp_path / "a" / "generated.npz")[2]) == 5
+    # --retries (as generate.py), all lines in one batch: lines finished at the first attempt stay as they were,
+    # stalled ones get more tries
+    one_batch = [*base, "--batch-size", "8"]
+    evaluate.main([*one_batch, "--out", str(tmp_path / "r0")])
+    first = json.loads(capsys.readouterr().out)
+    evaluate.main([*one_batch, "--out", str(tmp_path / "r2"), "--retries", "2"])
+    retried = json.loads(capsys.readouterr().out)
+    assert retried["retries"] == 2 and retried["finished_fraction"] >= first["finished_fraction"]
+    rows0, rows2 = ([json.loads(line) for line in open(tmp_path / d / "legibility.jsonl")] for d in ("r0", "r2"))
+    assert all(a["recognised"] == b["recognised"] for a, b in zip(rows0, rows2) if a["finished"])
     # a prompts file: one text with a real test line, one without
     real_text = HandwritingDataset(tiny_prepared, "test").texts[2]
     (tmp_path / "prompts.txt").write_text(f"{real_text}\n\nnot a real  line\n", encoding="utf-8")
