@@ -71,6 +71,10 @@ class Alphabet:
         """Characters of `text` not in the alphabet, each once, in order of appearance."""
         return list(dict.fromkeys(c for c in text if c not in self.index))
 
+    def writable(self, text):
+        """`text` as a model with this alphabet writes it: unknown characters left out, runs of spaces made one."""
+        return " ".join("".join(c for c in text if c in self.index).split())
+
     def encode(self, text, drop_unknown=False):
         """str -> LongTensor (U,); unknown characters raise ValueError, or are left out with drop_unknown."""
         unknown = self.unknown(text)

@@ -110,7 +110,7 @@ def legibility(args, device):
     unknown = list(dict.fromkeys(c for p in prompts for c in alphabet.unknown(p)))
     if unknown:
         print(f"evaluate.py: warning: left out characters the model lacks: {' '.join(map(repr, unknown))}", file=sys.stderr)
-    asked = [" ".join("".join(c for c in p if c in alphabet.index).split()) for p in prompts]   # what the model writes
+    asked = [alphabet.writable(p) for p in prompts]                       # what the model writes
     keep = [i for i, t in enumerate(asked) if t]
     if not keep:
         sys.exit("error: no prompt has a character the model can write")
@@ -153,8 +153,8 @@ def legibility(args, device):
                os.path.join(args.out, "worst.png"))
     gen = error_rates([asked[i] for i in keep], [hyps[i] for i in keep])
     rea = error_rates([real.texts[real_index[i]] for i in with_real], [real_hyps[i] for i in with_real]) if with_real else None
-    print(json.dumps({"checkpoint": args.checkpoint, "recognizer": args.recognizer, "bias": args.bias, "seed": args.seed, "retries": args.retries,
-                      "lines": len(keep), "cer_generated": gen["cer"], "wer_generated": gen["wer"],
+    print(json.dumps({"checkpoint": args.checkpoint, "recognizer": args.recognizer, "bias": args.bias, "seed": args.seed,
+                      "retries": args.retries, "lines": len(keep), "cer_generated": gen["cer"], "wer_generated": gen["wer"],
                       "cer_real": rea and rea["cer"], "wer_real": rea and rea["wer"], "real_lines": len(with_real),
                       "finished_fraction": sum(finished.values()) / len(keep),
                       "steps_per_char": sum(steps.values()) / max(sum(len(asked[i]) for i in keep), 1),

@@ -465,7 +465,7 @@ BLANK = 0   # CTC blank = the dataset's padding id
 @dataclass
 class RecognizerConfig(Config):
     input_size: int = 3            # (dx, dy, eos) per point, normalised as for the handwriting model
-    conv_channels: int = 96       # channels of every convolution
+    conv_channels: int = 96        # channels of every convolution
     conv_layers: int = 3           # 1-D convolutions; the last log2(downsample) of them have stride 2
     kernel_size: int = 5           # points (odd)
     downsample: int = 4            # frames = ceil(points / downsample); a power of 2

@@ -181,9 +181,8 @@ def main(argv=None):
         except (FileNotFoundError, ValueError) as e:
             sys.exit(f"error: {e}")
         recognizer.to(device)
-        chars = set(train_set.alphabet.chars)
         texts = HandwritingDataset(args.data, "valid", max_lines=args.legibility_lines).texts   # not cut to --eval-lines
-        legible_texts = [t for t in (" ".join("".join(c for c in text if c in chars).split()) for text in texts) if t]
+        legible_texts = [t for t in map(train_set.alphabet.writable, texts) if t]
 
     log(f"{config.task} model: {raw_model.num_params() / 1e6:.2f}M parameters, {len(train_set)} train / "
         f"{len(valid_set)} valid lines, device {device}, dtype {args.dtype}, {world} process(es)")
