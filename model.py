@@ -286,7 +286,8 @@ class HandwritingModel(nn.Module):
         text: (B, U) ids (synthesis; padded with 0), which should already include the priming text
         if prime is given ("prime text" + " " + "new text", as in the paper).
         steps: number of points (prediction), or None for synthesis: stop when the window has moved past the
-        last character (phi(t, U) > phi(t, u) for all u < U), capped at max_steps_per_char * U.
+        last character (phi(t, U) > phi(t, u) for all u < U), each line capped at max_steps_per_char * U + 1 points
+        of its own U (so batching changes no line; a line that reaches its cap is unfinished).
         prime: (Tp, 3) or (B, Tp, 3) normalised real strokes to feed first (style priming), without the line's
         first (0, 0) point: the start token x_0 = 0 takes its place, as in training.
         retries: lines that hit the cap are sampled again (together, the generator going on), up to this many times.
@@ -300,7 +301,8 @@ class HandwritingModel(nn.Module):
             text = text.to(device)
             B = text.shape[0]
             text_len = (text > 0).sum(dim=1)                                       # (B,)
-            max_steps = steps or int(max_steps_per_char * text_len.max().item()) + 1
+            cap = torch.full_like(text_len, steps) if steps else max_steps_per_char * text_len + 1
+            max_steps = int(cap.max())
         else:
             B = batch_size or (1 if prime is None or prime.dim() == 2 else prime.shape[0])
             max_steps = steps
@@ -314,7 +316,7 @@ class HandwritingModel(nn.Module):
             x = prime[:, -1:]
         out, eos_prob, ys, phis = [], [], [], []
         finished = torch.zeros(B, dtype=torch.bool, device=device)
-        lengths = torch.full((B,), max_steps, dtype=torch.long, device=device)
+        lengths = cap if self.synthesis else torch.full((B,), max_steps, dtype=torch.long, device=device)
         weights, x = self._step_weights(), x[:, 0]
         if self.synthesis:
             onehot = self.one_hot(text).to(self.mdn.weight.dtype)                  # (B, U, A)
@@ -342,10 +344,12 @@ class HandwritingModel(nn.Module):
                 pending = []
                 end_phi = block.gather(2, text_len[:, None, None].expand(-1, block.shape[1], 1)).squeeze(2)
                 past = end_phi > block.masked_fill(~inside[:, None], -1.0).amax(dim=2)   # (B, n)
-                first = t + 1 - block.shape[1] + past.int().argmax(dim=1)          # argmax: the first True
+                step = torch.arange(t + 1 - block.shape[1], t + 1, device=device)  # (n,) steps of the block
+                past &= step[None] < cap[:, None]                                  # within the line's own cap
+                first = step[past.int().argmax(dim=1)]                             # argmax: the first True
                 lengths = torch.where(past.any(dim=1) & ~finished, first, lengths)
                 finished |= past.any(dim=1)
-                if bool(finished.all()):
+                if bool((finished | (cap <= t + 1)).all()):
                     break
         strokes = torch.stack(out, dim=1)
         T = strokes.shape[1]
@@ -364,7 +368,7 @@ class HandwritingModel(nn.Module):
                 result["phi"] = torch.stack(phis, dim=1)
         if self.synthesis and retries > 0 and not bool(finished.all()):
             again = torch.nonzero(~finished).squeeze(1)
-            retry = self.sample(text[again], bias=bias, generator=generator, max_steps_per_char=max_steps_per_char,
+            retry = self.sample(text[again], steps, bias, generator=generator, max_steps_per_char=max_steps_per_char,
                                 prime=None if prime is None else prime[again], record=record, retries=retries - 1)
             retry["attempts"] += 1
             result = replace_rows(result, retry, again)
@@ -571,9 +575,8 @@ def write_and_read(model, recognizer, texts, alphabet, rec_alphabet, norm, rec_n
                    batch_size=64, max_steps_per_char=40, progress=False, retries=0):
     """Legibility (evaluate.py --legibility, train.py --recognizer): write every text with the synthesis model, batched
     by length, and read the lines back with the recognizer. texts: strings in the model's alphabet; norm, rec_norm:
-    (mean, std) of the data each model was trained on. Each line is capped at max_steps_per_char points per character
-    of its own text (sample() caps a batch by its longest), so batching changes nothing. retries: as in sample()
-    (lines that reach the batch's cap are written again; what generate.py users get).
+    (mean, std) of the data each model was trained on. max_steps_per_char, retries: as in sample() (retries: lines
+    that reach their cap are written again; what generate.py users get).
     Returns raw offsets [(T_i, 3) float64], recognised texts, finished flags and step counts, in the order of texts."""
     import numpy as np
     from dataset import denormalize, normalize
@@ -593,10 +596,8 @@ def write_and_read(model, recognizer, texts, alphabet, rec_alphabet, norm, rec_n
                               retries=retries)
         strokes = denormalize(result["strokes"].cpu().double().numpy(), *norm)
         for b, i in enumerate(idx):
-            cap = max_steps_per_char * len(texts[i]) + 1
-            steps[i] = min(int(result["lengths"][b]), cap)
+            steps[i], finished[i] = int(result["lengths"][b]), bool(result["finished"][b])
             raw[i] = strokes[b, :steps[i]]
-            finished[i] = bool(result["finished"][b]) and int(result["lengths"][b]) <= cap
     model.train(was_training)
     rec_mean, rec_std = (np.asarray(v, np.float32) for v in rec_norm)
     read = read_lines(recognizer, [torch.from_numpy(normalize(r.astype(np.float32), rec_mean, rec_std)) for r in raw],

@@ -100,6 +100,7 @@ class Run:
         self.epoch = 0             # current epoch
         self.batch_in_epoch = 0    # batches of the current epoch already done
         self.best_val = math.inf   # lowest validation figure chosen by --select-by
+        self.best_by = None        # ... and which one ("nll" or "cer")
         self.bad_steps = 0         # NaN/Inf updates skipped, in total
         self.bad_in_row = 0        # ... and since the last good one
         self.train_time = 0.0      # seconds spent training, over all resumed runs
@@ -152,6 +153,8 @@ def main(argv=None):
         config = ModelConfig(task=args.task, hidden_size=args.hidden_size, layers=args.layers, mixtures=args.mixtures,
                              window_gaussians=args.window_gaussians,
                              alphabet_size=len(train_set.alphabet.chars) if args.task == "synthesis" else 0)
+    args.hidden_size, args.layers, args.mixtures, args.window_gaussians = (   # as trained: train_args tell the truth
+        config.hidden_size, config.layers, config.mixtures, config.window_gaussians)
     torch.manual_seed(args.seed)
     model = HandwritingModel(config).to(device)
     if args.optimizer == "adam":
@@ -162,10 +165,15 @@ def main(argv=None):
     if ckpt and resume:
         restore_training_state(ckpt, model, optimizer, run, device)
         log(f"resumed from {resume} at step {run.step} (epoch {run.epoch}, batch {run.batch_in_epoch})")
+        best_by = run.best_by or ckpt.get("train_args", {}).get("select_by", "nll")
+        if best_by != args.select_by:   # a CER is not comparable with an NLL: best.pt is replaced at the next evaluation
+            log(f"--select-by {args.select_by} (the run chose best.pt by {best_by} so far): best figure reset")
+            run.best_val = math.inf
     elif ckpt:   # --init-from: weights only (float16 files are cast back), a new optimiser and run
         model.load_state_dict({k: v.float() for k, v in ckpt["model"].items()})
         log(f"initialised from the weights of {args.init_from} (trained {ckpt.get('step', '?')} steps there; "
             "its model config is used, the model-size flags are ignored)")
+    run.best_by = args.select_by
     raw_model = model
     if args.compile:
         raw_model.compile_window_step()

@@ -215,9 +215,11 @@ def test_sampling_stops_when_window_passes_the_text():
     text = torch.tensor([[1, 2, 3, 4, 5, 6]])
     r = model.sample(text, generator=torch.Generator().manual_seed(0), max_steps_per_char=20)
     assert r["finished"].all() and int(r["lengths"][0]) < 10
-    model.window.bias.data[4:].fill_(-30.0)             # kappa frozen: the cap is hit and reported
+    model.window.bias.data[4:].fill_(-30.0)             # kappa frozen: each line hits its own cap, reported
+    text = torch.tensor([[1, 2, 3, 4, 5, 6], [4, 5, 0, 0, 0, 0]])
     r = model.sample(text, generator=torch.Generator().manual_seed(0), max_steps_per_char=3)
-    assert not r["finished"].any() and int(r["lengths"][0]) == 3 * 6 + 1
+    assert not r["finished"].any() and r["lengths"].tolist() == [3 * 6 + 1, 3 * 2 + 1]
+    assert r["strokes"][1, 3 * 2 + 1:].abs().sum() == 0
 
 
 def test_stopping_step_matches_the_rule_checked_naively():
@@ -231,13 +233,18 @@ def test_stopping_step_matches_the_rule_checked_naively():
         first = next(t for t in range(phi.shape[0]) if phi[t, U] > phi[t, :U].max())
         assert int(r["lengths"][b]) == first
     assert int(r["lengths"][1]) < int(r["lengths"][0])
+    # a cap of 2 steps per character: the 3-character line would finish at step 8, past its own cap of 7, while
+    # the batch runs on for the long line; it is cut at its cap and unfinished
+    assert int(r["lengths"][1]) > 2 * 3 + 1
+    r = model.sample(text, generator=torch.Generator().manual_seed(0), max_steps_per_char=2)
+    assert r["finished"].tolist() == [False, False] and r["lengths"].tolist() == [21, 7]
 
 
 def test_lines_that_hit_the_cap_are_sampled_again():
     """retries: only the lines that hit the cap are sampled again (the others are exactly as without retries)."""
-    model = steady_window(tiny("synthesis").float(), 0.5)
-    text = torch.tensor([[1, 2, 3, 4, 5, 6, 7, 1, 2, 3], [3, 2, 1, 0, 0, 0, 0, 0, 0, 0]])
-    kw = dict(max_steps_per_char=1, record=True)         # cap 11 steps: the 10-character line cannot finish
+    model = steady_window(tiny("synthesis").float(), 0.3)
+    text = torch.tensor([[1, 2, 3, 4, 5, 6, 7, 1, 2, 3], [3, 0, 0, 0, 0, 0, 0, 0, 0, 0]])
+    kw = dict(max_steps_per_char=2, record=True)         # caps 21 and 3 steps: only the 1-character line finishes
     r0 = model.sample(text, generator=torch.Generator().manual_seed(0), **kw)
     r2 = model.sample(text, generator=torch.Generator().manual_seed(0), retries=2, **kw)
     assert r0["finished"].tolist() == r2["finished"].tolist() == [False, True]

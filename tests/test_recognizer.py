@@ -192,6 +192,19 @@ def test_train_checks_legibility_and_selects_best_by_cer(trained, tiny_prepared,
     assert rows[-1]["val_cer"] == pytest.approx(error_rates(texts, read)["cer"])
     assert rows[-1]["val_finished"] == pytest.approx(sum(finished) / 4)
     assert (tmp_path / "loss.png").stat().st_size > 0
+    # a run chosen by NLL so far, resumed with --select-by cer: a CER is never compared with the best (negative) NLL,
+    # so the first evaluation after the resume makes best.pt
+    common = ["--data", str(tiny_prepared), "--out", str(tmp_path / "r"), "--no-progress", "--sample-text", "ab",
+              "--hidden-size", "16", "--mixtures", "2", "--window-gaussians", "2", "--batch-size", "8", "--eval-interval",
+              "2", "--eval-lines", "2"]
+    train.main([*common, "--max-steps", "4"])
+    last = torch.load(tmp_path / "r" / "last.pt", weights_only=True)
+    last["run"]["best_val"] = -1000.0                   # a trained model's NLL per line (the tiny one's is still positive)
+    torch.save(last, tmp_path / "r" / "last.pt")
+    train.main([*common, "--max-steps", "6", "--resume", "auto", "--recognizer", rec, "--select-by", "cer",
+                "--legibility-lines", "4"])
+    best = torch.load(tmp_path / "r" / "best.pt", weights_only=True)
+    assert best["step"] == 6 and best["run"]["best_by"] == "cer" and best["run"]["best_val"] == best["metrics"]["val_cer"]
     for args, message in [(["--select-by", "cer"], "needs --recognizer"),
                           (["--task", "prediction", "--recognizer", rec], "needs --task synthesis")]:
         r = subprocess.run([sys.executable, "train.py", "--data", str(tiny_prepared), *args], cwd=ROOT,

@@ -67,7 +67,8 @@ def test_init_from_starts_a_new_run_from_shipped_weights(tiny_prepared, tmp_path
     assert rows[0]["step"] == scratch[0]["step"] < 20                   # counters start afresh
     assert rows[0]["val_nll_per_line"] == pytest.approx(first, abs=0.5)  # ... from the trained weights
     assert abs(scratch[0]["val_nll_per_line"] - first) > 5
-    assert torch.load(tmp_path / "b" / "last.pt", weights_only=True)["model_config"]["hidden_size"] == 16
+    last = torch.load(tmp_path / "b" / "last.pt", weights_only=True)
+    assert last["model_config"]["hidden_size"] == last["train_args"]["hidden_size"] == 16   # the args say what ran
     assert "initialised from the weights" in capsys.readouterr().out
 
 
