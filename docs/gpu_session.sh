@@ -4,10 +4,11 @@
 #   bash docs/gpu_session.sh bench                # bench.py on the GPU: bf16, eager and compiled, batch 64 and 256
 #   bash docs/gpu_session.sh synthesis 8          # train 8 more minutes (resumes runs/synthesis), evaluate, sample
 #   bash docs/gpu_session.sh prediction 8         # the same for the prediction network
-# Results go to $OUT (default out/): log.txt, metrics.jsonl, loss.png, the last training sample, model.pt (float16
-# weights, the file to ship), valid.json (evaluate.py on the whole validation split, best.pt), legibility.json
-# (synthesis: evaluate.py --legibility, bias 1, 300 validation prompts) and last.pt cut into 15 MB parts
-# (last.pt.part-aa, ...): on a fresh machine, put the parts back in runs/TASK/ and this script joins them and resumes.
+# Results go to $OUT (default out/), at most 8 files as the device tool returns them: log.txt, model.pt (float16
+# weights, the file to ship), results.tar (metrics.jsonl, loss.png, the last training sample, valid.json: evaluate.py
+# on the whole validation split with best.pt, and for synthesis legibility.json: evaluate.py --legibility, bias 1, 300
+# validation prompts) and last.pt cut into 15 MB parts (last.pt.part-aa, ...; 3 at paper size): on a fresh machine,
+# put the parts back in runs/TASK/ and this script joins them and resumes.
 # Environment: TRAIN_ARGS adds train.py flags (e.g. "--batch-size 128 --lr 2e-3"); DEVICE (cuda) and DTYPE (bfloat16);
 # EVAL_ARGS adds evaluate.py flags (e.g. "--max-lines 100" for a quick run); RUN is the run folder (runs/TASK).
 set -euo pipefail
@@ -43,19 +44,25 @@ case $stage in
     # shellcheck disable=SC2086
     python train.py --task "$stage" --out "$run" --resume auto --time-limit "$minutes" --device "$device" \
       --dtype "$dtype" --no-progress "${extra[@]}" ${TRAIN_ARGS:-}
-    cp "$run/metrics.jsonl" "$run/loss.png" "$run/model.pt" "$out/"
+    cp "$run/model.pt" "$out/"
+    report="$run/report"
+    rm -rf "$report" && mkdir -p "$report"
+    cp "$run/metrics.jsonl" "$run/loss.png" "$report/"
     last_sample=$(ls "$run"/sample_*.png 2>/dev/null | tail -1)
-    [ -n "$last_sample" ] && cp "$last_sample" "$out/"
+    [ -n "$last_sample" ] && cp "$last_sample" "$report/"
     # shellcheck disable=SC2086
     python evaluate.py --checkpoint "$run/best.pt" --split valid --device "$device" ${EVAL_ARGS:-} | tail -1 \
-      | tee "$out/valid.json"
+      | tee "$report/valid.json"
     if [ "$stage" = synthesis ]; then
       # shellcheck disable=SC2086
       python evaluate.py --checkpoint "$run/best.pt" --legibility --split valid --max-lines 300 --bias 1 \
-        --device "$device" --out "$run/legibility" ${EVAL_ARGS:-} | tail -1 | tee "$out/legibility.json"
+        --device "$device" --out "$run/legibility" ${EVAL_ARGS:-} | tail -1 | tee "$report/legibility.json"
     fi
+    tar -cf "$out/results.tar" -C "$report" .
     rm -f "$out"/last.pt.part-*
     split -b 15M "$run/last.pt" "$out/last.pt.part-"
+    n=$(ls "$out" | wc -l)
+    [ "$n" -le 8 ] || echo "warning: $n files in $out; the device tool returns at most 8"
     ;;
   *)
     echo "unknown stage '$stage': use bench, synthesis or prediction" >&2
