@@ -180,12 +180,12 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tiny_prepared, tmp_path):
 
 def test_gpu_session_script_trains_evaluates_and_resumes_from_parts(tiny_prepared, tmp_path):
     """docs/gpu_session.sh (CPU, tiny sizes): a stage leaves model.pt, metrics and last.pt in parts in $OUT; a call
-    on a 'fresh machine' (no last.pt, only the parts put back) joins them and trains on."""
+    with the parts put back (beside an older last.pt) joins them and trains on."""
     run = tmp_path / "run"
     tiny = " ".join(["--data", str(tiny_prepared), *TINY, "--eval-interval", "2", "--legibility-lines", "3"])
 
     def stage(out, steps):
-        env = {**os.environ, "DEVICE": "cpu", "DTYPE": "float32", "RUN": str(run), "OUT": str(out),
+        env = {**os.environ, "PYTHON": sys.executable, "DEVICE": "cpu", "DTYPE": "float32", "RUN": str(run), "OUT": str(out),
                "TRAIN_ARGS": f"{tiny} --max-steps {steps}", "EVAL_ARGS": f"--data {tiny_prepared}"}
         r = subprocess.run(["bash", "docs/gpu_session.sh", "synthesis", "1"], cwd=ROOT, env=env,
                            capture_output=True, text=True, timeout=300)
@@ -202,7 +202,8 @@ def test_gpu_session_script_trains_evaluates_and_resumes_from_parts(tiny_prepare
         assert json.loads(tar.extractfile(report["valid.json"]).read())["lines"] == 5
         assert 0 <= json.loads(tar.extractfile(report["legibility.json"]).read())["cer_generated"]
     first = torch.load(run / "last.pt", weights_only=True)["step"]
-    (run / "last.pt").unlink()
+    (run / "last.pt").write_bytes(b"stale")                 # an older last.pt left in the run folder: parts win
+    os.utime(run / "last.pt", (1e9, 1e9))
     for part in a.glob("last.pt.part-*"):
         (run / part.name).write_bytes(part.read_bytes())
     log = stage(tmp_path / "b", first + 2)
