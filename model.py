@@ -302,10 +302,10 @@ class HandwritingModel(nn.Module):
             B = text.shape[0]
             text_len = (text > 0).sum(dim=1)                                       # (B,)
             cap = torch.full_like(text_len, steps) if steps else max_steps_per_char * text_len + 1
-            max_steps = int(cap.max())
         else:
             B = batch_size or (1 if prime is None or prime.dim() == 2 else prime.shape[0])
-            max_steps = steps
+            cap = torch.full((B,), steps, dtype=torch.long, device=device)
+        max_steps = int(cap.max())                                                # cap (B,): each line's most points
         state = self.initial_state(B, device)
         x = torch.zeros(B, 1, self.config.input_size, device=device)              # start token x_0 = 0
         if prime is not None:
@@ -316,7 +316,7 @@ class HandwritingModel(nn.Module):
             x = prime[:, -1:]
         out, eos_prob, ys, phis = [], [], [], []
         finished = torch.zeros(B, dtype=torch.bool, device=device)
-        lengths = cap if self.synthesis else torch.full((B,), max_steps, dtype=torch.long, device=device)
+        lengths = cap.clone()
         weights, x = self._step_weights(), x[:, 0]
         if self.synthesis:
             onehot = self.one_hot(text).to(self.mdn.weight.dtype)                  # (B, U, A)
