@@ -9,7 +9,8 @@ squared error of the mixture's expected next offset, normalised units, per point
 
 --legibility writes every prompt line with the synthesis model (batched, fixed seed) and reads it back with the
 recognizer (recognizer.py); it prints cer_generated, cer_real (the recognizer on the real lines of the same texts),
-finished_fraction (lines whose window reached the end of the text within the step cap), lines and bias, and writes
+finished_fraction (lines whose window reached the end of the text within the step cap), lines, bias, steps per
+character and, with --retries, attempts per line, and writes
 OUT/legibility.jsonl (one row per line), OUT/worst.png (the least legible lines) and OUT/generated.npz (the strokes).
 """
 import argparse
@@ -46,9 +47,12 @@ def get_args(argv=None):
     g.add_argument("--seed", type=int, default=0, help="sampling seed (the same seed and batch size give the same lines)")
     g.add_argument("--max-steps-per-char", type=int, default=40,
                    help="step cap: a line stops after this many points per character (real lines take about 21)")
-    g.add_argument("--retries", type=int, default=0,
-                   help="write a line again when it reaches the cap, up to N more times, as generate.py does "
-                        "(default 0: the model's own first-attempt figures)")
+    g.add_argument("--retries", type=int, default=2,
+                   help="write a stalled line again (it reached the cap or took more than --retry-above), up to N more "
+                        "times, keeping the best attempt, as generate.py does; 0 = the model's own first attempt")
+    g.add_argument("--retry-above", type=float, default=32,
+                   help="with --retries, a line that took more than this many points per character counts as stalled, "
+                        "as in generate.py (real lines take about 22; 0 = only lines that reach the cap)")
     g.add_argument("--worst", type=int, default=12, help="lines drawn in OUT/worst.png, highest CER first")
     g.add_argument("--out", default="samples/legibility", help="folder for legibility.jsonl, worst.png and generated.npz")
     return p.parse_args(argv)
@@ -92,6 +96,8 @@ def read_prompts(path):
 
 def legibility(args, device):
     split = args.split or "test"
+    if args.retries < 0 or args.retry_above < 0:
+        sys.exit(f"error: --retries and --retry-above must be >= 0, not {args.retries} and {args.retry_above}")
     try:
         model, ckpt = load_model(args.checkpoint, map_location=device, expect_task="synthesis")
         if not os.path.isfile(args.recognizer):
@@ -123,8 +129,8 @@ def legibility(args, device):
     rec_mean, rec_std = np.asarray(rec_ckpt["mean"], np.float32), np.asarray(rec_ckpt["std"], np.float32)
     out = write_and_read(model, recognizer, [asked[i] for i in keep], alphabet, rec_alphabet, (ckpt["mean"], ckpt["std"]),
                          (rec_mean, rec_std), args.bias, generator, args.batch_size, args.max_steps_per_char, progress=True,
-                         retries=args.retries)
-    raw, hyps, finished, steps = (dict(zip(keep, values)) for values in out)
+                         retries=args.retries, retry_above=args.retry_above or None)
+    raw, hyps, finished, steps, attempts = (dict(zip(keep, values)) for values in out)
     with_real = [i for i in keep if real_index[i] is not None]
     real_hyps = {}
     if with_real:
@@ -136,7 +142,7 @@ def legibility(args, device):
     rows = []
     for i in keep:
         row = {"index": i, "text": asked[i], "recognised": hyps[i], "cer": error_rates([asked[i]], [hyps[i]])["cer"],
-               "finished": finished[i], "steps": steps[i]}
+               "finished": finished[i], "steps": steps[i], "attempts": attempts[i]}
         if i in real_hyps:
             ref = real.texts[real_index[i]]
             row.update(real_line_id=real.line_ids[real_index[i]], real_text=ref, real_recognised=real_hyps[i],
@@ -154,10 +160,11 @@ def legibility(args, device):
     gen = error_rates([asked[i] for i in keep], [hyps[i] for i in keep])
     rea = error_rates([real.texts[real_index[i]] for i in with_real], [real_hyps[i] for i in with_real]) if with_real else None
     print(json.dumps({"checkpoint": args.checkpoint, "recognizer": args.recognizer, "bias": args.bias, "seed": args.seed,
-                      "retries": args.retries, "lines": len(keep), "cer_generated": gen["cer"], "wer_generated": gen["wer"],
+                      "retries": args.retries, "retry_above": args.retry_above if args.retries else None, "lines": len(keep), "cer_generated": gen["cer"], "wer_generated": gen["wer"],
                       "cer_real": rea and rea["cer"], "wer_real": rea and rea["wer"], "real_lines": len(with_real),
                       "finished_fraction": sum(finished.values()) / len(keep),
                       "steps_per_char": sum(steps.values()) / max(sum(len(asked[i]) for i in keep), 1),
+                      "attempts_per_line": sum(attempts.values()) / len(keep),
                       "out": args.out}))
 
 

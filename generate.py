@@ -79,8 +79,12 @@ def get_args(argv=None):
                    help="safety cap for synthesis: a line stops after this many points per character of its text "
                         "(default: 40; real lines take about 20-25)")
     s.add_argument("--retries", type=int, metavar="N", default=2,
-                   help="a line that reaches that cap (its window stalled) is sampled again, up to N more times; "
-                        "0 = keep it as it is (default: 2)")
+                   help="a line whose window stalled (it reached that cap, or took more than --retry-above) is sampled "
+                        "again, up to N more times, keeping the best attempt; 0 = keep the first (default: 2)")
+    s.add_argument("--retry-above", type=float, metavar="PTS", default=32,
+                   help="with --retries, also sample again a line that finished but took more than PTS points per "
+                        "character: a window that lingers writes loops (real lines take about 22); 0 = only lines "
+                        "that reach the cap (default: 32, chosen on the validation split)")
     s.add_argument("--device", default="cpu", metavar="DEV", help="torch device: cpu, cuda, cuda:1, mps (default: cpu)")
     s.add_argument("--threads", type=int, metavar="N", default=1,
                    help="CPU threads for torch (default: 1; sampling runs one small step at a time, where more threads "
@@ -154,6 +158,8 @@ def check_args(args):
         fail(f"--steps must be between 1 and {MAX_STEPS}, not {args.steps}")
     if args.retries < 0:
         fail(f"--retries must be >= 0, not {args.retries}")
+    if args.retry_above < 0:
+        fail(f"--retry-above must be >= 0 points per character, not {args.retry_above}")
     if args.max_steps_per_char < 1:
         fail(f"--max-steps-per-char must be >= 1, not {args.max_steps_per_char}")
     if not 0 < args.stroke_width <= 50:
@@ -451,7 +457,8 @@ def generate(args):
         for b, i in enumerate(ids):
             text_ids[b, :len(i)] = i
         result = model.sample(text=text_ids.to(device), bias=args.bias, prime=prime, generator=generator,
-                              max_steps_per_char=args.max_steps_per_char, record=record, retries=args.retries)
+                              max_steps_per_char=args.max_steps_per_char, record=record, retries=args.retries,
+                              retry_above=args.retry_above or None)
     else:
         result = model.sample(steps=args.steps, bias=args.bias, prime=prime, generator=generator, batch_size=B,
                               record=record)
@@ -461,9 +468,6 @@ def generate(args):
         print(f"generate.py: warning: {where[b]} ({texts[b][:30]!r}) did not reach the end of its text within the "
               f"cap (--max-steps-per-char) in {int(result['attempts'][b])} attempt(s); try another --seed, a lower --bias, "
               f"a shorter line (--max-chars-per-line), another --style or a better-trained checkpoint", file=sys.stderr)
-    for b in np.flatnonzero(result["finished"].numpy() & (result["attempts"].numpy() > 1)):
-        print(f"generate.py: {where[b]} ({texts[b][:30]!r}) was sampled again: attempt {int(result['attempts'][b])} "
-              f"finished (the ones before reached the cap)", file=sys.stderr)
 
     ### the page
     import utils
@@ -505,8 +509,10 @@ def generate(args):
 
     ### report
     step = ckpt.get("step")
+    retried = int((result["attempts"] > 1).sum())
     print(f"wrote {args.out} ({B // args.num_samples} line(s) x {args.num_samples} sample(s), "
-          f"{args.task}, bias {args.bias}, seed {seed}{f', model step {step}' if step is not None else ''})")
+          f"{args.task}, bias {args.bias}, seed {seed}{f', model step {step}' if step is not None else ''}"
+          f"{f'; {retried} stalled line(s) sampled again (--retries)' if retried else ''})")
     if args.plot_attention:
         print(f"wrote {args.plot_attention} (attention window phi)")
     if args.save_strokes:

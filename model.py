@@ -280,7 +280,7 @@ class HandwritingModel(nn.Module):
 
     @torch.no_grad()
     def sample(self, text=None, steps=None, bias=0.0, prime=None, generator=None,
-               batch_size=None, max_steps_per_char=40, record=False, retries=0):
+               batch_size=None, max_steps_per_char=40, record=False, retries=0, retry_above=None):
         """Sample handwriting, all lines of the batch together.
 
         text: (B, U) ids (synthesis; padded with 0), which should already include the priming text
@@ -290,7 +290,10 @@ class HandwritingModel(nn.Module):
         of its own U (so batching changes no line; a line that reaches its cap is unfinished).
         prime: (Tp, 3) or (B, Tp, 3) normalised real strokes to feed first (style priming), without the line's
         first (0, 0) point: the start token x_0 = 0 takes its place, as in training.
-        retries: lines that hit the cap are sampled again (together, the generator going on), up to this many times.
+        retries: lines that hit the cap are sampled again (together, the generator going on), up to this many times;
+        with retry_above (points per character), so are finished lines that took more than that: a window that
+        stalls on a character writes loops there (real lines take about 22). A line keeps its first attempt that
+        finished within retry_above, else its best one (finished first, then fewest points per character).
         Returns dict: strokes (B, T, 3) normalised offsets with eos in {0, 1}; lengths (B,) points per line;
         finished (B,) bool (synthesis: False when the cap was hit); attempts (B,) samplings per line; and if
         record: eos_prob (B, T), mixture (B, T, 1 + 6M raw outputs, for density plots), phi (B, T, U + 1)."""
@@ -366,12 +369,22 @@ class HandwritingModel(nn.Module):
             result["mixture"] = torch.stack(ys, dim=1)
             if self.synthesis:
                 result["phi"] = torch.stack(phis, dim=1)
-        if self.synthesis and retries > 0 and not bool(finished.all()):
-            again = torch.nonzero(~finished).squeeze(1)
-            retry = self.sample(text[again], steps, bias, generator=generator, max_steps_per_char=max_steps_per_char,
-                                prime=None if prime is None else prime[again], record=record, retries=retries - 1)
-            retry["attempts"] += 1
-            result = replace_rows(result, retry, again)
+        if self.synthesis and retries > 0:
+            within = lambda fin, n, U: fin & (n <= retry_above * U) if retry_above else fin   # a line needs no retry
+            good = within(finished, lengths, text_len)
+            if not bool(good.all()):
+                again = torch.nonzero(~good).squeeze(1)
+                retry = self.sample(text[again], steps, bias, generator=generator, max_steps_per_char=max_steps_per_char,
+                                    prime=None if prime is None else prime[again], record=record, retries=retries - 1,
+                                    retry_above=retry_above)
+                retry["attempts"] += 1
+                # the retry replaces this attempt unless it is worse: both are slow and it took longer, or it did not
+                # finish where this one did
+                mine = finished[again]
+                take = (within(retry["finished"], retry["lengths"], text_len[again]) | ~mine
+                        | (retry["finished"] & (retry["lengths"] <= lengths[again])))
+                result["attempts"][again] = retry["attempts"]
+                result = replace_rows(result, {k: v[take] for k, v in retry.items()}, again[take])
         return result
 
     @staticmethod
@@ -572,19 +585,20 @@ def read_lines(model, strokes, alphabet, batch_size=64):
 
 @torch.no_grad()
 def write_and_read(model, recognizer, texts, alphabet, rec_alphabet, norm, rec_norm, bias=1.0, generator=None,
-                   batch_size=64, max_steps_per_char=40, progress=False, retries=0):
+                   batch_size=64, max_steps_per_char=40, progress=False, retries=0, retry_above=None):
     """Legibility (evaluate.py --legibility, train.py --recognizer): write every text with the synthesis model, batched
     by length, and read the lines back with the recognizer. texts: strings in the model's alphabet; norm, rec_norm:
-    (mean, std) of the data each model was trained on. max_steps_per_char, retries: as in sample() (retries: lines
-    that reach their cap are written again; what generate.py users get).
-    Returns raw offsets [(T_i, 3) float64], recognised texts, finished flags and step counts, in the order of texts."""
+    (mean, std) of the data each model was trained on. max_steps_per_char, retries, retry_above: as in sample()
+    (retries: stalled lines are written again; what generate.py users get).
+    Returns raw offsets [(T_i, 3) float64], recognised texts, finished flags, step counts and attempts (samplings per
+    line), in the order of texts."""
     import numpy as np
     from dataset import denormalize, normalize
     device = model.mdn.weight.device
     was_training = model.training
     model.eval()
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-    raw, finished, steps = [None] * len(texts), [False] * len(texts), [0] * len(texts)
+    raw, finished, steps, attempts = [None] * len(texts), [False] * len(texts), [0] * len(texts), [1] * len(texts)
     batches = range(0, len(order), batch_size)
     if progress:
         from tqdm import tqdm
@@ -593,16 +607,17 @@ def write_and_read(model, recognizer, texts, alphabet, rec_alphabet, norm, rec_n
         idx = order[a:a + batch_size]
         text = nn.utils.rnn.pad_sequence([alphabet.encode(texts[i]) for i in idx], batch_first=True)
         result = model.sample(text=text.to(device), bias=bias, generator=generator, max_steps_per_char=max_steps_per_char,
-                              retries=retries)
+                              retries=retries, retry_above=retry_above)
         strokes = denormalize(result["strokes"].cpu().double().numpy(), *norm)
         for b, i in enumerate(idx):
             steps[i], finished[i] = int(result["lengths"][b]), bool(result["finished"][b])
+            attempts[i] = int(result["attempts"][b])
             raw[i] = strokes[b, :steps[i]]
     model.train(was_training)
     rec_mean, rec_std = (np.asarray(v, np.float32) for v in rec_norm)
     read = read_lines(recognizer, [torch.from_numpy(normalize(r.astype(np.float32), rec_mean, rec_std)) for r in raw],
                       rec_alphabet, batch_size)
-    return raw, read, finished, steps
+    return raw, read, finished, steps, attempts
 
 
 def load_recognizer(checkpoint, map_location="cpu"):

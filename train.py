@@ -223,7 +223,7 @@ def main(argv=None):
             return metrics
         if recognizer is not None:   # same texts and seed every time: comparable from one evaluation to the next
             generator = torch.Generator(device=device).manual_seed(args.seed)
-            _, read, finished, _ = write_and_read(
+            _, read, finished, *_ = write_and_read(
                 raw_model, recognizer, legible_texts, train_set.alphabet, Alphabet(rec_ckpt["alphabet"]),
                 (train_set.mean, train_set.std), (rec_ckpt["mean"], rec_ckpt["std"]), args.legibility_bias, generator,
                 args.batch_size)

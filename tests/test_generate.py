@@ -211,6 +211,7 @@ def errors(files, tmp_path):
         (syn + ["--text", "ab", "--color", "sparkly"], "is not a colour"),
         (syn + ["--text", "ab", "--bias", "-1"], "--bias must be >= 0"),
         (syn + ["--text", "ab", "--retries", "-1"], "--retries must be >= 0"),
+        (syn + ["--text", "ab", "--retry-above", "-1"], "--retry-above must be >= 0"),
         (syn + ["--text", "ab", "--device", "nonsense"], "--device nonsense cannot be used"),
         (syn + [], "nothing to write"),
         (["--task", "prediction", "--checkpoint", files["prediction"], "--text", "ab"], "are for --task synthesis"),

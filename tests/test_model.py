@@ -254,6 +254,44 @@ def test_lines_that_hit_the_cap_are_sampled_again():
     assert not torch.equal(r2["strokes"][0], r0["strokes"][0])          # line 0 was drawn again
 
 
+def test_slow_lines_are_sampled_again_and_the_best_attempt_is_kept():
+    """retry_above: lines that are unfinished or slower than retry_above points per character are sampled again; each
+    keeps its first quick attempt, else its best (finished first, then fewest points, the later on a tie). Checked
+    against the attempts replayed one by one with the same generator."""
+    model = tiny("synthesis").float()
+    with torch.no_grad():                               # a window whose speed varies from line to line and attempt to attempt
+        model.window.bias[4:].fill_(math.log(0.15))
+        model.window.weight[4:].mul_(6.0)
+    text = torch.tensor([[1, 2, 3, 4, 5, 6, 7, 1, 2, 3], [3, 2, 1, 0, 0, 0, 0, 0, 0, 0], [4, 5, 6, 7, 1, 0, 0, 0, 0, 0],
+                         [2, 2, 2, 2, 2, 2, 2, 0, 0, 0], [5, 1, 0, 0, 0, 0, 0, 0, 0, 0], [6, 6, 1, 2, 0, 0, 0, 0, 0, 0]])
+    U, kw = (text > 0).sum(dim=1), dict(max_steps_per_char=5, retry_above=4.0)
+    # replay: attempt k samples the lines still not quick after attempt k - 1, the generator going on
+    g, rows, attempts = torch.Generator().manual_seed(4), torch.arange(len(text)), [[] for _ in text]
+    for _ in range(3):
+        r = model.sample(text[rows], generator=g, max_steps_per_char=5)
+        for j, b in enumerate(rows.tolist()):
+            attempts[b].append((bool(r["finished"][j]), int(r["lengths"][j]), r["strokes"][j]))
+        quick = r["finished"] & (r["lengths"] <= 4.0 * U[rows])
+        rows = rows[~quick]
+        if not len(rows):
+            break
+    got = model.sample(text, generator=torch.Generator().manual_seed(4), retries=2, **kw)
+    kept_earlier = 0
+    for b, tries in enumerate(attempts):
+        quick = [k for k, (fin, n, _) in enumerate(tries) if fin and n <= 4.0 * U[b]]
+        k = quick[0] if quick else max(range(len(tries)), key=lambda k: (tries[k][0], -tries[k][1], k))
+        fin, n, strokes = tries[k]
+        kept_earlier += k < len(tries) - 1
+        assert int(got["attempts"][b]) == len(tries) and bool(got["finished"][b]) == fin and int(got["lengths"][b]) == n
+        assert torch.equal(got["strokes"][b, :n], strokes[:n])
+    # the case is not trivial: lines were retried, and at least one kept an attempt before its last
+    assert max(len(t) for t in attempts) == 3 and kept_earlier >= 1
+    # without retry_above only unfinished lines are retried
+    plain = model.sample(text, generator=torch.Generator().manual_seed(4), retries=2, max_steps_per_char=5)
+    first = model.sample(text, generator=torch.Generator().manual_seed(4), max_steps_per_char=5)
+    assert torch.equal(plain["attempts"] > 1, ~first["finished"])
+
+
 def test_replace_rows_pads_the_time_axis():
     a = {"strokes": torch.zeros(3, 4, 3), "lengths": torch.tensor([4, 4, 4])}
     b = {"strokes": torch.ones(1, 6, 3), "lengths": torch.tensor([6])}

@@ -155,13 +155,15 @@ def test_legibility_end_to_end(trained, tiny_prepared, tmp_path, capsys):
     # --retries (as generate.py), all lines in one batch: lines finished at the first attempt stay as they were,
     # stalled ones get more tries
     one_batch = [*base, "--batch-size", "8"]
-    evaluate.main([*one_batch, "--out", str(tmp_path / "r0")])
+    evaluate.main([*one_batch, "--out", str(tmp_path / "r0"), "--retries", "0"])
     first = json.loads(capsys.readouterr().out)
     evaluate.main([*one_batch, "--out", str(tmp_path / "r2"), "--retries", "2"])
     retried = json.loads(capsys.readouterr().out)
     assert retried["retries"] == 2 and retried["finished_fraction"] >= first["finished_fraction"]
     rows0, rows2 = ([json.loads(line) for line in open(tmp_path / d / "legibility.jsonl")] for d in ("r0", "r2"))
     assert all(a["recognised"] == b["recognised"] for a, b in zip(rows0, rows2) if a["finished"])
+    assert [r["attempts"] > 1 for r in rows2] == [not r["finished"] for r in rows0]   # (sample() tests --retry-above)
+    assert retried["retry_above"] == 32 and retried["attempts_per_line"] == sum(r["attempts"] for r in rows2) / 5
     # a prompts file: one text with a real test line, one without
     real_text = HandwritingDataset(tiny_prepared, "test").texts[2]
     (tmp_path / "prompts.txt").write_text(f"{real_text}\n\nnot a real  line\n", encoding="utf-8")
@@ -186,7 +188,7 @@ def test_train_checks_legibility_and_selects_best_by_cer(trained, tiny_prepared,
     rmodel, rckpt = load_recognizer(rec)
     data = HandwritingDataset(tiny_prepared, "valid")
     texts = data.texts[:4]
-    _, read, finished, _ = write_and_read(syn, rmodel, texts, data.alphabet, Alphabet(rckpt["alphabet"]),
+    _, read, finished, *_ = write_and_read(syn, rmodel, texts, data.alphabet, Alphabet(rckpt["alphabet"]),
                                           (ckpt["mean"], ckpt["std"]), (rckpt["mean"], rckpt["std"]), 0.5,
                                           torch.Generator().manual_seed(1337), 8)
     assert rows[-1]["val_cer"] == pytest.approx(error_rates(texts, read)["cer"])
