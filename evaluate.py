@@ -160,7 +160,8 @@ def legibility(args, device):
     gen = error_rates([asked[i] for i in keep], [hyps[i] for i in keep])
     rea = error_rates([real.texts[real_index[i]] for i in with_real], [real_hyps[i] for i in with_real]) if with_real else None
     print(json.dumps({"checkpoint": args.checkpoint, "recognizer": args.recognizer, "bias": args.bias, "seed": args.seed,
-                      "retries": args.retries, "retry_above": args.retry_above if args.retries else None, "lines": len(keep), "cer_generated": gen["cer"], "wer_generated": gen["wer"],
+                      "retries": args.retries, "retry_above": args.retry_above if args.retries else None,
+                      "lines": len(keep), "cer_generated": gen["cer"], "wer_generated": gen["wer"],
                       "cer_real": rea and rea["cer"], "wer_real": rea and rea["wer"], "real_lines": len(with_real),
                       "finished_fraction": sum(finished.values()) / len(keep),
                       "steps_per_char": sum(steps.values()) / max(sum(len(asked[i]) for i in keep), 1),
