@@ -129,7 +129,7 @@ def legibility(args, device):
     rec_mean, rec_std = np.asarray(rec_ckpt["mean"], np.float32), np.asarray(rec_ckpt["std"], np.float32)
     out = write_and_read(model, recognizer, [asked[i] for i in keep], alphabet, rec_alphabet, (ckpt["mean"], ckpt["std"]),
                          (rec_mean, rec_std), args.bias, generator, args.batch_size, args.max_steps_per_char, progress=True,
-                         retries=args.retries, retry_above=args.retry_above or None)
+                         retries=args.retries, retry_above=args.retry_above)
     raw, hyps, finished, steps, attempts = (dict(zip(keep, values)) for values in out)
     with_real = [i for i in keep if real_index[i] is not None]
     real_hyps = {}

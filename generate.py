@@ -458,7 +458,7 @@ def generate(args):
             text_ids[b, :len(i)] = i
         result = model.sample(text=text_ids.to(device), bias=args.bias, prime=prime, generator=generator,
                               max_steps_per_char=args.max_steps_per_char, record=record, retries=args.retries,
-                              retry_above=args.retry_above or None)
+                              retry_above=args.retry_above)
     else:
         result = model.sample(steps=args.steps, bias=args.bias, prime=prime, generator=generator, batch_size=B,
                               record=record)

@@ -291,7 +291,7 @@ class HandwritingModel(nn.Module):
         prime: (Tp, 3) or (B, Tp, 3) normalised real strokes to feed first (style priming), without the line's
         first (0, 0) point: the start token x_0 = 0 takes its place, as in training.
         retries: lines that hit the cap are sampled again (together, the generator going on), up to this many times;
-        with retry_above (points per character), so are finished lines that took more than that: a window that
+        with retry_above (points per character; None or 0: off), so are finished lines that took more than that: a window that
         stalls on a character writes loops there (real lines take about 22). A line keeps its first attempt that
         finished within retry_above, else its best one (finished first, then fewest points per character).
         Returns dict: strokes (B, T, 3) normalised offsets with eos in {0, 1}; lengths (B,) points per line;
@@ -370,19 +370,16 @@ class HandwritingModel(nn.Module):
             if self.synthesis:
                 result["phi"] = torch.stack(phis, dim=1)
         if self.synthesis and retries > 0:
-            within = lambda fin, n, U: fin & (n <= retry_above * U) if retry_above else fin   # a line needs no retry
-            good = within(finished, lengths, text_len)
+            good = finished & (lengths <= retry_above * text_len) if retry_above else finished   # needs no retry
             if not bool(good.all()):
                 again = torch.nonzero(~good).squeeze(1)
                 retry = self.sample(text[again], steps, bias, generator=generator, max_steps_per_char=max_steps_per_char,
                                     prime=None if prime is None else prime[again], record=record, retries=retries - 1,
                                     retry_above=retry_above)
                 retry["attempts"] += 1
-                # the retry replaces this attempt unless it is worse: both are slow and it took longer, or it did not
-                # finish where this one did
-                mine = finished[again]
-                take = (within(retry["finished"], retry["lengths"], text_len[again]) | ~mine
-                        | (retry["finished"] & (retry["lengths"] <= lengths[again])))
+                # the retry (its own best) replaces this attempt unless it is worse: it did not finish where this one
+                # did, or both finished (this one slowly) and it took longer
+                take = ~finished[again] | (retry["finished"] & (retry["lengths"] <= lengths[again]))
                 result["attempts"][again] = retry["attempts"]
                 result = replace_rows(result, {k: v[take] for k, v in retry.items()}, again[take])
         return result
