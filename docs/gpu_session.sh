@@ -14,7 +14,8 @@
 # --augment-shear 0.1": it gave the CPU prediction stand-in -860.4 against -852.4, and the synthesis stand-in's
 # last fine-tuning run better NLL and CER; flags are not kept across resumes, so pass the same on every call);
 # DEVICE (cuda) and DTYPE (bfloat16); EVAL_ARGS adds evaluate.py flags (e.g. "--max-lines 100" for a quick run);
-# RUN is the run folder (runs/TASK); PYTHON the interpreter (default python3, the one that holds PyTorch on the lent machines, else python).
+# RUN is the run folder (runs/TASK); PYTHON the interpreter (default python3, the one that holds PyTorch on the
+# lent machines, else python).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 stage=${1:?usage: bash docs/gpu_session.sh bench|synthesis|prediction [MINUTES]}
