@@ -47,12 +47,16 @@ class ModelConfig(Config):
     window_gaussians: int = 10     # K, Gaussians in the attention window (paper: 10)
     alphabet_size: int = 0         # characters in the text alphabet (synthesis only; id 0 is padding)
     kappa_init: float = -3.0       # initial bias of kappa_hat: exp(-3) ~ 0.05 characters per point at start
+    dropout: float = 0.0           # training only: dropout on each layer's output, to the layer above and the MDN head
+                                   # (not inside the recurrence, nor the window's input); paper: none (weight noise)
 
     def __post_init__(self):
         if self.task not in ("prediction", "synthesis"):
             raise ValueError(f"task must be 'prediction' or 'synthesis', not {self.task!r}")
         if self.task == "synthesis" and self.alphabet_size <= 0:
             raise ValueError("a synthesis model needs alphabet_size > 0")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout is a probability in [0, 1), not {self.dropout}")
 
     @property
     def output_size(self):
@@ -194,7 +198,7 @@ class HandwritingModel(nn.Module):
             onehot = self.one_hot(text).to(x.dtype)                                # (B, U, A)
             h1, c1, kappa, w, h1_seq, w_seq, phi = self._window_loop(
                 self.lstm1_x(x), onehot, state.h[0], state.c[0], state.kappa, state.window, return_phi)
-            hs.append(h1_seq)
+            hs.append(self._dropout(h1_seq))
             h_new.append(h1)
             c_new.append(c1)
             skip = torch.cat([x, w_seq], dim=-1)                                   # (B, T, 3 + A)
@@ -205,6 +209,7 @@ class HandwritingModel(nn.Module):
         for n, rnn in enumerate(self.rnns, start=len(hs)):
             out, (h, c) = rnn(inp, (state.h[n].unsqueeze(0), state.c[n].unsqueeze(0)))
             h, c = h.squeeze(0), c.squeeze(0)
+            out = self._dropout(out)
             hs.append(out)
             h_new.append(h)
             c_new.append(c)
@@ -212,6 +217,10 @@ class HandwritingModel(nn.Module):
         y = self.mdn(torch.cat(hs, dim=-1))                                        # (B, T, 1 + 6M)
         new_state = State(h_new, c_new, kappa, w)
         return (y, new_state, phi) if return_phi else (y, new_state)
+
+    def _dropout(self, h):
+        """Dropout between layers (Zaremba et al. 2014): identity in eval mode and at config.dropout = 0."""
+        return F.dropout(h, self.config.dropout, self.training) if self.config.dropout else h
 
     def _window_loop(self, xg, onehot, h, c, kappa, w, return_phi):
         """The sequential part: layer-1 LSTM and the soft window, one step at a time.

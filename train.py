@@ -57,6 +57,9 @@ def get_args(argv=None):
     p.add_argument("--epochs", type=int, default=50, help="passes over the training split (stops at whichever of epochs/max-steps/time-limit comes first)")
     p.add_argument("--max-steps", type=int, default=0, help="stop after this many optimiser steps (0 = no limit)")
     p.add_argument("--time-limit", type=float, default=0, help="stop after this many minutes of training, then evaluate and save (0 = no limit)")
+    p.add_argument("--dropout", type=float, default=0.0,
+                   help="probability of dropping each layer's output units on their way to the layer above and the "
+                        "mixture head, training only (paper: none, 0); also applies to --resume and --init-from")
     p.add_argument("--augment-scale", type=float, default=0.0,
                    help="data augmentation: random size change per line, +- this fraction (paper: none, 0)")
     p.add_argument("--augment-shear", type=float, default=0.0,
@@ -87,6 +90,8 @@ def get_args(argv=None):
     args = p.parse_args(argv)
     if args.schedule == "cosine" and not args.max_steps:
         p.error("--schedule cosine decays over --max-steps: give --max-steps N")
+    if not 0 <= args.dropout < 1:
+        p.error(f"--dropout is a probability in [0, 1), not {args.dropout}")
     if args.select_by == "cer" and not args.recognizer:
         p.error("--select-by cer needs --recognizer PATH (a recognizer.py checkpoint)")
     return args
@@ -153,6 +158,7 @@ def main(argv=None):
         config = ModelConfig(task=args.task, hidden_size=args.hidden_size, layers=args.layers, mixtures=args.mixtures,
                              window_gaussians=args.window_gaussians,
                              alphabet_size=len(train_set.alphabet.chars) if args.task == "synthesis" else 0)
+    config.dropout = args.dropout   # a training setting: the flag wins over a checkpoint's
     args.hidden_size, args.layers, args.mixtures, args.window_gaussians = (   # as trained: train_args tell the truth
         config.hidden_size, config.layers, config.mixtures, config.window_gaussians)
     torch.manual_seed(args.seed)

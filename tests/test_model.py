@@ -149,6 +149,27 @@ def test_compiled_window_step_equals_eager():
         assert torch.allclose(a, b, atol=1e-4)
 
 
+@pytest.mark.parametrize("task", ["prediction", "synthesis"])
+def test_dropout_acts_between_layers_in_training_only(task):
+    model, plain = tiny(task, dropout=0.5), tiny(task)                 # the same weights
+    x, text = batch()
+    text = text if task == "synthesis" else None
+    y_eval, _ = model.eval()(x, text)
+    y_plain, s_plain = plain.train()(x, text)
+    assert torch.equal(y_eval, y_plain)              # off at evaluation and sampling; dropout 0 changes nothing
+    model.train()
+    torch.manual_seed(1)
+    y1, s1 = model(x, text)
+    torch.manual_seed(2)
+    y2, _ = model(x, text)
+    assert not torch.allclose(y1, y2) and not torch.allclose(s1.h[-1], s_plain.h[-1])   # random, and reaches layer 2+
+    if task == "synthesis":                          # layer 1 and the window (the recurrence) never see it
+        for a, b in [(s1.h[0], s_plain.h[0]), (s1.c[0], s_plain.c[0]), (s1.kappa, s_plain.kappa), (s1.window, s_plain.window)]:
+            assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="dropout"):
+        ModelConfig(task="prediction", dropout=1.0)
+
+
 def test_window_moves_forward_and_masks_padding():
     model = tiny("synthesis")
     x, text = batch(T=30)

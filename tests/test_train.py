@@ -73,6 +73,17 @@ def test_init_from_starts_a_new_run_from_shipped_weights(tiny_prepared, tmp_path
     assert "initialised from the weights" in capsys.readouterr().out
 
 
+def test_dropout_is_saved_and_the_flag_wins_over_a_checkpoint(tiny_prepared, tmp_path):
+    run_train(tiny_prepared, tmp_path / "a", "--max-steps", "3", "--eval-interval", "3", "--dropout", "0.3")
+    assert torch.load(tmp_path / "a" / "model.pt", weights_only=True)["model_config"]["dropout"] == 0.3
+    run_train(tiny_prepared, tmp_path / "b", "--init-from", str(tmp_path / "a" / "model.pt"), "--max-steps", "1",
+              "--eval-interval", "1")                # a training setting, like the learning rate: not inherited
+    assert torch.load(tmp_path / "b" / "last.pt", weights_only=True)["model_config"]["dropout"] == 0.0
+    r = subprocess.run([sys.executable, "train.py", "--dropout", "1", "--data", str(tiny_prepared)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and "--dropout" in r.stderr and "Traceback" not in r.stderr
+
+
 def test_learning_rate_schedule():
     from utils import learning_rate
     assert learning_rate(0, 100, 1.0, warmup=10) == pytest.approx(0.1)            # linear warm-up
