@@ -13,7 +13,8 @@
 # Environment: TRAIN_ARGS adds train.py flags (e.g. "--batch-size 128 --lr 2e-3", or "--augment-scale 0.1
 # --augment-shear 0.1": it gave the CPU prediction stand-in -860.4 against -852.4, and the synthesis stand-in's
 # last fine-tuning run better NLL and CER; "--dropout 0.1" then took the prediction stand-in from -860.4 to -869.0
-# where the same fine-tune without it stayed at -859.2; flags are not kept across resumes, so pass the same on every call);
+# where the same fine-tune without it stayed at -859.2, and gave the synthesis stand-in a better NLL but less
+# legible lines; flags are not kept across resumes, so pass the same on every call);
 # DEVICE (cuda) and DTYPE (bfloat16); EVAL_ARGS adds evaluate.py flags (e.g. "--max-lines 100" for a quick run);
 # RUN is the run folder (runs/TASK); PYTHON the interpreter (default python3, the one that holds PyTorch on the
 # lent machines, else python).
