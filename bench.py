@@ -31,7 +31,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402  (after the OpenMP setting, which is read when torch loads)
 
-from model import HandwritingModel, ModelConfig, nll
+from model import GraphedChunk, HandwritingModel, ModelConfig, nll
 from reference import ReferenceModel, reference_nll
 
 DTYPES = ("float32", "bfloat16")
@@ -59,6 +59,11 @@ def get_args(argv=None):
     p.add_argument("--sample-batch-reps", type=int, default=0, help="timed repetitions of batched sampling (0 = 5 on GPU, 1 on CPU)")
     p.add_argument("--compile", action="store_true", help="torch.compile our model's window step (train.py --compile); "
                    "compile time is spent in the warm-up")
+    p.add_argument("--tbptt", type=int, default=0, help="our model trains in chunks of this many points, one Adam step "
+                   "each, state carried (train.py --tbptt; 0 = whole lines); the reference always takes whole lines")
+    p.add_argument("--cuda-graph", action="store_true", help="replay each chunk's forward and backward as a CUDA graph "
+                   "(train.py --cuda-graph; needs --tbptt; without CUDA the same code runs eagerly), and each block of "
+                   "sampling steps (sample(cuda_graph=True))")
     p.add_argument("--skip-reference", action="store_true", help="do not time the textbook reference")
     p.add_argument("--quick", action="store_true", help="tiny sizes and one repetition: a smoke test of this script, not a measurement")
     p.add_argument("--seed", type=int, default=0, help="random seed for weights and synthetic data")
@@ -74,6 +79,8 @@ def get_args(argv=None):
     for name, (on_gpu, on_cpu) in DEFAULTS.items():
         if getattr(args, name) == (-1 if name == "warmup" else 0):
             setattr(args, name, on_gpu if gpu else on_cpu)
+    if args.cuda_graph and not args.tbptt:
+        p.error("--cuda-graph records fixed-length chunks: give --tbptt N")
     return args
 
 
@@ -94,23 +101,37 @@ def synthetic_batch(args, alphabet, device, g):
     return [t.to(device) for t in (inputs, targets, mask, text)]
 
 
-def make_train_step(model, loss_fn, batch, device, dtype):
-    """One optimiser step as train.py takes it: forward under autocast, mean nats per point, clip, Adam."""
+def make_train_step(model, loss_fn, batch, device, dtype, chunk=0, graph=False):
+    """One training step as train.py takes it: per chunk of `chunk` points (0 = whole lines; state carried) a forward
+    under autocast, mean nats per point, clip, Adam; with graph, forward and backward replayed as a CUDA graph."""
     inputs, targets, mask, text = batch
     text = text if model.synthesis else None
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+    chunk = chunk or inputs.shape[1]
+    graphed = GraphedChunk(model, inputs.shape[0], chunk, text.shape[1] if text is not None else 0, dtype) if graph else None
 
-    def step():
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-            y = model(inputs, text)
-        y = y[0] if isinstance(y, tuple) else y
-        loss = loss_fn(y, targets, mask).sum() / mask.sum()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+    def update(loss_sum):
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), 3.0)
-        if not bool(torch.isfinite(loss) & torch.isfinite(gnorm)):     # train.py's check (one host sync)
+        if not bool(torch.isfinite(loss_sum) & torch.isfinite(gnorm)):     # train.py's check (one host sync)
             raise RuntimeError("non-finite loss in the benchmark")
         optimizer.step()
+
+    def step():
+        state = None
+        if graphed:
+            graphed.reset(text)
+        for start in range(0, inputs.shape[1], chunk):
+            sl = slice(start, start + chunk)
+            if graphed:
+                update(graphed.step(inputs[:, sl], targets[:, sl], mask[:, sl])[0])
+                continue
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+                y = model(inputs[:, sl], text, state) if state is not None else model(inputs[:, sl], text)
+            y, state = (y[0], y[1].detach()) if isinstance(y, tuple) else (y, None)
+            loss_sum = loss_fn(y, targets[:, sl], mask[:, sl]).sum()
+            optimizer.zero_grad(set_to_none=True)
+            (loss_sum / mask[:, sl].sum()).backward()
+            update(loss_sum)
     return step
 
 
@@ -144,7 +165,8 @@ def time_sampling(model, lines, reps, args, device, dtype, g):
     def run(n):
         kw = dict(text=text) if model.synthesis else dict(batch_size=lines)
         with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-            out = model.sample(**kw, steps=n, generator=torch.Generator(device=device).manual_seed(args.seed))
+            out = model.sample(**kw, steps=n, generator=torch.Generator(device=device).manual_seed(args.seed),
+                               cuda_graph=args.cuda_graph)
         assert out["strokes"].shape[1] == n, "sampling stopped early"
         return out
 
@@ -183,7 +205,7 @@ def main(argv=None):
     batch = synthetic_batch(args, max(config.alphabet_size, 1), device, g)
 
     ### training throughput
-    steps = {"ours": make_train_step(model, nll, batch, device, dtype)}
+    steps = {"ours": make_train_step(model, nll, batch, device, dtype, args.tbptt, args.cuda_graph)}
     if not args.skip_reference:
         reference = ReferenceModel.from_model(model)
         steps["reference"] = make_train_step(reference, reference_nll, batch, device, dtype)

@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 
 from dataset import Alphabet, HandwritingDataset, augment, make_loader
-from model import (HandwritingModel, ModelConfig, error_rates, evaluate_nll, load_recognizer, nll, summarize_nll,
+from model import (GraphedChunk, HandwritingModel, ModelConfig, error_rates, evaluate_nll, load_recognizer, nll, summarize_nll,
                    teacher_forcing, write_and_read)
 from utils import (DTYPES, export_weights, learning_rate, load_checkpoint, pick_device, plot_loss_curve, restore_training_state,
                    save_checkpoint, save_sample_image, training_state)
@@ -85,6 +85,9 @@ def get_args(argv=None):
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the window loop's step (fewer kernel launches per step on a GPU; the first batches "
                         "compile for tens of seconds; needs a C++ compiler on CPU)")
+    p.add_argument("--cuda-graph", action="store_true",
+                   help="record each --tbptt chunk's forward and backward once as a CUDA graph and replay it (GPU: removes "
+                        "the per-kernel launch cost of the window loop; needs --tbptt N; without CUDA runs the same code eagerly)")
     p.add_argument("--seed", type=int, default=1337, help="random seed (initialisation and data order)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
     args = p.parse_args(argv)
@@ -92,6 +95,8 @@ def get_args(argv=None):
         p.error("--schedule cosine decays over --max-steps: give --max-steps N")
     if not 0 <= args.dropout < 1:
         p.error(f"--dropout is a probability in [0, 1), not {args.dropout}")
+    if args.cuda_graph and not args.tbptt:
+        p.error("--cuda-graph records fixed-length chunks: give --tbptt N (points per chunk, e.g. 100)")
     if args.select_by == "cer" and not args.recognizer:
         p.error("--select-by cer needs --recognizer PATH (a recognizer.py checkpoint)")
     return args
@@ -183,6 +188,8 @@ def main(argv=None):
     raw_model = model
     if args.compile:
         raw_model.compile_window_step()
+    if args.cuda_graph and ddp:
+        sys.exit("error: --cuda-graph runs in one process: start train.py without torchrun")
     if ddp:
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     ### legibility check (optional): a recognizer reads back validation texts written at every evaluation
@@ -253,6 +260,13 @@ def main(argv=None):
             + (" *best*" if improved else ""))
         return metrics
 
+    graphed = None
+    if args.cuda_graph:
+        t0 = time.time()
+        graphed = GraphedChunk(raw_model, args.batch_size, args.tbptt, max(map(len, train_set.text_ids)), dtype)
+        log(f"CUDA graph of a {args.batch_size} x {args.tbptt}-point chunk recorded in {time.time() - t0:.1f} s"
+            if graphed.graph else "--cuda-graph without CUDA: the chunks run eagerly through the same buffers")
+
     ### Ctrl-C: finish the current batch, save, exit
     stop = {"why": None}
     signal.signal(signal.SIGINT, lambda *_: stop.update(why="interrupted"))
@@ -277,7 +291,7 @@ def main(argv=None):
                 g = torch.Generator().manual_seed(args.seed * 1_000_003 + run.step)   # a function of the step: resumable
                 batch["strokes"] = augment(batch["strokes"], batch["stroke_mask"], train_set.mean.tolist(),
                                            train_set.std.tolist(), g, args.augment_scale, args.augment_shear)
-            train_batch(model, raw_model, optimizer, batch, args, device, dtype, run, run_loss, log)
+            train_batch(model, raw_model, optimizer, batch, args, device, dtype, run, run_loss, log, graphed)
             run.batch_in_epoch = b + 1
             run.train_time += time.time() - t0
             if progress:
@@ -342,8 +356,9 @@ class RunningLoss:
         return sum(self.last) / max(len(self.last), 1)
 
 
-def train_batch(model, raw_model, optimizer, batch, args, device, dtype, run, run_loss, log):
-    """Truncated BPTT over one batch: one optimiser step per chunk, state carried and detached."""
+def train_batch(model, raw_model, optimizer, batch, args, device, dtype, run, run_loss, log, graphed=None):
+    """Truncated BPTT over one batch: one optimiser step per chunk, state carried and detached (in graphed's
+    buffers with --cuda-graph)."""
     strokes, mask = batch["strokes"].to(device, non_blocking=True), batch["stroke_mask"].to(device, non_blocking=True)
     text = batch["text"].to(device, non_blocking=True) if raw_model.synthesis else None
     inputs, targets, tmask = teacher_forcing(strokes, mask)
@@ -357,22 +372,26 @@ def train_batch(model, raw_model, optimizer, batch, args, device, dtype, run, ru
     T = inputs.shape[1]
     chunk = args.tbptt or T
     state = None
+    if graphed:
+        graphed.reset(text)
     for start in range(0, T, chunk):
         t0 = time.time()
         sl = slice(start, start + chunk)
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-            y, state = model(inputs[:, sl], text, state)
-        points = tmask[:, sl].sum()
-        loss_sum = nll(y, targets[:, sl], tmask[:, sl]).sum()
-        loss = loss_sum / points.clamp(min=1)            # mean nats per point: the scale Adam's lr expects
-        state = state.detach()
+        if graphed:   # forward and backward replayed; .grad belongs to the graph (never zeroed here)
+            loss_sum, points = graphed.step(inputs[:, sl], targets[:, sl], tmask[:, sl])
+        else:
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+                y, state = model(inputs[:, sl], text, state)
+            points = tmask[:, sl].sum()
+            loss_sum = nll(y, targets[:, sl], tmask[:, sl]).sum()
+            state = state.detach()
+            optimizer.zero_grad(set_to_none=True)
+            (loss_sum / points.clamp(min=1)).backward()   # mean nats per point: the scale Adam's lr expects
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(run.step, args.max_steps, args.lr, args.warmup, args.schedule)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
         # why clip: rare huge gradients from near-singular Gaussians would otherwise wreck the weights
         gnorm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), args.clip if args.clip > 0 else math.inf)
-        ok = torch.isfinite(loss) & torch.isfinite(gnorm)
+        ok = torch.isfinite(loss_sum) & torch.isfinite(gnorm)
         if not ok.item():
             run.bad_steps += 1
             run.bad_in_row += 1

@@ -1,9 +1,15 @@
 #!/usr/bin/env bash
 # A GPU session's work in stages, each one command that ends within a time budget (the device tool allows 10
 # minutes a call). Needs only the prepared arrays: data/processed/iam_ondb.npz (16 MB; carry it).
-#   bash docs/gpu_session.sh bench                # bench.py on the GPU: bf16, eager and compiled, batch 64 and 256
+#   bash docs/gpu_session.sh check                # the CUDA-only tests (graphs against eager), a minute
+#   bash docs/gpu_session.sh bench                # bench.py on the GPU, bf16: eager, CUDA graphs at batch 64-1024
 #   bash docs/gpu_session.sh synthesis 7          # train 7 more minutes (resumes runs/synthesis), evaluate, sample
 #   bash docs/gpu_session.sh prediction 7         # the same for the prediction network
+#   bash docs/gpu_session.sh start synthesis 18   # run 'synthesis 18' in the background (setsid), so it outlives the call
+#   bash docs/gpu_session.sh wait synthesis 540   # wait up to 540 s for it; then its model.pt, results.tar and log.txt
+#                                                 # go to $OUT/synthesis/ (before: best.pt's weights as best_fp16.pt)
+# start/wait let one warm machine train both networks at once (each is latency-bound, so two share the GPU well) and
+# train longer than one 10-minute call; the machine must stay warm between calls (the device tool keeps it 30 s).
 # Results go to $OUT (default out/), at most 8 files as the device tool returns them: log.txt, model.pt (float16
 # weights, the file to ship), results.tar (metrics.jsonl, loss.png, the last training sample, valid.json: evaluate.py
 # on the whole validation split with best.pt, and for synthesis legibility.json: evaluate.py --legibility, bias 1, 300
@@ -15,12 +21,15 @@
 # last fine-tuning run better NLL and CER; "--dropout 0.1" then took the prediction stand-in from -860.4 to -869.0
 # where the same fine-tune without it stayed at -859.2, and gave the synthesis stand-in a better NLL but less
 # legible lines; flags are not kept across resumes, so pass the same on every call);
+# synthesis runs with --tbptt 50 --lr 2e-3 --cuda-graph (H100, batch 64, bf16, 100-point chunks: 238k points/s
+# against 35k eagerly; a 3.6-minute run with those reached -858 nats per line, where 16 eager minutes of whole lines
+# reached -601); TRAIN_ARGS given later win (e.g. "--tbptt 100 --lr 1e-3");
 # DEVICE (cuda) and DTYPE (bfloat16); EVAL_ARGS adds evaluate.py flags (e.g. "--max-lines 100" for a quick run);
 # RUN is the run folder (runs/TASK); PYTHON the interpreter (default python3, the one that holds PyTorch on the
 # lent machines, else python).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-stage=${1:?usage: bash docs/gpu_session.sh bench|synthesis|prediction [MINUTES]}
+stage=${1:?usage: bash docs/gpu_session.sh check|bench|synthesis|prediction|start|wait ...}
 minutes=${2:-7}   # wall minutes of training; evaluations and start-up add 1-2 (a call may last 10)
 out=${OUT:-out}
 device=${DEVICE:-cuda}
@@ -32,12 +41,19 @@ exec > >(tee -a "$out/log.txt") 2>&1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo "no nvidia-smi"
 
 case $stage in
-  bench)
-    for b in 64 256; do
-      "$py" bench.py --device "$device" --dtype "$dtype" --batch-size "$b" > "$out/bench_b$b.json"
-      "$py" bench.py --device "$device" --dtype "$dtype" --batch-size "$b" --compile --skip-reference \
-        > "$out/bench_b${b}_compile.json"
+  check)   # the tests that need CUDA (CUDA graphs of training chunks and of sampling blocks against eager)
+    "$py" -m pytest -q -rs tests/test_model.py -k cuda
+    ;;
+  bench)   # eager with the textbook reference, then CUDA graphs (training chunks of 100 points, sampling blocks)
+    mkdir -p "$out/bench"
+    "$py" bench.py --device "$device" --dtype "$dtype" --batch-size 64 > "$out/bench/b64_eager.json"
+    for b in 64 256 1024; do   # a failure (say, of the sampling graph) must not stop the others: || echo
+      "$py" bench.py --device "$device" --dtype "$dtype" --batch-size "$b" --tbptt 100 --cuda-graph --skip-reference \
+        > "$out/bench/b${b}_graph.json" || echo "bench at batch $b with --cuda-graph failed"
     done
+    "$py" bench.py --device "$device" --dtype "$dtype" --batch-size 256 --tbptt 100 --cuda-graph --compile \
+      --skip-reference --sample-batch 0 > "$out/bench/b256_graph_compile.json" || echo "bench with --compile failed"
+    tar -cf "$out/bench.tar" -C "$out" bench && rm -r "$out/bench"
     ;;
   synthesis|prediction)
     run=${RUN:-runs/$stage}
@@ -47,8 +63,11 @@ case $stage in
       echo "joined $run/last.pt from its parts"
     fi
     extra=()
-    if [ "$stage" = synthesis ]; then
-      extra=(--recognizer checkpoints/recognizer.pt --select-by cer --legibility-lines 128)
+    if [ "$stage" = synthesis ]; then   # the window loop is launch-bound: CUDA graphs of the chunks (6.9x at 100 points)
+      # 50-point chunks and lr 2e-3 learned fastest per point on a CPU stand-in (README, Speed); a step is one chunk
+      # (about 70 a second on an H100, by the 100-point figure): evaluate every 10,000 steps, about 2.5 minutes
+      extra=(--recognizer checkpoints/recognizer.pt --select-by cer --legibility-lines 128 --tbptt 50 --lr 2e-3
+             --cuda-graph --eval-interval 10000)
     fi
     # shellcheck disable=SC2086
     "$py" train.py --task "$stage" --out "$run" --resume auto --time-limit "$minutes" --device "$device" \
@@ -73,8 +92,39 @@ case $stage in
     n=$(ls "$out" | wc -l)
     [ "$n" -le 8 ] || echo "warning: $n files in $out; the device tool returns at most 8"
     ;;
+  start)
+    task=${2:?usage: bash docs/gpu_session.sh start TASK MINUTES}
+    minutes=${3:-18}
+    run=${RUN:-runs/$task}
+    mkdir -p "$run"
+    rm -f "$run/session.log"
+    OUT="$run/outbox" RUN="$run" setsid nohup bash docs/gpu_session.sh "$task" "$minutes" > "$run/session.log" 2>&1 < /dev/null &
+    echo $! > "$run/session.pid"
+    echo "started $task for $minutes minutes (pid $!); log: $run/session.log"
+    ;;
+  wait)
+    task=${2:?usage: bash docs/gpu_session.sh wait TASK SECONDS}
+    secs=${3:-540}
+    run=${RUN:-runs/$task}
+    end=$((SECONDS + secs))
+    done_line="stage $task done"
+    while ! grep -q "$done_line" "$run/session.log" 2>/dev/null && [ $SECONDS -lt $end ] \
+        && kill -0 "$(cat "$run/session.pid")" 2>/dev/null; do
+      sleep 10
+    done
+    grep "step " "$run/session.log" | tail -3 || true
+    tail -4 "$run/session.log"
+    mkdir -p "$out/$task"
+    if grep -q "$done_line" "$run/session.log"; then
+      cp "$run/outbox/model.pt" "$run/outbox/results.tar" "$run/outbox/log.txt" "$out/$task/"
+    elif [ -f "$run/best.pt" ]; then   # still training (or it died): keep what is best so far
+      "$py" -c "import sys; from utils import export_weights, load_checkpoint; export_weights(load_checkpoint(sys.argv[1]), sys.argv[2])" \
+        "$run/best.pt" "$out/$task/best_fp16.pt"
+      cp "$run/metrics.jsonl" "$out/$task/" 2>/dev/null || true
+    fi
+    ;;
   *)
-    echo "unknown stage '$stage': use bench, synthesis or prediction" >&2
+    echo "unknown stage '$stage': use check, bench, synthesis, prediction, start or wait" >&2
     exit 2
     ;;
 esac

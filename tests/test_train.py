@@ -106,6 +106,20 @@ def test_cosine_schedule_and_augmentation_in_a_run(tiny_prepared, tmp_path):
     assert r.returncode != 0 and "--max-steps" in r.stderr and "Traceback" not in r.stderr
 
 
+def test_cuda_graph_path_trains_like_the_plain_one(tiny_prepared, tmp_path):
+    """--cuda-graph (here without CUDA: the same static buffers, run eagerly) takes the same optimiser steps."""
+    run_train(tiny_prepared, tmp_path / "a", "--max-steps", "12", "--eval-interval", "12")
+    rows = run_train(tiny_prepared, tmp_path / "b", "--max-steps", "12", "--eval-interval", "12", "--cuda-graph")
+    a = torch.load(tmp_path / "a" / "last.pt", weights_only=True)
+    b = torch.load(tmp_path / "b" / "last.pt", weights_only=True)
+    assert a["step"] == b["step"] == rows[-1]["step"] >= 12
+    for k in a["model"]:
+        assert torch.allclose(a["model"][k], b["model"][k], atol=1e-5), k
+    r = subprocess.run([sys.executable, "train.py", "--cuda-graph", "--data", str(tiny_prepared)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and "--tbptt" in r.stderr and "Traceback" not in r.stderr
+
+
 def test_non_finite_steps_are_skipped_then_stop_the_run(tiny_prepared, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(train, "nll", lambda y, t, m: (y.sum() * float("nan")).expand(y.shape[0]))
     with pytest.raises(SystemExit) as e:
@@ -161,12 +175,18 @@ def test_bad_checkpoints_give_one_line_errors(tiny_prepared, tmp_path):
 
 def test_torchrun_two_processes_on_cpu(tiny_prepared, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    r = subprocess.run(["torchrun", "--standalone", "--nproc_per_node=2", "train.py", "--data", str(tiny_prepared),
-                        "--out", str(tmp_path), *TINY, "--max-steps", "6", "--eval-interval", "3"],
-                       cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
-    assert r.returncode == 0, r.stderr[-2000:]
+    for attempt in range(2):   # a second try only for a process killed by a signal (a rare gloo socket abort on CI)
+        out = tmp_path / f"try{attempt}"
+        r = subprocess.run(["torchrun", "--standalone", "--nproc_per_node=2", "train.py", "--data", str(tiny_prepared),
+                            "--out", str(out), *TINY, "--max-steps", "6", "--eval-interval", "3"],
+                           cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+        if r.returncode == 0 or "exitcode  : -" not in r.stderr:
+            break
+    # the workers' own messages, not torchrun's traceback about them
+    why = [l for l in r.stderr.splitlines() if "site-packages" not in l and l.strip() and not l.startswith(" ")]
+    assert r.returncode == 0, "\n".join(why[:40])
     assert "2 process(es)" in r.stdout
-    rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
     assert rows and rows[-1]["step"] >= 6          # rank 0 alone writes: one row per evaluation
     assert len(rows) == len({r["step"] for r in rows})
 
