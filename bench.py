@@ -33,6 +33,7 @@ import torch  # noqa: E402  (after the OpenMP setting, which is read when torch 
 
 from model import GraphedChunk, HandwritingModel, ModelConfig, nll
 from reference import ReferenceModel, reference_nll
+from utils import clipped_step, make_optimizer
 
 DTYPES = ("float32", "bfloat16")
 # defaults that depend on the device: (GPU, CPU); the CPU ones keep the whole run under a minute on 2 cores
@@ -106,24 +107,18 @@ def make_train_step(model, loss_fn, batch, device, dtype, chunk=0, graph=False):
     under autocast, mean nats per point, clip, Adam; with graph, forward and backward replayed as a CUDA graph."""
     inputs, targets, mask, text = batch
     text = text if model.synthesis else None
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+    optimizer = make_optimizer("adam", model.parameters(), lr=1e-4)
     chunk = chunk or inputs.shape[1]
     graphed = GraphedChunk(model, inputs.shape[0], chunk, text.shape[1] if text is not None else 0, dtype) if graph else None
 
-    def update(loss_sum):
-        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), 3.0)
-        if not bool(torch.isfinite(loss_sum) & torch.isfinite(gnorm)):     # train.py's check (one host sync)
-            raise RuntimeError("non-finite loss in the benchmark")
-        optimizer.step()
-
     def step():
-        state = None
+        state, ok = None, []
         if graphed:
             graphed.reset(text)
         for start in range(0, inputs.shape[1], chunk):
             sl = slice(start, start + chunk)
             if graphed:
-                update(graphed.step(inputs[:, sl], targets[:, sl], mask[:, sl])[0])
+                ok.append(clipped_step(optimizer, model.parameters(), graphed.step(inputs[:, sl], targets[:, sl], mask[:, sl])[0], 3.0))
                 continue
             with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
                 y = model(inputs[:, sl], text, state) if state is not None else model(inputs[:, sl], text)
@@ -131,7 +126,9 @@ def make_train_step(model, loss_fn, batch, device, dtype, chunk=0, graph=False):
             loss_sum = loss_fn(y, targets[:, sl], mask[:, sl]).sum()
             optimizer.zero_grad(set_to_none=True)
             (loss_sum / mask[:, sl].sum()).backward()
-            update(loss_sum)
+            ok.append(clipped_step(optimizer, model.parameters(), loss_sum, 3.0))
+        if not torch.stack(ok).all():          # one host sync per batch, as in train.py
+            raise RuntimeError("non-finite loss in the benchmark")
     return step
 
 

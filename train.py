@@ -25,8 +25,8 @@ import torch.distributed as dist
 from dataset import Alphabet, HandwritingDataset, augment, make_loader
 from model import (GraphedChunk, HandwritingModel, ModelConfig, error_rates, evaluate_nll, load_recognizer, nll, summarize_nll,
                    teacher_forcing, write_and_read)
-from utils import (DTYPES, export_weights, learning_rate, load_checkpoint, pick_device, plot_loss_curve, restore_training_state,
-                   save_checkpoint, save_sample_image, training_state)
+from utils import (DTYPES, clipped_step, export_weights, learning_rate, load_checkpoint, make_optimizer, pick_device,
+                   plot_loss_curve, restore_training_state, save_checkpoint, save_sample_image, training_state)
 
 
 
@@ -168,10 +168,7 @@ def main(argv=None):
         config.hidden_size, config.layers, config.mixtures, config.window_gaussians)
     torch.manual_seed(args.seed)
     model = HandwritingModel(config).to(device)
-    if args.optimizer == "adam":
-        optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
-    else:   # Graves (2013) eq. 38-41; torch adds eps outside the square root
-        optimizer = torch.optim.RMSprop(model.parameters(), lr=args.lr, alpha=0.95, momentum=0.9, eps=1e-4, centered=True)
+    optimizer = make_optimizer(args.optimizer, model.parameters(), args.lr)
     run = Run()
     if ckpt and resume:
         restore_training_state(ckpt, model, optimizer, run, device)
@@ -358,7 +355,8 @@ class RunningLoss:
 
 def train_batch(model, raw_model, optimizer, batch, args, device, dtype, run, run_loss, log, graphed=None):
     """Truncated BPTT over one batch: one optimiser step per chunk, state carried and detached (in graphed's
-    buffers with --cuda-graph)."""
+    buffers with --cuda-graph). Losses and skipped steps are summed on the device and read once, at the end."""
+    t0 = time.time()
     strokes, mask = batch["strokes"].to(device, non_blocking=True), batch["stroke_mask"].to(device, non_blocking=True)
     text = batch["text"].to(device, non_blocking=True) if raw_model.synthesis else None
     inputs, targets, tmask = teacher_forcing(strokes, mask)
@@ -374,34 +372,38 @@ def train_batch(model, raw_model, optimizer, batch, args, device, dtype, run, ru
     state = None
     if graphed:
         graphed.reset(text)
+    # on the device: nats and points of the steps taken, steps skipped, skipped in a row
+    nats, points, skipped = (torch.zeros((), device=device) for _ in range(3))
+    in_row = torch.tensor(float(run.bad_in_row), device=device)
+    step0, chunks = run.step, 0
     for start in range(0, T, chunk):
-        t0 = time.time()
         sl = slice(start, start + chunk)
         if graphed:   # forward and backward replayed; .grad belongs to the graph (never zeroed here)
-            loss_sum, points = graphed.step(inputs[:, sl], targets[:, sl], tmask[:, sl])
+            loss_sum, n = graphed.step(inputs[:, sl], targets[:, sl], tmask[:, sl])
         else:
             with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
                 y, state = model(inputs[:, sl], text, state)
-            points = tmask[:, sl].sum()
+            n = tmask[:, sl].sum()
             loss_sum = nll(y, targets[:, sl], tmask[:, sl]).sum()
             state = state.detach()
             optimizer.zero_grad(set_to_none=True)
-            (loss_sum / points.clamp(min=1)).backward()   # mean nats per point: the scale Adam's lr expects
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate(run.step, args.max_steps, args.lr, args.warmup, args.schedule)
-        # why clip: rare huge gradients from near-singular Gaussians would otherwise wreck the weights
-        gnorm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), args.clip if args.clip > 0 else math.inf)
-        ok = torch.isfinite(loss_sum) & torch.isfinite(gnorm)
-        if not ok.item():
-            run.bad_steps += 1
-            run.bad_in_row += 1
-            log(f"step {run.step}: non-finite loss or gradient, update skipped ({run.bad_steps} so far)")
-            continue
-        run.bad_in_row = 0
-        optimizer.step()
-        run.step += 1
-        run_loss.add(loss_sum.item(), int(points.item()), time.time() - t0)
-
+            (loss_sum / n.clamp(min=1)).backward()   # mean nats per point: the scale Adam's lr expects
+        for group in optimizer.param_groups:        # (a skipped step shifts the schedule of this batch's later chunks)
+            group["lr"] = learning_rate(run.step + chunks, args.max_steps, args.lr, args.warmup, args.schedule)
+        ok = clipped_step(optimizer, raw_model.parameters(), loss_sum, args.clip)
+        chunks += 1
+        nats += torch.where(ok, loss_sum, 0)    # graphed's loss_sum is rewritten by the next replay: add it now
+        points += torch.where(ok, n, 0)
+        skipped += ~ok
+        in_row = torch.where(ok, 0, in_row + 1)
+    nats, points, skipped, in_row = torch.stack([nats, points, skipped, in_row]).tolist()   # the one host sync
+    run.step = step0 + chunks - int(skipped)
+    run.bad_steps += int(skipped)
+    run.bad_in_row = int(in_row)
+    if skipped:
+        log(f"step {run.step}: {int(skipped)} of {chunks} updates skipped in this batch (non-finite loss or gradient; "
+            f"{run.bad_steps} so far)")
+    run_loss.add(nats, int(points), time.time() - t0)
 
 if __name__ == "__main__":
     main()

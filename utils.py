@@ -480,6 +480,34 @@ def learning_rate(step, total_steps, lr, warmup=0, schedule="constant"):
     return lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
+def make_optimizer(name, params, lr):
+    """'adam' (fused: one kernel per step, and it can skip a step on the device, see clipped_step) or 'rmsprop'
+    (Graves (2013) eq. 38-41; torch adds eps outside the square root)."""
+    import torch
+    params = list(params)
+    if name == "adam":
+        fused = all(p.device.type in ("cpu", "cuda") for p in params)
+        return torch.optim.Adam(params, lr=lr, fused=fused)
+    return torch.optim.RMSprop(params, lr=lr, alpha=0.95, momentum=0.9, eps=1e-4, centered=True)
+
+
+def clipped_step(optimizer, params, loss_sum, clip):
+    """Clip the gradient norm to `clip` (0: no clipping), then an optimiser step unless the loss or the gradient is
+    not finite. Returns `ok`, a bool tensor on the device. Fused Adam skips on the device (found_inf, the mechanism of
+    torch.amp.GradScaler), so no host sync is needed and the host can queue the next chunk while the GPU works; other
+    optimisers read ok first (one sync)."""
+    import torch
+    # why clip: rare huge gradients from near-singular Gaussians would otherwise wreck the weights
+    gnorm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else math.inf)
+    ok = torch.isfinite(loss_sum) & torch.isfinite(gnorm)
+    if optimizer.defaults.get("fused"):
+        optimizer.found_inf = (~ok).float()     # skipped: weights, moments and Adam's step count left as they were
+        optimizer.step()
+    elif ok.item():
+        optimizer.step()
+    return ok
+
+
 def pick_device(name):
     """'auto' -> CUDA when present, else CPU; anything else as given ('cpu', 'cuda:1', ...)."""
     import torch

@@ -93,6 +93,39 @@ def test_learning_rate_schedule():
     assert learning_rate(100, 100, 1.0, warmup=10, schedule="cosine") == pytest.approx(0.05)   # lr / 20 at the end
 
 
+@pytest.mark.parametrize("name", ["adam", "rmsprop"])
+def test_clipped_step_skips_non_finite_updates_and_matches_a_plain_step(name):
+    """Fused Adam skips on the device (no host sync); either way a bad step leaves weights and moments untouched, and
+    a good one is the plain clip-then-step."""
+    from utils import clipped_step, make_optimizer
+    torch.manual_seed(0)
+    nets = [torch.nn.Linear(4, 3) for _ in range(2)]
+    nets[1].load_state_dict(nets[0].state_dict())
+    ours = make_optimizer(name, nets[0].parameters(), 1e-2)
+    plain = (torch.optim.Adam(nets[1].parameters(), lr=1e-2) if name == "adam" else
+             torch.optim.RMSprop(nets[1].parameters(), lr=1e-2, alpha=0.95, momentum=0.9, eps=1e-4, centered=True))
+    assert bool(ours.defaults.get("fused")) == (name == "adam")
+    x = torch.randn(8, 4)
+    for i, scale in enumerate([1.0, float("nan"), 100.0, float("inf"), 1.0]):
+        before = [p.detach().clone() for p in nets[0].parameters()]
+        moments = {k: v.clone() for k, v in ours.state_dict()["state"].get(0, {}).items()}
+        losses = [(net(x) ** 2).sum() * scale for net in nets]
+        for net, loss in zip(nets, losses):
+            net.zero_grad()
+            loss.backward()
+        ok = clipped_step(ours, nets[0].parameters(), losses[0].detach(), clip=1.0)
+        assert bool(ok) == math.isfinite(scale)
+        if not ok:    # skipped: nothing moved, not even the optimiser's step count
+            assert all(torch.equal(a, b) for a, b in zip(before, nets[0].parameters()))
+            assert all(torch.equal(v, ours.state_dict()["state"][0][k]) for k, v in moments.items())
+            continue
+        torch.nn.utils.clip_grad_norm_(nets[1].parameters(), 1.0)
+        plain.step()
+        for a, b in zip(nets[0].parameters(), nets[1].parameters()):
+            assert torch.allclose(a, b, atol=1e-6), i
+    assert int(ours.state_dict()["state"][0]["step"]) == 3
+
+
 def test_cosine_schedule_and_augmentation_in_a_run(tiny_prepared, tmp_path):
     rows = run_train(tiny_prepared, tmp_path, "--max-steps", "24", "--eval-interval", "12", "--lr", "2e-3",
                      "--schedule", "cosine", "--warmup", "4", "--augment-scale", "0.1", "--augment-shear", "0.15")
