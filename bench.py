@@ -156,8 +156,9 @@ def summary(times, points):
 
 def time_sampling(model, lines, reps, args, device, dtype, g):
     """Median seconds to sample `lines` lines of --sample-chars characters, --steps-per-char points each."""
-    text = torch.randint(1, model.config.alphabet_size + 1, (lines, args.sample_chars), generator=g).to(device)
     steps = args.sample_chars * args.steps_per_char
+    if model.synthesis:
+        text = torch.randint(1, model.config.alphabet_size + 1, (lines, args.sample_chars), generator=g).to(device)
 
     def run(n):
         kw = dict(text=text) if model.synthesis else dict(batch_size=lines)

@@ -51,8 +51,14 @@ case $stage in
       "$py" bench.py --device "$device" --dtype "$dtype" --batch-size "$b" --tbptt 100 --cuda-graph --skip-reference \
         > "$out/bench/b${b}_graph.json" || echo "bench at batch $b with --cuda-graph failed"
     done
-    "$py" bench.py --device "$device" --dtype "$dtype" --batch-size 256 --tbptt 100 --cuda-graph --compile \
-      --skip-reference --sample-batch 0 > "$out/bench/b256_graph_compile.json" || echo "bench with --compile failed"
+    for b in 64 256; do
+      "$py" bench.py --device "$device" --dtype "$dtype" --batch-size "$b" --tbptt 100 --cuda-graph --compile \
+        --skip-reference --sample-batch 0 > "$out/bench/b${b}_graph_compile.json" || echo "bench with --compile failed"
+    done
+    for g in "" --cuda-graph; do   # the prediction network: cuDNN layers, no window loop
+      "$py" bench.py --device "$device" --dtype "$dtype" --task prediction --batch-size 64 --tbptt 100 $g \
+        --skip-reference --sample-batch 0 > "$out/bench/prediction_b64${g:+_graph}.json" || echo "prediction bench $g failed"
+    done
     tar -cf "$out/bench.tar" -C "$out" bench && rm -r "$out/bench"
     ;;
   synthesis|prediction)

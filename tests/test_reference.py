@@ -87,13 +87,14 @@ def test_reference_loss_matches_ours_in_float32_at_paper_size():
     assert torch.allclose(nll(y, targets, mask), reference_nll(y_ref, targets, mask), rtol=1e-4, atol=1e-2)
 
 
-def test_bench_smoke(capsys):
+@pytest.mark.parametrize("task", ["synthesis", "prediction"])
+def test_bench_smoke(capsys, task):
     """bench.py end to end on tiny sizes: one JSON object with the headline figures."""
     import json
     import bench
     threads = torch.get_num_threads()
     try:
-        result = bench.main(["--quick", "--device", "cpu", "--threads", "1"])
+        result = bench.main(["--quick", "--device", "cpu", "--threads", "1", "--task", task])
     finally:
         torch.set_num_threads(threads)
     assert json.loads(capsys.readouterr().out) == json.loads(json.dumps(result))
