@@ -118,7 +118,8 @@ def make_train_step(model, loss_fn, batch, device, dtype, chunk=0, graph=False):
         for start in range(0, inputs.shape[1], chunk):
             sl = slice(start, start + chunk)
             if graphed:
-                ok.append(clipped_step(optimizer, model.parameters(), graphed.step(inputs[:, sl], targets[:, sl], mask[:, sl])[0], 3.0))
+                loss_sum, _ = graphed.step(inputs[:, sl], targets[:, sl], mask[:, sl])
+                ok.append(clipped_step(optimizer, model.parameters(), loss_sum, 3.0))
                 continue
             with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
                 y = model(inputs[:, sl], text, state) if state is not None else model(inputs[:, sl], text)

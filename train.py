@@ -78,7 +78,8 @@ def get_args(argv=None):
     p.add_argument("--select-by", choices=["nll", "cer"], default="nll",
                    help="which validation figure picks best.pt (and so model.pt): NLL per line, or the legibility "
                         "check's character error rate (needs --recognizer); the lowest NLL is not always the most legible")
-    p.add_argument("--max-bad-steps", type=int, default=20, help="stop after this many consecutive NaN/Inf losses or gradients")
+    p.add_argument("--max-bad-steps", type=int, default=20,
+                   help="stop after this many consecutive NaN/Inf losses or gradients (skipped updates; checked after each batch)")
     # system
     p.add_argument("--device", default="auto", help="'auto' (CUDA when present), 'cpu', 'cuda', 'cuda:1', ...")
     p.add_argument("--dtype", choices=DTYPES, default="float32", help="autocast dtype for the network (the loss is always float32)")
