@@ -376,7 +376,7 @@ def train_batch(model, raw_model, optimizer, batch, args, device, dtype, run, ru
     # on the device: nats and points of the steps taken, steps skipped, skipped in a row
     nats, points, skipped = (torch.zeros((), device=device) for _ in range(3))
     in_row = torch.tensor(float(run.bad_in_row), device=device)
-    step0, chunks = run.step, 0
+    chunks = 0
     for start in range(0, T, chunk):
         sl = slice(start, start + chunk)
         if graphed:   # forward and backward replayed; .grad belongs to the graph (never zeroed here)
@@ -398,13 +398,14 @@ def train_batch(model, raw_model, optimizer, batch, args, device, dtype, run, ru
         skipped += ~ok
         in_row = torch.where(ok, 0, in_row + 1)
     nats, points, skipped, in_row = torch.stack([nats, points, skipped, in_row]).tolist()   # the one host sync
-    run.step = step0 + chunks - int(skipped)
+    run.step += chunks - int(skipped)
     run.bad_steps += int(skipped)
     run.bad_in_row = int(in_row)
     if skipped:
         log(f"step {run.step}: {int(skipped)} of {chunks} updates skipped in this batch (non-finite loss or gradient; "
             f"{run.bad_steps} so far)")
     run_loss.add(nats, int(points), time.time() - t0)
+
 
 if __name__ == "__main__":
     main()
