@@ -305,7 +305,7 @@ class HandwritingModel(nn.Module):
 
     @torch.no_grad()
     def sample(self, text=None, steps=None, bias=0.0, prime=None, generator=None,
-               batch_size=None, max_steps_per_char=40, record=False, retries=0, retry_above=None, cuda_graph=False):
+               batch_size=None, max_steps_per_char=40, record=False, retries=0, retry_above=None, cuda_graph=True):
         """Sample handwriting, all lines of the batch together.
 
         text: (B, U) ids (synthesis; padded with 0), which should already include the priming text
@@ -319,7 +319,8 @@ class HandwritingModel(nn.Module):
         with retry_above (points per character; None or 0: off), so are finished lines that took more than that: a window that
         stalls on a character writes loops there (real lines take about 22). A line keeps its first attempt that
         finished within retry_above, else its best one (finished first, then fewest points per character).
-        cuda_graph: on a GPU, replay each block of SAMPLE_BLOCK steps as a CUDA graph (_SamplingGraph).
+        cuda_graph: on a GPU, replay each block of SAMPLE_BLOCK steps as a CUDA graph (_SamplingGraph): the same
+        lines as the eager loop (tested), one 40-character line 0.28 s instead of 1.3-2.3 s on an H100; ignored on CPU.
         Returns dict: strokes (B, T, 3) normalised offsets with eos in {0, 1}; lengths (B,) points per line;
         finished (B,) bool (synthesis: False when the cap was hit); attempts (B,) samplings per line; and if
         record: eos_prob (B, T), mixture (B, T, 1 + 6M raw outputs, for density plots), phi (B, T, U + 1)."""
