@@ -609,6 +609,68 @@ class GraphedChunk:
         return self._forward_backward()
 
 
+class WeightNoise:
+    """Adaptive weight noise (Graves 2011, "Practical Variational Inference for Neural Networks"), the regulariser of
+    the paper's best figures (-1057.7 prediction, -1128.2 synthesis). Every weight is drawn from its own Gaussian,
+    w = mu + sigma * eps with eps ~ N(0, 1): mu is the model's parameter and sigma = exp(log_sigma) is learnt beside it.
+    The loss adds the weights' description length KL(Q || P) against one Gaussian prior over all n weights, set to its
+    optimum: mu0 = mean(mu), sigma0^2 = mean(sigma^2 + (mu - mu0)^2), which makes KL = sum_i log(sigma0 / sigma_i).
+    Per point, as train.py's loss: mean NLL per point + KL / N, with N the points of the training split.
+
+    Use: sample(step) once per batch (eps drawn from a generator seeded by the step: the same on every process and
+    again on resume), then for every chunk perturb() before the forward and restore() after the backward; the
+    optimiser steps the parameters (mu) and log_sigma. Outside perturb/restore the model holds mu, which evaluation
+    and sampling use. In-place on the parameters' storage, so it works under CUDA graphs and DDP."""
+
+    def __init__(self, params, init_std, data_points, seed=0):
+        self.params = list(params)
+        self.log_sigma = [torch.full_like(p, math.log(init_std)).requires_grad_() for p in self.params]
+        self.eps = [torch.zeros_like(p) for p in self.params]
+        self.mu = [torch.empty_like(p) for p in self.params]
+        self.scale, self.seed = 1.0 / data_points, seed
+        self.n = sum(p.numel() for p in self.params)
+        self.kl = torch.zeros((), device=self.params[0].device)   # KL / N at the last restore(), nats per point
+
+    @torch.no_grad()
+    def sample(self, step):
+        generator = torch.Generator(device=self.params[0].device).manual_seed(self.seed * 1_000_003 + step)
+        for e in self.eps:
+            e.normal_(generator=generator)
+
+    @torch.no_grad()
+    def perturb(self):
+        """mu -> w = mu + sigma * eps, in place (mu is kept aside)."""
+        for p, mu, log_sigma, e in zip(self.params, self.mu, self.log_sigma, self.eps):
+            mu.copy_(p)
+            p.addcmul_(log_sigma.exp(), e)
+
+    @torch.no_grad()
+    def restore(self):
+        """w -> mu, and the gradients of mean NLL + KL / N: the backward left dNLL/dw in mu's .grad (= dNLL/dmu);
+        dNLL/dlog_sigma = dNLL/dw * eps * sigma. The prior's own dependence on mu and sigma adds nothing (it sits
+        at its optimum), so dKL/dmu_i = (mu_i - mu0) / sigma0^2 and dKL/dlog_sigma_i = sigma_i^2 / sigma0^2 - 1."""
+        for p, mu in zip(self.params, self.mu):
+            p.copy_(mu)
+        sigma = [ls.exp() for ls in self.log_sigma]
+        mu0 = sum(p.sum() for p in self.params) / self.n
+        var0 = sum((s * s).sum() + ((p - mu0) ** 2).sum() for s, p in zip(sigma, self.params)) / self.n
+        for p, log_sigma, s, e in zip(self.params, self.log_sigma, sigma, self.eps):
+            g = p.grad if p.grad is not None else torch.zeros_like(p)
+            log_sigma.grad = g * e * s + self.scale * (s * s / var0 - 1)
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            p.grad.add_((p - mu0) * (self.scale / var0))
+        self.kl = self.scale * (0.5 * self.n * var0.log() - sum(ls.sum() for ls in self.log_sigma))
+
+    def state_dict(self):
+        return {"log_sigma": [ls.detach().clone() for ls in self.log_sigma]}
+
+    def load_state_dict(self, state):
+        with torch.no_grad():
+            for ls, saved in zip(self.log_sigma, state["log_sigma"], strict=True):
+                ls.copy_(saved)
+
+
 def _on_side_stream(device, fn):
     """Run fn on a fresh CUDA stream, ordered after and before the current one: warm-ups before a graph capture
     must not run on the capturing stream."""

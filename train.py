@@ -23,8 +23,8 @@ import torch
 import torch.distributed as dist
 
 from dataset import Alphabet, HandwritingDataset, augment, make_loader
-from model import (GraphedChunk, HandwritingModel, ModelConfig, error_rates, evaluate_nll, load_recognizer, nll, summarize_nll,
-                   teacher_forcing, write_and_read)
+from model import (GraphedChunk, HandwritingModel, ModelConfig, WeightNoise, error_rates, evaluate_nll, load_recognizer, nll,
+                   summarize_nll, teacher_forcing, write_and_read)
 from utils import (DTYPES, clipped_step, export_weights, learning_rate, load_checkpoint, make_optimizer, pick_device,
                    plot_loss_curve, restore_training_state, save_checkpoint, save_sample_image, training_state)
 
@@ -60,6 +60,10 @@ def get_args(argv=None):
     p.add_argument("--dropout", type=float, default=0.0,
                    help="probability of dropping each layer's output units on their way to the layer above and the "
                         "mixture head, training only (paper: none, 0); also applies to --resume and --init-from")
+    p.add_argument("--weight-noise", type=float, default=0.0,
+                   help="adaptive weight noise (Graves 2011; the paper's best results used it): every weight gets its own "
+                        "Gaussian, this is its starting standard deviation, learnt from there with the weights' description "
+                        "length added to the loss (0 = off, the paper's plain runs; try 0.01); pass it again on --resume")
     p.add_argument("--augment-scale", type=float, default=0.0,
                    help="data augmentation: random size change per line, +- this fraction (paper: none, 0)")
     p.add_argument("--augment-shear", type=float, default=0.0,
@@ -94,6 +98,8 @@ def get_args(argv=None):
     args = p.parse_args(argv)
     if args.schedule == "cosine" and not args.max_steps:
         p.error("--schedule cosine decays over --max-steps: give --max-steps N")
+    if args.weight_noise < 0:
+        p.error(f"--weight-noise is a standard deviation, >= 0, not {args.weight_noise}")
     if not 0 <= args.dropout < 1:
         p.error(f"--dropout is a probability in [0, 1), not {args.dropout}")
     if args.cuda_graph and not args.tbptt:
@@ -169,10 +175,20 @@ def main(argv=None):
         config.hidden_size, config.layers, config.mixtures, config.window_gaussians)
     torch.manual_seed(args.seed)
     model = HandwritingModel(config).to(device)
-    optimizer = make_optimizer(args.optimizer, model.parameters(), args.lr)
+    noise = None   # learnt sigmas beside the weights; N: points of the training split (the KL is per data point)
+    if args.weight_noise:
+        noise = WeightNoise(model.parameters(), args.weight_noise, int(train_set.lengths.sum()), seed=args.seed)
+    params = list(model.parameters()) + (noise.log_sigma if noise else [])
+    optimizer = make_optimizer(args.optimizer, params, args.lr)
     run = Run()
     if ckpt and resume:
+        if ("weight_noise" in ckpt) != bool(noise):
+            sys.exit(f"error: {resume} was trained " + ("with --weight-noise: pass --weight-noise again (its sigmas are "
+                     "restored)" if noise is None else "without --weight-noise: start a new run from its weights with "
+                     "--init-from and --out NEW_FOLDER"))
         restore_training_state(ckpt, model, optimizer, run, device)
+        if noise:
+            noise.load_state_dict(ckpt["weight_noise"])
         log(f"resumed from {resume} at step {run.step} (epoch {run.epoch}, batch {run.batch_in_epoch})")
         best_by = run.best_by or ckpt.get("train_args", {}).get("select_by", "nll")
         if best_by != args.select_by:   # a CER is not comparable with an NLL: best.pt is replaced at the next evaluation
@@ -213,7 +229,7 @@ def main(argv=None):
             **training_state(raw_model, optimizer, run, device),
             "model_config": config.to_dict(), "alphabet": train_set.alphabet.chars,
             "mean": [float(v) for v in train_set.mean], "std": [float(v) for v in train_set.std],
-            "metrics": metrics, "train_args": vars(args),
+            "metrics": metrics, "train_args": vars(args), **({"weight_noise": noise.state_dict()} if noise else {}),
         }, path)
 
     def evaluate():
@@ -228,6 +244,9 @@ def main(argv=None):
                    "points_per_s": run_loss.points / max(run_loss.seconds, 1e-9), "bad_steps": run.bad_steps,
                    "lr": optimizer.param_groups[0]["lr"],
                    "train_minutes": run.train_time / 60}
+        if noise:   # the description length per point that the loss adds, and the sigmas' typical size
+            metrics.update(kl_per_point=float(noise.kl),
+                           sigma_rms=math.sqrt(sum(float(ls.detach().mul(2).exp().sum()) for ls in noise.log_sigma) / noise.n))
         raw_model.train()
         run.last_eval_step = run.step
         if not master:
@@ -289,7 +308,7 @@ def main(argv=None):
                 g = torch.Generator().manual_seed(args.seed * 1_000_003 + run.step)   # a function of the step: resumable
                 batch["strokes"] = augment(batch["strokes"], batch["stroke_mask"], train_set.mean.tolist(),
                                            train_set.std.tolist(), g, args.augment_scale, args.augment_shear)
-            train_batch(model, raw_model, optimizer, batch, args, device, dtype, run, run_loss, log, graphed)
+            train_batch(model, raw_model, optimizer, batch, args, device, dtype, run, run_loss, log, graphed, noise)
             run.batch_in_epoch = b + 1
             run.train_time += time.time() - t0
             if progress:
@@ -354,9 +373,10 @@ class RunningLoss:
         return sum(self.last) / max(len(self.last), 1)
 
 
-def train_batch(model, raw_model, optimizer, batch, args, device, dtype, run, run_loss, log, graphed=None):
+def train_batch(model, raw_model, optimizer, batch, args, device, dtype, run, run_loss, log, graphed=None, noise=None):
     """Truncated BPTT over one batch: one optimiser step per chunk, state carried and detached (in graphed's
-    buffers with --cuda-graph). Losses and skipped steps are summed on the device and read once, at the end."""
+    buffers with --cuda-graph). Losses and skipped steps are summed on the device and read once, at the end.
+    noise (WeightNoise): one draw of the weights for the whole batch, mu restored around every update."""
     t0 = time.time()
     strokes, mask = batch["strokes"].to(device, non_blocking=True), batch["stroke_mask"].to(device, non_blocking=True)
     text = batch["text"].to(device, non_blocking=True) if raw_model.synthesis else None
@@ -377,8 +397,13 @@ def train_batch(model, raw_model, optimizer, batch, args, device, dtype, run, ru
     nats, points, skipped = (torch.zeros((), device=device) for _ in range(3))
     in_row = torch.tensor(float(run.bad_in_row), device=device)
     chunks = 0
+    params = list(raw_model.parameters()) + (noise.log_sigma if noise else [])
+    if noise:
+        noise.sample(run.step)
     for start in range(0, T, chunk):
         sl = slice(start, start + chunk)
+        if noise:
+            noise.perturb()
         if graphed:   # forward and backward replayed; .grad belongs to the graph (never zeroed here)
             loss_sum, n = graphed.step(inputs[:, sl], targets[:, sl], tmask[:, sl])
         else:
@@ -389,9 +414,11 @@ def train_batch(model, raw_model, optimizer, batch, args, device, dtype, run, ru
             state = state.detach()
             optimizer.zero_grad(set_to_none=True)
             (loss_sum / n.clamp(min=1)).backward()   # mean nats per point: the scale Adam's lr expects
+        if noise:
+            noise.restore()                          # mu back, and the gradients of NLL + KL / N
         for group in optimizer.param_groups:        # (a skipped step shifts the schedule of this batch's later chunks)
             group["lr"] = learning_rate(run.step + chunks, args.max_steps, args.lr, args.warmup, args.schedule)
-        ok = clipped_step(optimizer, raw_model.parameters(), loss_sum, args.clip)
+        ok = clipped_step(optimizer, params, loss_sum, args.clip)
         chunks += 1
         nats += torch.where(ok, loss_sum, 0)    # graphed's loss_sum is rewritten by the next replay: add it now
         points += torch.where(ok, n, 0)

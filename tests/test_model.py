@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from model import HandwritingModel, ModelConfig, mixture_params, nll, replace_rows, teacher_forcing
+from model import HandwritingModel, ModelConfig, WeightNoise, mixture_params, nll, replace_rows, teacher_forcing
 
 
 def tiny(task, **kw):
@@ -184,6 +184,50 @@ def test_window_moves_forward_and_masks_padding():
     # the window vector has no mass on padded characters: line 0 has only 3 real characters
     onehot = model.one_hot(text)
     assert onehot[0, 3:].abs().sum() == 0 and onehot[0, :3].sum() == 3
+
+
+@pytest.mark.parametrize("task", ["prediction", "synthesis"])
+def test_weight_noise_gradients_are_autograds_of_the_variational_loss(task):
+    """WeightNoise: perturb, backward, restore gives the gradients autograd takes of the loss written out in full:
+    mean NLL per point at w = mu + sigma * eps plus KL(Q || P) / N, the KL of the two Gaussians with the prior's mu0
+    and sigma0 computed from mu and sigma (autograd differentiates through them; restore() leaves them out)."""
+    model = tiny(task)
+    x, text = batch(T=11)
+    text = text if task == "synthesis" else None
+    target, mask, N = torch.randn_like(x), torch.ones(x.shape[:2]), 50
+    noise = WeightNoise(model.parameters(), 0.05, data_points=N, seed=3)
+    with torch.no_grad():                            # sigmas of different sizes, as after some training
+        for log_sigma in noise.log_sigma:
+            log_sigma.add_(0.5 * torch.randn_like(log_sigma))
+    noise.sample(step=7)
+    mu = [p.detach().clone() for p in model.parameters()]
+    noise.perturb()
+    assert all(not torch.equal(p, m) for p, m in zip(model.parameters(), mu))
+    model.zero_grad()
+    (nll(model(x, text)[0], target, mask).sum() / mask.sum()).backward()
+    noise.restore()
+    assert all(torch.equal(p, m) for p, m in zip(model.parameters(), mu))    # the mean weights are back
+    # the reference: the variational loss as a function of mu and log_sigma
+    mu_ref = [m.clone().requires_grad_() for m in mu]
+    log_sigma_ref = [ls.detach().clone().requires_grad_() for ls in noise.log_sigma]
+    names = [name for name, _ in model.named_parameters()]
+    w = {n: m + ls.exp() * e for n, m, ls, e in zip(names, mu_ref, log_sigma_ref, noise.eps)}
+    y, _ = torch.func.functional_call(model, w, (x, text))
+    m, s = torch.cat([v.flatten() for v in mu_ref]), torch.cat([v.exp().flatten() for v in log_sigma_ref])
+    mu0, var0 = m.mean(), (s ** 2 + (m - m.mean()) ** 2).mean()
+    kl = (0.5 * var0.log() - s.log() + (s ** 2 + (m - mu0) ** 2) / (2 * var0) - 0.5).sum()
+    (nll(y, target, mask).sum() / mask.sum() + kl / N).backward()
+    for p, ref in zip(model.parameters(), mu_ref):
+        assert torch.allclose(p.grad, ref.grad, rtol=1e-7, atol=1e-12)
+    for log_sigma, ref in zip(noise.log_sigma, log_sigma_ref):
+        assert torch.allclose(log_sigma.grad, ref.grad, rtol=1e-7, atol=1e-12)
+    assert float(noise.kl) == pytest.approx(float(kl.detach()) / N, rel=1e-9)
+    # the same step again draws the same noise (resume, processes); another step draws other noise
+    eps = [e.clone() for e in noise.eps]
+    noise.sample(step=7)
+    assert all(torch.equal(a, b) for a, b in zip(eps, noise.eps))
+    noise.sample(step=8)
+    assert not torch.equal(eps[0], noise.eps[0])
 
 
 def test_biased_sampling_formulas():

@@ -84,6 +84,35 @@ def test_dropout_is_saved_and_the_flag_wins_over_a_checkpoint(tiny_prepared, tmp
     assert r.returncode != 0 and "--dropout" in r.stderr and "Traceback" not in r.stderr
 
 
+def test_weight_noise_learns_sigmas_resumes_exactly_and_refuses_a_mismatched_resume(tiny_prepared, tmp_path):
+    noise = ["--weight-noise", "0.02", "--eval-interval", "10", "--lr", "3e-3"]
+    run_train(tiny_prepared, tmp_path / "a", "--max-steps", "30", *noise)
+    run_train(tiny_prepared, tmp_path / "b", "--max-steps", "14", *noise)
+    rows = run_train(tiny_prepared, tmp_path / "b", "--max-steps", "30", *noise, "--resume", "auto")
+    a = torch.load(tmp_path / "a" / "last.pt", weights_only=True)
+    b = torch.load(tmp_path / "b" / "last.pt", weights_only=True)
+    assert a["step"] == b["step"] == rows[-1]["step"]
+    for k in a["model"]:
+        assert torch.allclose(a["model"][k], b["model"][k], atol=1e-6), k
+    for x, y in zip(a["weight_noise"]["log_sigma"], b["weight_noise"]["log_sigma"], strict=True):
+        assert torch.allclose(x, y, atol=1e-6)
+    sigmas = torch.cat([v.exp().flatten() for v in a["weight_noise"]["log_sigma"]])
+    assert sigmas.std() > 0 and rows[-1]["sigma_rms"] != pytest.approx(0.02, abs=1e-4)   # learnt, weight by weight
+    assert rows[-1]["kl_per_point"] > 0
+    assert "weight_noise" not in torch.load(tmp_path / "a" / "model.pt", weights_only=True)   # ships the means only
+    for flags, says in [([], "pass --weight-noise again"), (["--weight-noise", "0.02"], "--init-from")]:
+        out = tmp_path / ("a" if not flags else "plain")
+        if flags:
+            run_train(tiny_prepared, out, "--max-steps", "2", "--eval-interval", "2")
+        r = subprocess.run([sys.executable, "train.py", "--data", str(tiny_prepared), "--out", str(out), *TINY,
+                            "--resume", "auto", "--max-steps", "40", *flags], cwd=ROOT, capture_output=True, text=True,
+                           timeout=120)
+        assert r.returncode != 0 and says in r.stderr and "Traceback" not in r.stderr, r.stderr
+    r = subprocess.run([sys.executable, "train.py", "--weight-noise", "-1", "--data", str(tiny_prepared)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and "--weight-noise" in r.stderr and "Traceback" not in r.stderr
+
+
 def test_learning_rate_schedule():
     from utils import learning_rate
     assert learning_rate(0, 100, 1.0, warmup=10) == pytest.approx(0.1)            # linear warm-up
@@ -139,10 +168,12 @@ def test_cosine_schedule_and_augmentation_in_a_run(tiny_prepared, tmp_path):
     assert r.returncode != 0 and "--max-steps" in r.stderr and "Traceback" not in r.stderr
 
 
-def test_cuda_graph_path_trains_like_the_plain_one(tiny_prepared, tmp_path):
-    """--cuda-graph (here without CUDA: the same static buffers, run eagerly) takes the same optimiser steps."""
-    run_train(tiny_prepared, tmp_path / "a", "--max-steps", "12", "--eval-interval", "12")
-    rows = run_train(tiny_prepared, tmp_path / "b", "--max-steps", "12", "--eval-interval", "12", "--cuda-graph")
+@pytest.mark.parametrize("extra", [[], ["--weight-noise", "0.02"]], ids=["plain", "weight_noise"])
+def test_cuda_graph_path_trains_like_the_plain_one(tiny_prepared, tmp_path, extra):
+    """--cuda-graph (here without CUDA: the same static buffers, run eagerly) takes the same optimiser steps,
+    with weight noise too (it perturbs the weights the graph reads, in place)."""
+    run_train(tiny_prepared, tmp_path / "a", "--max-steps", "12", "--eval-interval", "12", *extra)
+    rows = run_train(tiny_prepared, tmp_path / "b", "--max-steps", "12", "--eval-interval", "12", "--cuda-graph", *extra)
     a = torch.load(tmp_path / "a" / "last.pt", weights_only=True)
     b = torch.load(tmp_path / "b" / "last.pt", weights_only=True)
     assert a["step"] == b["step"] == rows[-1]["step"] >= 12
