@@ -7,7 +7,11 @@
 #   bash docs/gpu_session.sh prediction 7         # the same for the prediction network
 #   bash docs/gpu_session.sh start synthesis 18   # run 'synthesis 18' in the background (setsid), so it outlives the call
 #   bash docs/gpu_session.sh wait synthesis 540   # wait up to 540 s for it; then its model.pt, results.tar and log.txt
-#                                                 # go to $OUT/synthesis/ (before: best.pt's weights as best_fp16.pt)
+#                                                 # go to $OUT/RUN_NAME/ (before: best.pt's weights as best_fp16.pt)
+# Several runs at once (a sweep): RUN=runs/NAME with each start and wait, e.g.
+#   RUN=runs/s_awn TRAIN_ARGS="--weight-noise 0.01" bash docs/gpu_session.sh start synthesis 20
+# Graphed runs are latency-bound: on one H100 a synthesis run trained at 200-230k points/s beside a prediction run
+# (683k), 225k alone. A call returns at most 8 files, so fetch two runs per wait call.
 # start/wait let one warm machine train both networks at once (each is latency-bound, so two share the GPU well) and
 # train longer than one 10-minute call; the machine must stay warm between calls (the device tool keeps it 30 s).
 # Results go to $OUT (default out/), at most 8 files as the device tool returns them: log.txt, model.pt (float16
@@ -120,13 +124,14 @@ case $stage in
     done
     grep "step " "$run/session.log" | tail -3 || true
     tail -4 "$run/session.log"
-    mkdir -p "$out/$task"
+    dest="$out/$(basename "$run")"   # one folder per run, so several runs can be fetched in one call
+    mkdir -p "$dest"
     if grep -q "$done_line" "$run/session.log"; then
-      cp "$run/outbox/model.pt" "$run/outbox/results.tar" "$run/outbox/log.txt" "$out/$task/"
+      cp "$run/outbox/model.pt" "$run/outbox/results.tar" "$run/outbox/log.txt" "$dest/"
     elif [ -f "$run/best.pt" ]; then   # still training (or it died): keep what is best so far
       "$py" -c "import sys; from utils import export_weights, load_checkpoint; export_weights(load_checkpoint(sys.argv[1]), sys.argv[2])" \
-        "$run/best.pt" "$out/$task/best_fp16.pt"
-      cp "$run/metrics.jsonl" "$out/$task/" 2>/dev/null || true
+        "$run/best.pt" "$dest/best_fp16.pt"
+      cp "$run/metrics.jsonl" "$dest/" 2>/dev/null || true
     fi
     ;;
   *)
