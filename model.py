@@ -633,7 +633,8 @@ class WeightNoise:
 
     @torch.no_grad()
     def sample(self, step):
-        generator = torch.Generator(device=self.params[0].device).manual_seed(self.seed * 1_000_003 + step)
+        # 2**32 + ...: not a seed that train.py's augmentation draws (seed * 1_000_003 + step) ever uses
+        generator = torch.Generator(device=self.params[0].device).manual_seed(2 ** 32 + self.seed * 1_000_003 + step)
         for e in self.eps:
             e.normal_(generator=generator)
 
