@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # A GPU session's work in stages, each one command that ends within a time budget (the device tool allows 10
 # minutes a call). Needs only the prepared arrays: data/processed/iam_ondb.npz (16 MB; carry it).
-#   bash docs/gpu_session.sh check                # the CUDA-only tests (graphs against eager), a minute
+#   bash docs/gpu_session.sh check                # the CUDA-only tests (graphs against eager), 1-2 minutes
 #   bash docs/gpu_session.sh bench                # bench.py on the GPU, bf16: eager, CUDA graphs at batch 64-1024
 #   bash docs/gpu_session.sh synthesis 7          # train 7 more minutes (resumes runs/synthesis), evaluate, sample
 #   bash docs/gpu_session.sh prediction 7         # the same for the prediction network
@@ -47,6 +47,9 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>
 case $stage in
   check)   # the tests that need CUDA (CUDA graphs of training chunks and of sampling blocks against eager)
     "$py" -m pytest -q -rs tests/test_model.py -k cuda
+    # train.py with --cuda-graph against without, plain and with --weight-noise, here on the GPU (12 Adam steps: float
+    # noise from other kernels may exceed the test's CPU tolerance; a failure is reported, not fatal)
+    "$py" -m pytest -q -rs tests/test_train.py -k cuda_graph_path || echo "train.py graph-vs-eager check failed (see above)"
     ;;
   bench)   # eager with the textbook reference, then CUDA graphs (training chunks of 100 points, sampling blocks)
     mkdir -p "$out/bench"
