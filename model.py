@@ -656,10 +656,9 @@ class WeightNoise:
         mu0 = sum(p.sum() for p in self.params) / self.n
         var0 = sum((s * s).sum() + ((p - mu0) ** 2).sum() for s, p in zip(sigma, self.params)) / self.n
         for p, log_sigma, s, e in zip(self.params, self.log_sigma, sigma, self.eps):
-            g = p.grad if p.grad is not None else torch.zeros_like(p)
-            log_sigma.grad = g * e * s + self.scale * (s * s / var0 - 1)
-            if p.grad is None:
+            if p.grad is None:                       # a weight the loss did not reach: its NLL gradient is 0
                 p.grad = torch.zeros_like(p)
+            log_sigma.grad = p.grad * e * s + self.scale * (s * s / var0 - 1)
             p.grad.add_((p - mu0) * (self.scale / var0))
         self.kl = self.scale * (0.5 * self.n * var0.log() - sum(ls.sum() for ls in self.log_sigma))
 

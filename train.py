@@ -397,7 +397,7 @@ def train_batch(model, raw_model, optimizer, batch, args, device, dtype, run, ru
     nats, points, skipped = (torch.zeros((), device=device) for _ in range(3))
     in_row = torch.tensor(float(run.bad_in_row), device=device)
     chunks = 0
-    params = list(raw_model.parameters()) + (noise.log_sigma if noise else [])
+    params = [p for group in optimizer.param_groups for p in group["params"]]   # the weights (and sigmas) it steps
     if noise:
         noise.sample(run.step)
     for start in range(0, T, chunk):
