@@ -12,6 +12,7 @@ without optimiser state, the file to ship or pass to generate.py. Checkpoints ar
 exactly where a run stopped; Ctrl-C finishes the batch, saves and exits.
 """
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -25,8 +26,9 @@ import torch.distributed as dist
 from dataset import Alphabet, HandwritingDataset, augment, make_loader
 from model import (GraphedChunk, HandwritingModel, ModelConfig, WeightNoise, error_rates, evaluate_nll, load_recognizer, nll,
                    summarize_nll, teacher_forcing, write_and_read)
-from utils import (DTYPES, clipped_step, export_weights, learning_rate, load_checkpoint, make_optimizer, pick_device,
-                   plot_loss_curve, restore_training_state, save_checkpoint, save_sample_image, training_state)
+from utils import (DTYPES, WeightAverage, clipped_step, export_weights, learning_rate, load_checkpoint, make_optimizer,
+                   pick_device, plot_loss_curve, restore_training_state, save_checkpoint, save_sample_image,
+                   training_state)
 
 
 
@@ -64,6 +66,11 @@ def get_args(argv=None):
                    help="adaptive weight noise (Graves 2011; the paper's best results used it): every weight gets its own "
                         "Gaussian, this is its starting standard deviation, learnt from there with the weights' description "
                         "length added to the loss (0 = off, the paper's plain runs; try 0.01); pass it again on --resume")
+    p.add_argument("--ema", type=float, default=0.0,
+                   help="keep an exponential moving average of the weights, this decay per step (0 = off, the paper; "
+                        "try 0.999, about the last 1,000 steps): evaluations, samples, best.pt and model.pt use the "
+                        "average; metrics.jsonl also gives the training weights' NLL (val_raw_nll_per_line); pass it "
+                        "again on --resume")
     p.add_argument("--augment-scale", type=float, default=0.0,
                    help="data augmentation: random size change per line, +- this fraction (paper: none, 0)")
     p.add_argument("--augment-shear", type=float, default=0.0,
@@ -100,6 +107,8 @@ def get_args(argv=None):
         p.error("--schedule cosine decays over --max-steps: give --max-steps N")
     if args.weight_noise < 0:
         p.error(f"--weight-noise is a standard deviation, >= 0, not {args.weight_noise}")
+    if not 0 <= args.ema < 1:
+        p.error(f"--ema is a decay per step in [0, 1) (e.g. 0.999), not {args.ema}")
     if not 0 <= args.dropout < 1:
         p.error(f"--dropout is a probability in [0, 1), not {args.dropout}")
     if args.cuda_graph and not args.tbptt:
@@ -186,6 +195,10 @@ def main(argv=None):
             sys.exit(f"error: {resume} was trained " + ("with --weight-noise: pass --weight-noise again (its sigmas are "
                      "restored)" if noise is None else "without --weight-noise: start a new run from its weights with "
                      "--init-from and --out NEW_FOLDER"))
+        if ("train_weights" in ckpt) != bool(args.ema):
+            sys.exit(f"error: {resume} was trained " + ("with --ema: pass --ema again (its average is restored)"
+                     if not args.ema else "without --ema: start a new run from its weights with --init-from and --out "
+                     "NEW_FOLDER"))
         restore_training_state(ckpt, model, optimizer, run, device)
         if noise:
             noise.load_state_dict(ckpt["weight_noise"])
@@ -200,6 +213,12 @@ def main(argv=None):
             "its model config is used, the model-size flags are ignored)")
     run.best_by = args.select_by
     raw_model = model
+    average = None   # --ema: the averaged weights; a checkpoint's "model" holds them, "train_weights" the optimiser's
+    if args.ema:
+        average = WeightAverage(raw_model, args.ema)
+        if ckpt and resume:
+            model.load_state_dict(ckpt["train_weights"])
+            average.load_state_dict(ckpt["model"])
     if args.compile:
         raw_model.compile_window_step()
     if args.cuda_graph and ddp:
@@ -225,54 +244,64 @@ def main(argv=None):
 
     def checkpoint(path, metrics):
         """Everything to continue exactly: weights, optimiser, counters, RNG, config, data stats."""
+        state = training_state(raw_model, optimizer, run, device)
+        if average:
+            state.update(model=average.state_dict(), train_weights=state["model"])
         save_checkpoint({
-            **training_state(raw_model, optimizer, run, device),
+            **state,
             "model_config": config.to_dict(), "alphabet": train_set.alphabet.chars,
             "mean": [float(v) for v in train_set.mean], "std": [float(v) for v in train_set.std],
             "metrics": metrics, "train_args": vars(args), **({"weight_noise": noise.state_dict()} if noise else {}),
         }, path)
 
-    def evaluate():
-        """Validation NLL over all processes; on rank 0 also a sample, metrics row, plots and checkpoints."""
-        loader = make_loader(valid_set, args.batch_size, shuffle=False)
-        batches = list(loader)[rank::world]
+    def nll_per_line(batches):
         total = evaluate_nll(raw_model, batches, device, dtype)
         if ddp:
             dist.all_reduce(total)
-        metrics = {"step": run.step, "epoch": run.epoch, "train_loss": run_loss.mean(),
-                   **{f"val_{k}": v for k, v in summarize_nll(total).items()},
-                   "points_per_s": run_loss.points / max(run_loss.seconds, 1e-9), "bad_steps": run.bad_steps,
-                   "lr": optimizer.param_groups[0]["lr"],
-                   "train_minutes": run.train_time / 60}
-        if noise:   # the description length per point that the loss adds, and the sigmas' typical size
-            metrics.update(kl_per_point=float(noise.kl),
-                           sigma_rms=math.sqrt(sum(float(ls.detach().mul(2).exp().sum()) for ls in noise.log_sigma) / noise.n))
+        return summarize_nll(total)
+
+    def evaluate():
+        """Validation NLL over all processes; on rank 0 also a sample, metrics row, plots and checkpoints.
+        With --ema all of it uses the averaged weights, and the training weights' NLL is logged beside them."""
+        loader = make_loader(valid_set, args.batch_size, shuffle=False)
+        batches = list(loader)[rank::world]
+        raw = {"val_raw_nll_per_line": nll_per_line(batches)["nll_per_line"]} if average else {}
+        with average.swapped_in() if average else contextlib.nullcontext():
+            metrics = {"step": run.step, "epoch": run.epoch, "train_loss": run_loss.mean(),
+                       **{f"val_{k}": v for k, v in nll_per_line(batches).items()}, **raw,
+                       "points_per_s": run_loss.points / max(run_loss.seconds, 1e-9), "bad_steps": run.bad_steps,
+                       "lr": optimizer.param_groups[0]["lr"],
+                       "train_minutes": run.train_time / 60}
+            if noise:   # the description length per point that the loss adds, and the sigmas' typical size
+                metrics.update(kl_per_point=float(noise.kl),
+                               sigma_rms=math.sqrt(sum(float(ls.detach().mul(2).exp().sum()) for ls in noise.log_sigma) / noise.n))
+            run.last_eval_step = run.step
+            if master and recognizer is not None:   # same texts and seed every time: comparable between evaluations
+                generator = torch.Generator(device=device).manual_seed(args.seed)
+                _, read, finished, *_ = write_and_read(
+                    raw_model, recognizer, legible_texts, train_set.alphabet, Alphabet(rec_ckpt["alphabet"]),
+                    (train_set.mean, train_set.std), (rec_ckpt["mean"], rec_ckpt["std"]), args.legibility_bias,
+                    generator, args.batch_size)
+                metrics.update(val_cer=error_rates(legible_texts, read)["cer"], val_finished=sum(finished) / len(finished))
+            if master:
+                os.makedirs(out, exist_ok=True)
+                save_sample_image(raw_model, train_set.alphabet, train_set.mean, train_set.std,
+                                  os.path.join(out, f"sample_{run.step:06d}.png"), text=args.sample_text, seed=args.seed)
         raw_model.train()
-        run.last_eval_step = run.step
         if not master:
             return metrics
-        if recognizer is not None:   # same texts and seed every time: comparable from one evaluation to the next
-            generator = torch.Generator(device=device).manual_seed(args.seed)
-            _, read, finished, *_ = write_and_read(
-                raw_model, recognizer, legible_texts, train_set.alphabet, Alphabet(rec_ckpt["alphabet"]),
-                (train_set.mean, train_set.std), (rec_ckpt["mean"], rec_ckpt["std"]), args.legibility_bias, generator,
-                args.batch_size)
-            metrics.update(val_cer=error_rates(legible_texts, read)["cer"], val_finished=sum(finished) / len(finished))
         key = "val_cer" if args.select_by == "cer" else "val_nll_per_line"
         improved = metrics[key] < run.best_val
         run.best_val = min(run.best_val, metrics[key])
-        os.makedirs(out, exist_ok=True)
         with open(os.path.join(out, "metrics.jsonl"), "a") as f:
             f.write(json.dumps(metrics) + "\n")
         plot_loss_curve(os.path.join(out, "metrics.jsonl"), os.path.join(out, "loss.png"))
-        save_sample_image(raw_model, train_set.alphabet, train_set.mean, train_set.std,
-                          os.path.join(out, f"sample_{run.step:06d}.png"), text=args.sample_text, seed=args.seed)
-        raw_model.train()
         checkpoint(os.path.join(out, "last.pt"), metrics)
         if improved:
             checkpoint(os.path.join(out, "best.pt"), metrics)
         log(f"step {run.step}: val {metrics['val_nll_per_line']:.1f} nats/line ({metrics['val_nll_per_point']:.3f}/point), "
-            f"train {metrics['train_loss']:.3f}/point, {metrics['points_per_s']:.0f} points/s"
+            + (f"training weights {metrics['val_raw_nll_per_line']:.1f}, " if average else "")
+            + f"train {metrics['train_loss']:.3f}/point, {metrics['points_per_s']:.0f} points/s"
             + (f", CER {metrics['val_cer']:.3f} ({metrics['val_finished']:.0%} finished)" if "val_cer" in metrics else "")
             + (" *best*" if improved else ""))
         return metrics
@@ -308,7 +337,7 @@ def main(argv=None):
                 g = torch.Generator().manual_seed(args.seed * 1_000_003 + run.step)   # a function of the step: resumable
                 batch["strokes"] = augment(batch["strokes"], batch["stroke_mask"], train_set.mean.tolist(),
                                            train_set.std.tolist(), g, args.augment_scale, args.augment_shear)
-            train_batch(model, raw_model, optimizer, batch, args, device, dtype, run, run_loss, log, graphed, noise)
+            train_batch(model, raw_model, optimizer, batch, args, device, dtype, run, run_loss, log, graphed, noise, average)
             run.batch_in_epoch = b + 1
             run.train_time += time.time() - t0
             if progress:
@@ -373,10 +402,12 @@ class RunningLoss:
         return sum(self.last) / max(len(self.last), 1)
 
 
-def train_batch(model, raw_model, optimizer, batch, args, device, dtype, run, run_loss, log, graphed=None, noise=None):
+def train_batch(model, raw_model, optimizer, batch, args, device, dtype, run, run_loss, log, graphed=None, noise=None,
+                average=None):
     """Truncated BPTT over one batch: one optimiser step per chunk, state carried and detached (in graphed's
     buffers with --cuda-graph). Losses and skipped steps are summed on the device and read once, at the end.
-    noise (WeightNoise): one draw of the weights for the whole batch, mu restored around every update."""
+    noise (WeightNoise): one draw of the weights for the whole batch, mu restored around every update.
+    average (WeightAverage): follows the weights after every update."""
     t0 = time.time()
     strokes, mask = batch["strokes"].to(device, non_blocking=True), batch["stroke_mask"].to(device, non_blocking=True)
     text = batch["text"].to(device, non_blocking=True) if raw_model.synthesis else None
@@ -419,6 +450,8 @@ def train_batch(model, raw_model, optimizer, batch, args, device, dtype, run, ru
         for group in optimizer.param_groups:        # (a skipped step shifts the schedule of this batch's later chunks)
             group["lr"] = learning_rate(run.step + chunks, args.max_steps, args.lr, args.warmup, args.schedule)
         ok = clipped_step(optimizer, params, loss_sum, args.clip)
+        if average:   # (after a skipped update it moves towards the unchanged weights)
+            average.update(run.step + chunks)
         chunks += 1
         nats += torch.where(ok, loss_sum, 0)    # graphed's loss_sum is rewritten by the next replay: add it now
         points += torch.where(ok, n, 0)

@@ -5,6 +5,7 @@ Nothing here does work at import time; matplotlib is imported only when drawing.
 import json
 import math
 import os
+from contextlib import contextmanager
 
 import numpy as np
 
@@ -508,6 +509,48 @@ def clipped_step(optimizer, params, loss_sum, clip):
     return ok
 
 
+class WeightAverage:
+    """Exponential moving average of the weights (Polyak averaging): after every optimiser step
+    average <- average + (1 - d) (weights - average), d = min(decay, (1 + step) / (10 + step)) so that the first
+    steps do not drag in the initial weights for long. The average sits beside the model; `swapped_in()` puts it into
+    the model's parameters in place (for evaluation, sampling) and the training weights back afterwards, so CUDA
+    graphs and the optimiser, which hold the parameters' storage, see nothing change."""
+
+    def __init__(self, model, decay):
+        import torch
+        self.model, self.decay = model, decay
+        self.params = [p for p in model.parameters()]
+        self.average = [p.detach().clone() for p in self.params]
+
+    def update(self, step):
+        import torch
+        with torch.no_grad():
+            torch._foreach_lerp_(self.average, self.params, 1 - min(self.decay, (1 + step) / (10 + step)))
+
+    @contextmanager
+    def swapped_in(self):
+        import torch
+        with torch.no_grad():
+            training = [p.detach().clone() for p in self.params]
+            torch._foreach_copy_(self.params, self.average)
+        try:
+            yield self.model
+        finally:
+            with torch.no_grad():
+                torch._foreach_copy_(self.params, training)
+
+    def state_dict(self):
+        """The model's state dict with the averaged weights in place of the parameters (copies)."""
+        average = {name: a for (name, _), a in zip(self.model.named_parameters(), self.average)}
+        return {k: average.get(k, v).detach().clone() for k, v in self.model.state_dict().items()}
+
+    def load_state_dict(self, state):
+        import torch
+        with torch.no_grad():
+            for (name, _), a in zip(self.model.named_parameters(), self.average, strict=True):
+                a.copy_(state[name])
+
+
 def pick_device(name):
     """'auto' -> CUDA when present, else CPU; anything else as given ('cpu', 'cuda:1', ...)."""
     import torch
@@ -586,7 +629,12 @@ def plot_loss_curve(metrics_path, png_path):
     ax1.plot(steps, [r["val_nll_per_point"] for r in rows], label="validation")
     ax1.set(xlabel="step", ylabel="nats per point", title="loss")
     ax1.legend()
-    ax2.plot(steps, [r["val_nll_per_line"] for r in rows], color="C1")
+    ax2.plot(steps, [r["val_nll_per_line"] for r in rows], color="C1",
+             label="averaged weights (--ema)" if "val_raw_nll_per_line" in rows[-1] else None)
+    raw = [(r["step"], r["val_raw_nll_per_line"]) for r in rows if "val_raw_nll_per_line" in r]
+    if raw:
+        ax2.plot(*zip(*raw), color="C1", alpha=0.4, label="training weights")
+        ax2.legend()
     ax2.set(xlabel="step", ylabel="nats per line", title="validation NLL (Graves' units)")
     if cer:
         axes[2].plot(*zip(*cer), color="C2", marker=".")

@@ -84,6 +84,20 @@ def test_dropout_is_saved_and_the_flag_wins_over_a_checkpoint(tiny_prepared, tmp
     assert r.returncode != 0 and "--dropout" in r.stderr and "Traceback" not in r.stderr
 
 
+def check_resume_needs_the_flag(data, trained, plain, flag, value, bad):
+    """A run trained with `flag value` refuses --resume without it, a run without it refuses --resume with it, and
+    `flag bad` is refused: one-line errors, no traceback."""
+    run_train(data, plain, "--max-steps", "2", "--eval-interval", "2")
+    for out, flags, says in [(trained, [], f"pass {flag} again"), (plain, [flag, value], "--init-from")]:
+        r = subprocess.run([sys.executable, "train.py", "--data", str(data), "--out", str(out), *TINY,
+                            "--resume", "auto", "--max-steps", "40", *flags], cwd=ROOT, capture_output=True, text=True,
+                           timeout=120)
+        assert r.returncode != 0 and says in r.stderr and "Traceback" not in r.stderr, r.stderr
+    r = subprocess.run([sys.executable, "train.py", flag, bad, "--data", str(data)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and flag in r.stderr and "Traceback" not in r.stderr
+
+
 def test_weight_noise_learns_sigmas_resumes_exactly_and_refuses_a_mismatched_resume(tiny_prepared, tmp_path):
     noise = ["--weight-noise", "0.02", "--eval-interval", "10", "--lr", "3e-3"]
     run_train(tiny_prepared, tmp_path / "a", "--max-steps", "30", *noise)
@@ -100,17 +114,66 @@ def test_weight_noise_learns_sigmas_resumes_exactly_and_refuses_a_mismatched_res
     assert sigmas.std() > 0 and rows[-1]["sigma_rms"] != pytest.approx(0.02, abs=1e-4)   # learnt, weight by weight
     assert rows[-1]["kl_per_point"] > 0
     assert "weight_noise" not in torch.load(tmp_path / "a" / "model.pt", weights_only=True)   # ships the means only
-    for flags, says in [([], "pass --weight-noise again"), (["--weight-noise", "0.02"], "--init-from")]:
-        out = tmp_path / ("a" if not flags else "plain")
-        if flags:
-            run_train(tiny_prepared, out, "--max-steps", "2", "--eval-interval", "2")
-        r = subprocess.run([sys.executable, "train.py", "--data", str(tiny_prepared), "--out", str(out), *TINY,
-                            "--resume", "auto", "--max-steps", "40", *flags], cwd=ROOT, capture_output=True, text=True,
-                           timeout=120)
-        assert r.returncode != 0 and says in r.stderr and "Traceback" not in r.stderr, r.stderr
-    r = subprocess.run([sys.executable, "train.py", "--weight-noise", "-1", "--data", str(tiny_prepared)],
-                       cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert r.returncode != 0 and "--weight-noise" in r.stderr and "Traceback" not in r.stderr
+    check_resume_needs_the_flag(tiny_prepared, tmp_path / "a", tmp_path / "plain", "--weight-noise", "0.02", "-1")
+
+
+def test_weight_average_follows_the_weights_and_swaps_back():
+    """WeightAverage against the EMA written out step by step; swapped_in() puts the average in and the training
+    weights back (also after an error); its state dict is the model's, buffers included."""
+    from utils import WeightAverage
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
+    average = WeightAverage(net, decay=0.9)
+    expected = [p.detach().clone() for p in net.parameters()]
+    for step in range(30):
+        with torch.no_grad():
+            for p in net.parameters():
+                p.add_(torch.randn_like(p))
+        average.update(step)
+        d = min(0.9, (1 + step) / (10 + step))     # 0.1, 0.18, ... then 0.9 from step 71 on: the ramp matters here
+        expected = [d * e + (1 - d) * p.detach() for e, p in zip(expected, net.parameters())]
+    for a, e in zip(average.average, expected, strict=True):
+        assert torch.allclose(a, e, atol=1e-6)
+    training = [p.detach().clone() for p in net.parameters()]
+    with pytest.raises(KeyError):
+        with average.swapped_in() as model:
+            assert model is net
+            assert all(torch.equal(p, e) for p, e in zip(net.parameters(), average.average))
+            raise KeyError("evaluation failed")
+    assert all(torch.equal(p, t) for p, t in zip(net.parameters(), training))
+    state = average.state_dict()
+    assert state.keys() == net.state_dict().keys() and torch.equal(state["0.weight"], average.average[0])
+    assert torch.equal(state["1.running_var"], net.state_dict()["1.running_var"])
+    other = WeightAverage(net, decay=0.9)
+    other.load_state_dict(state)
+    assert all(torch.equal(a, b) for a, b in zip(other.average, average.average))
+
+
+def test_ema_evaluates_and_ships_the_average_resumes_exactly_and_refuses_a_mismatched_resume(tiny_prepared, tmp_path):
+    from dataset import HandwritingDataset, make_loader
+    from model import evaluate_nll, summarize_nll
+    ema = ["--ema", "0.9", "--eval-interval", "10", "--lr", "3e-3"]
+    rows = run_train(tiny_prepared, tmp_path / "a", "--max-steps", "30", *ema)
+    run_train(tiny_prepared, tmp_path / "b", "--max-steps", "14", *ema)
+    run_train(tiny_prepared, tmp_path / "b", "--max-steps", "30", *ema, "--resume", "auto")
+    a = torch.load(tmp_path / "a" / "last.pt", weights_only=True)
+    b = torch.load(tmp_path / "b" / "last.pt", weights_only=True)
+    assert a["step"] == b["step"] == rows[-1]["step"] >= 30
+    for key in ("model", "train_weights"):
+        for k in a[key]:
+            assert torch.allclose(a[key][k], b[key][k], atol=1e-6), (key, k)
+    assert not torch.equal(a["model"]["mdn.weight"], a["train_weights"]["mdn.weight"])
+    # "model" holds the average and scored val_nll_per_line; the training weights scored val_raw_nll_per_line
+    batches = list(make_loader(HandwritingDataset(tiny_prepared, "valid"), 8, shuffle=False))
+    for key, metric in (("model", "val_nll_per_line"), ("train_weights", "val_raw_nll_per_line")):
+        model, _ = load_model({**a, "model": a[key]})
+        score = summarize_nll(evaluate_nll(model, batches, torch.device("cpu")))["nll_per_line"]
+        assert score == pytest.approx(rows[-1][metric], abs=1e-3), key
+    assert rows[-1]["val_nll_per_line"] != pytest.approx(rows[-1]["val_raw_nll_per_line"], abs=1e-3)
+    best = torch.load(tmp_path / "a" / "best.pt", weights_only=True)
+    shipped = torch.load(tmp_path / "a" / "model.pt", weights_only=True)    # the average, without the training weights
+    assert "train_weights" not in shipped and torch.equal(shipped["model"]["mdn.weight"], best["model"]["mdn.weight"].half())
+    check_resume_needs_the_flag(tiny_prepared, tmp_path / "a", tmp_path / "plain", "--ema", "0.9", "1")
 
 
 def test_learning_rate_schedule():
@@ -168,17 +231,19 @@ def test_cosine_schedule_and_augmentation_in_a_run(tiny_prepared, tmp_path):
     assert r.returncode != 0 and "--max-steps" in r.stderr and "Traceback" not in r.stderr
 
 
-@pytest.mark.parametrize("extra", [[], ["--weight-noise", "0.02"]], ids=["plain", "weight_noise"])
+@pytest.mark.parametrize("extra", [[], ["--weight-noise", "0.02"], ["--ema", "0.9"]], ids=["plain", "weight_noise", "ema"])
 def test_cuda_graph_path_trains_like_the_plain_one(tiny_prepared, tmp_path, extra):
     """--cuda-graph (here without CUDA: the same static buffers, run eagerly) takes the same optimiser steps,
-    with weight noise too (it perturbs the weights the graph reads, in place)."""
+    with weight noise too (it perturbs the weights the graph reads, in place), and with --ema (its average is
+    swapped into those weights at every evaluation)."""
     run_train(tiny_prepared, tmp_path / "a", "--max-steps", "12", "--eval-interval", "12", *extra)
     rows = run_train(tiny_prepared, tmp_path / "b", "--max-steps", "12", "--eval-interval", "12", "--cuda-graph", *extra)
     a = torch.load(tmp_path / "a" / "last.pt", weights_only=True)
     b = torch.load(tmp_path / "b" / "last.pt", weights_only=True)
     assert a["step"] == b["step"] == rows[-1]["step"] >= 12
-    for k in a["model"]:
-        assert torch.allclose(a["model"][k], b["model"][k], atol=1e-5), k
+    for key in ("model", "train_weights") if "--ema" in extra else ("model",):
+        for k in a[key]:
+            assert torch.allclose(a[key][k], b[key][k], atol=1e-5), (key, k)
     r = subprocess.run([sys.executable, "train.py", "--cuda-graph", "--data", str(tiny_prepared)],
                        cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode != 0 and "--tbptt" in r.stderr and "Traceback" not in r.stderr
