@@ -307,7 +307,7 @@ def test_torchrun_two_processes_on_cpu(tiny_prepared, tmp_path):
     for attempt in range(2):   # a second try only for a process killed by a signal (a rare gloo socket abort on CI)
         out = tmp_path / f"try{attempt}"
         r = subprocess.run(["torchrun", "--standalone", "--nproc_per_node=2", "train.py", "--data", str(tiny_prepared),
-                            "--out", str(out), *TINY, "--max-steps", "6", "--eval-interval", "3"],
+                            "--out", str(out), *TINY, "--max-steps", "6", "--eval-interval", "3", "--ema", "0.9"],
                            cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
         if r.returncode == 0 or "exitcode  : -" not in r.stderr:
             break
@@ -318,6 +318,7 @@ def test_torchrun_two_processes_on_cpu(tiny_prepared, tmp_path):
     rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
     assert rows and rows[-1]["step"] >= 6          # rank 0 alone writes: one row per evaluation
     assert len(rows) == len({r["step"] for r in rows})
+    assert rows[-1]["val_raw_nll_per_line"] != rows[-1]["val_nll_per_line"]   # --ema: both weights scored on 2 ranks
 
 
 def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tiny_prepared, tmp_path):
