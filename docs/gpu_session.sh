@@ -20,6 +20,8 @@
 # validation prompts) and last.pt cut into 15 MB parts (last.pt.part-aa, ...; 3 at paper size): on a fresh machine,
 # put the parts back in runs/TASK/ and this script joins them and resumes. Carry runs/TASK only to a fresh machine:
 # carrying replaces the folder there, and a warm machine's own runs/TASK is newer.
+# With --ema or --weight-noise last.pt holds one more copy of the weights (paper size: 4 parts, about 60 MB), too
+# much to carry beside the 16 MB of data: on a fresh machine go on from model.pt with --init-from instead.
 # Environment: TRAIN_ARGS adds train.py flags (e.g. "--batch-size 128 --lr 2e-3", or "--augment-scale 0.1
 # --augment-shear 0.1": it gave the CPU prediction stand-in -860.4 against -852.4, and the synthesis stand-in's
 # last fine-tuning run better NLL and CER; "--dropout 0.1" then took the prediction stand-in from -860.4 to -869.0
