@@ -26,7 +26,8 @@
 # --augment-shear 0.1": it gave the CPU prediction stand-in -860.4 against -852.4, and the synthesis stand-in's
 # last fine-tuning run better NLL and CER; "--dropout 0.1" then took the prediction stand-in from -860.4 to -869.0
 # where the same fine-tune without it stayed at -859.2, and gave the synthesis stand-in a better NLL but less
-# legible lines; flags are not kept across resumes, so pass the same on every call);
+# legible lines; flags are not kept across resumes, so pass the same on every call; "--ema 0" turns off the
+# default --ema 0.999);
 # synthesis runs with --tbptt 50 --lr 2e-3 --cuda-graph (H100, batch 64, bf16, 100-point chunks: 238k points/s
 # against 35k eagerly; a 3.6-minute run with those reached -858 nats per line, where 16 eager minutes of whole lines
 # reached -601); TRAIN_ARGS given later win (e.g. "--tbptt 100 --lr 1e-3");
@@ -77,11 +78,13 @@ case $stage in
       rm -f "$run"/last.pt.part-*
       echo "joined $run/last.pt from its parts"
     fi
-    extra=()
+    # a moving average of the weights is what gets evaluated and shipped (it beat the training weights by 4-9 nats per
+    # line at every evaluation of a CPU fine-tune; README, Results); the training weights' NLL is logged beside it
+    extra=(--ema 0.999)
     if [ "$stage" = synthesis ]; then   # the window loop is launch-bound: CUDA graphs of the chunks (6.9x at 100 points)
       # 50-point chunks and lr 2e-3 learned fastest per point on a CPU stand-in (README, Speed); a step is one chunk
       # (about 70 a second on an H100, by the 100-point figure): evaluate every 10,000 steps, about 2.5 minutes
-      extra=(--recognizer checkpoints/recognizer.pt --select-by cer --legibility-lines 128 --tbptt 50 --lr 2e-3
+      extra+=(--recognizer checkpoints/recognizer.pt --select-by cer --legibility-lines 128 --tbptt 50 --lr 2e-3
              --cuda-graph --eval-interval 10000)
     fi
     # shellcheck disable=SC2086
