@@ -517,7 +517,6 @@ class WeightAverage:
     graphs and the optimiser, which hold the parameters' storage, see nothing change."""
 
     def __init__(self, model, decay):
-        import torch
         self.model, self.decay = model, decay
         self.params = [p for p in model.parameters()]
         self.average = [p.detach().clone() for p in self.params]
