@@ -191,14 +191,13 @@ def main(argv=None):
     optimizer = make_optimizer(args.optimizer, params, args.lr)
     run = Run()
     if ckpt and resume:
-        if ("weight_noise" in ckpt) != bool(noise):
-            sys.exit(f"error: {resume} was trained " + ("with --weight-noise: pass --weight-noise again (its sigmas are "
-                     "restored)" if noise is None else "without --weight-noise: start a new run from its weights with "
-                     "--init-from and --out NEW_FOLDER"))
-        if ("train_weights" in ckpt) != bool(args.ema):
-            sys.exit(f"error: {resume} was trained " + ("with --ema: pass --ema again (its average is restored)"
-                     if not args.ema else "without --ema: start a new run from its weights with --init-from and --out "
-                     "NEW_FOLDER"))
+        # state kept beside the weights: the run must go on with the flag that made it, or start anew without it
+        for key, flag, given, what in (("weight_noise", "--weight-noise", bool(noise), "its sigmas are restored"),
+                                       ("train_weights", "--ema", bool(args.ema), "its average is restored")):
+            if (key in ckpt) != given:
+                sys.exit(f"error: {resume} was trained " + (f"with {flag}: pass {flag} again ({what})"
+                         if not given else f"without {flag}: start a new run from its weights with --init-from and "
+                         "--out NEW_FOLDER"))
         restore_training_state(ckpt, model, optimizer, run, device)
         if noise:
             noise.load_state_dict(ckpt["weight_noise"])
@@ -216,8 +215,7 @@ def main(argv=None):
     average = None   # --ema: the averaged weights; a checkpoint's "model" holds them, "train_weights" the optimiser's
     if args.ema:
         average = WeightAverage(raw_model, args.ema)
-        if ckpt and resume:
-            model.load_state_dict(ckpt["train_weights"])
+        if ckpt and resume:   # (restore_training_state put the training weights into the model)
             average.load_state_dict(ckpt["model"])
     if args.compile:
         raw_model.compile_window_step()
@@ -244,11 +242,8 @@ def main(argv=None):
 
     def checkpoint(path, metrics):
         """Everything to continue exactly: weights, optimiser, counters, RNG, config, data stats."""
-        state = training_state(raw_model, optimizer, run, device)
-        if average:
-            state.update(model=average.state_dict(), train_weights=state["model"])
         save_checkpoint({
-            **state,
+            **training_state(raw_model, optimizer, run, device, average),
             "model_config": config.to_dict(), "alphabet": train_set.alphabet.chars,
             "mean": [float(v) for v in train_set.mean], "std": [float(v) for v in train_set.std],
             "metrics": metrics, "train_args": vars(args), **({"weight_noise": noise.state_dict()} if noise else {}),

@@ -518,7 +518,7 @@ class WeightAverage:
 
     def __init__(self, model, decay):
         self.model, self.decay = model, decay
-        self.params = [p for p in model.parameters()]
+        self.params = list(model.parameters())
         self.average = [p.detach().clone() for p in self.params]
 
     def update(self, step):
@@ -558,19 +558,23 @@ def pick_device(name):
     return torch.device(name)
 
 
-def training_state(model, optimizer, run, device):
-    """What a checkpoint needs to continue exactly: weights, optimiser, counters (run's attributes) and RNG states."""
+def training_state(model, optimizer, run, device, average=None):
+    """What a checkpoint needs to continue exactly: weights, optimiser, counters (run's attributes) and RNG states.
+    With a WeightAverage, `model` holds the average (what is evaluated and shipped) and `train_weights` the weights
+    the optimiser steps."""
     import torch
-    return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": run.step,
+    weights = {"model": average.state_dict(), "train_weights": model.state_dict()} if average else {"model": model.state_dict()}
+    return {**weights, "optimizer": optimizer.state_dict(), "step": run.step,
             "run": dict(run.__dict__),
             "rng": {"torch": torch.get_rng_state(),
                     "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}}
 
 
 def restore_training_state(checkpoint, model, optimizer, run, device):
-    """Inverse of training_state: load weights, optimiser, counters and RNG states in place."""
+    """Inverse of training_state: load the weights the optimiser steps, optimiser, counters and RNG states in place
+    (a WeightAverage's `model` is loaded by its owner)."""
     import torch
-    model.load_state_dict(checkpoint["model"])
+    model.load_state_dict(checkpoint.get("train_weights", checkpoint["model"]))
     optimizer.load_state_dict(checkpoint["optimizer"])
     run.__dict__.update(checkpoint["run"])
     torch.set_rng_state(checkpoint["rng"]["torch"])
