@@ -11,7 +11,8 @@
 # Several runs at once (a sweep): RUN=runs/NAME with each start and wait, e.g.
 #   RUN=runs/s_awn TRAIN_ARGS="--weight-noise 0.01" bash docs/gpu_session.sh start synthesis 20
 # Graphed runs are latency-bound: on one H100 a synthesis run trained at 200-230k points/s beside a prediction run
-# (683k), 225k alone. A call returns at most 8 files, so fetch two runs per wait call.
+# (683k), 225k alone; four runs at once were too many (three synthesis runs at 52-61k each, the prediction run at
+# 235k). A call returns at most 8 files, so fetch two runs per wait call.
 # start/wait let one warm machine train both networks at once (each is latency-bound, so two share the GPU well) and
 # train longer than one 10-minute call; the machine must stay warm between calls (the device tool keeps it 30 s).
 # Results go to $OUT (default out/), at most 8 files as the device tool returns them: log.txt, model.pt (float16
@@ -79,7 +80,8 @@ case $stage in
       echo "joined $run/last.pt from its parts"
     fi
     # a moving average of the weights is what gets evaluated and shipped (it beat the training weights by 4-9 nats per
-    # line at every evaluation of a CPU fine-tune; README, Results); the training weights' NLL is logged beside it
+    # line at every evaluation of a CPU fine-tune, and on an H100 at lr 2e-3 by 23 (prediction) and 42 (synthesis); README,
+    # Results); the training weights' NLL is logged beside it
     extra=(--ema 0.999)
     if [ "$stage" = synthesis ]; then   # the window loop is launch-bound: CUDA graphs of the chunks (6.9x at 100 points)
       # 50-point chunks and lr 2e-3 learned fastest per point on a CPU stand-in (README, Speed); a step is one chunk
