@@ -297,6 +297,7 @@ def main(argv=None):
         log(f"step {run.step}: val {metrics['val_nll_per_line']:.1f} nats/line ({metrics['val_nll_per_point']:.3f}/point), "
             + (f"training weights {metrics['val_raw_nll_per_line']:.1f}, " if average else "")
             + f"train {metrics['train_loss']:.3f}/point, {metrics['points_per_s']:.0f} points/s"
+            + (f", window focus {metrics['val_window_focus']:.2f}" if "val_window_focus" in metrics else "")
             + (f", CER {metrics['val_cer']:.3f} ({metrics['val_finished']:.0%} finished)" if "val_cer" in metrics else "")
             + (" *best*" if improved else ""))
         return metrics

@@ -187,6 +187,41 @@ def test_window_moves_forward_and_masks_padding():
 
 
 @pytest.mark.parametrize("task", ["prediction", "synthesis"])
+def test_evaluate_nll_sums_match_each_line_scored_alone(task):
+    """evaluate_nll on a padded batch (lines of 9-17 points, texts of 2-5 characters) against every line run alone,
+    unpadded, and scored plainly: NLL (eq. 26, naive), the squared error of the expected offset, the window focus."""
+    from dataset import collate
+    from model import evaluate_nll, summarize_nll
+    model = tiny(task)
+    g = torch.Generator().manual_seed(3)
+    lines = []
+    for T, U in [(9, 2), (17, 5), (12, 4)]:
+        x = torch.randn(T, 3, generator=g, dtype=torch.double)
+        x[:, 2] = (torch.rand(T, generator=g) < 0.2).double()
+        lines.append((x, torch.randint(1, 8, (U,), generator=g)))
+    total = evaluate_nll(model, [collate(lines)], torch.device("cpu"))
+    want = torch.zeros(5, dtype=torch.double)
+    for x, text in lines:
+        inputs, targets, _ = teacher_forcing(x[None], torch.ones(1, len(x), dtype=torch.bool))
+        y, _, phi = model(inputs, text[None] if task == "synthesis" else None, return_phi=True)
+        want[0] += naive_nll(y, targets)[0]
+        M = (y.shape[-1] - 1) // 6
+        pi, mu1, mu2 = torch.softmax(y[0, :, 1:1 + M], -1), y[0, :, 1 + M:1 + 2 * M], y[0, :, 1 + 2 * M:1 + 3 * M]
+        want[1] += (((pi * mu1).sum(-1) - targets[0, :, 0]) ** 2 + ((pi * mu2).sum(-1) - targets[0, :, 1]) ** 2).sum()
+        want[2] += 1
+        want[3] += targets.shape[1]   # the points predicted
+        if task == "synthesis":   # phi over the line's own characters only: (T, U)
+            on_text = phi[0, :, :len(text)]
+            want[4] += (on_text.max(-1).values / on_text.sum(-1)).sum()
+    torch.testing.assert_close(total, want)
+    metrics = summarize_nll(total)
+    assert metrics["nll_per_line"] == pytest.approx(float(want[0]) / 3)
+    assert ("window_focus" in metrics) == (task == "synthesis")
+    if task == "synthesis":
+        assert 1 / 5 < metrics["window_focus"] <= 1
+
+
+@pytest.mark.parametrize("task", ["prediction", "synthesis"])
 def test_weight_noise_gradients_are_autograds_of_the_variational_loss(task):
     """WeightNoise: perturb, backward, restore gives the gradients autograd takes of the loss written out in full:
     mean NLL per point at w = mu + sigma * eps plus KL(Q || P) / N, the KL of the two Gaussians with the prior's mu0

@@ -30,6 +30,7 @@ def test_training_lowers_the_loss_and_writes_a_run(tiny_prepared, tmp_path, task
     rows = run_train(tiny_prepared, tmp_path, "--max-steps", "60", "--eval-interval", "20", "--lr", "3e-3", task=task)
     assert rows[-1]["val_nll_per_line"] < rows[0]["val_nll_per_line"] - 1.0
     assert rows[-1]["train_loss"] < rows[0]["train_loss"]
+    assert all((0 < row.get("val_window_focus", 0) <= 1) == (task == "synthesis") for row in rows)
     for name in ("last.pt", "best.pt", "loss.png", "metrics.jsonl"):
         assert (tmp_path / name).stat().st_size > 0
     assert list(tmp_path.glob("sample_*.png"))
@@ -264,7 +265,7 @@ def test_evaluate_prints_graves_units(tiny_prepared, tmp_path, capsys):
     capsys.readouterr()
     evaluate.main(["--checkpoint", str(tmp_path / "last.pt"), "--data", str(tiny_prepared), "--split", "test"])
     result = json.loads(capsys.readouterr().out)
-    assert {"nll_per_line", "nll_per_point", "lines", "points", "sse"} <= result.keys()
+    assert {"nll_per_line", "nll_per_point", "lines", "points", "sse", "window_focus"} <= result.keys()
     assert result["lines"] > 0 and result["points"] > result["lines"]
     assert result["nll_per_line"] == pytest.approx(result["nll_per_point"] * result["points"] / result["lines"])
 
