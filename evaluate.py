@@ -5,7 +5,9 @@ Evaluate a trained network on a split of the prepared data, in Graves' units, or
     python evaluate.py --checkpoint checkpoints/synthesis.pt --legibility --bias 1 [--prompts FILE]
 
 Prints one JSON object: nll_per_line (mean nats per line, the paper's figure), nll_per_point, sse (mean
-squared error of the mixture's expected next offset, normalised units, per point), lines, points.
+squared error of the mixture's expected next offset, normalised units, per point), lines, points, and for synthesis
+window_focus (the mean largest share of the window phi on one character; with --text-ablation also
+text_worth_per_line, how much worse each line scores with another line's text).
 
 --legibility writes every prompt line with the synthesis model (batched, fixed seed) and reads it back with the
 recognizer (recognizer.py); it prints cer_generated, cer_real (the recognizer on the real lines of the same texts),
@@ -38,6 +40,9 @@ def get_args(argv=None):
     p.add_argument("--max-lines", type=int, default=0, help="evaluate only the first N lines of the split, or prompts (0 = all)")
     p.add_argument("--device", default="auto", help="'auto' (CUDA when present), 'cpu', 'cuda', ...")
     p.add_argument("--dtype", choices=DTYPES, default="float32", help="autocast dtype (the loss is always float32)")
+    p.add_argument("--text-ablation", action="store_true",
+                   help="synthesis: also score every line with the next line's text; text_worth_per_line is how many "
+                        "nats per line the right text is worth to the model (a model that writes the text leans on it)")
     g = p.add_argument_group("legibility")
     g.add_argument("--legibility", action="store_true",
                    help="write every prompt with the synthesis model and read it back with --recognizer (CER, not NLL)")
@@ -78,6 +83,14 @@ def main(argv=None):
     model.to(device)
     total = evaluate_nll(model, make_loader(dataset, args.batch_size, shuffle=False), device, getattr(torch, args.dtype))
     result = {"checkpoint": args.checkpoint, "split": args.split, "task": model.config.task, **summarize_nll(total)}
+    if args.text_ablation:
+        if not model.synthesis or len(dataset) < 2:
+            sys.exit("error: --text-ablation needs a synthesis checkpoint and at least 2 lines")
+        dataset.text_ids = dataset.text_ids[1:] + dataset.text_ids[:1]   # line i's strokes with line i+1's text
+        other = summarize_nll(evaluate_nll(model, make_loader(dataset, args.batch_size, shuffle=False), device,
+                                           getattr(torch, args.dtype)))
+        result.update(nll_per_line_other_text=other["nll_per_line"],
+                      text_worth_per_line=other["nll_per_line"] - result["nll_per_line"])
     print(json.dumps(result))
 
 

@@ -268,6 +268,13 @@ def test_evaluate_prints_graves_units(tiny_prepared, tmp_path, capsys):
     assert {"nll_per_line", "nll_per_point", "lines", "points", "sse", "window_focus"} <= result.keys()
     assert result["lines"] > 0 and result["points"] > result["lines"]
     assert result["nll_per_line"] == pytest.approx(result["nll_per_point"] * result["points"] / result["lines"])
+    # --text-ablation: the same lines scored with each other's texts; the plain figures do not change
+    evaluate.main(["--checkpoint", str(tmp_path / "last.pt"), "--data", str(tiny_prepared), "--split", "test",
+                   "--text-ablation"])
+    ablated = json.loads(capsys.readouterr().out)
+    assert ablated["nll_per_line"] == pytest.approx(result["nll_per_line"])
+    assert ablated["text_worth_per_line"] == pytest.approx(ablated["nll_per_line_other_text"] - result["nll_per_line"])
+    assert ablated["nll_per_line_other_text"] != pytest.approx(result["nll_per_line"])
 
 
 def test_bfloat16_autocast_trains_and_scores_like_float32(tiny_prepared, tmp_path, capsys):
@@ -296,6 +303,8 @@ def test_bad_checkpoints_give_one_line_errors(tiny_prepared, tmp_path):
         (["train.py", "--init-from", str(junk), *data], "not a readable PyTorch checkpoint"),
         (["evaluate.py", "--checkpoint", str(junk), *data], "not a readable PyTorch checkpoint"),
         (["evaluate.py", "--checkpoint", str(tmp_path / "missing.pt"), *data], "not found"),
+        (["evaluate.py", "--checkpoint", str(tmp_path / "p" / "model.pt"), "--text-ablation", *data],
+         "needs a synthesis checkpoint"),
         (["train.py", "--data", str(tmp_path / "nowhere")], "prepare_data.py"),
     ]
     for args, message in cases:
