@@ -29,9 +29,10 @@
 # where the same fine-tune without it stayed at -859.2, and gave the synthesis stand-in a better NLL but less
 # legible lines; flags are not kept across resumes, so pass the same on every call; "--ema 0" turns off the
 # default --ema 0.999);
-# synthesis runs with --tbptt 50 --lr 2e-3 --cuda-graph (H100, batch 64, bf16, 100-point chunks: 238k points/s
-# against 35k eagerly; a 3.6-minute run with those reached -858 nats per line, where 16 eager minutes of whole lines
-# reached -601); TRAIN_ARGS given later win (e.g. "--tbptt 100 --lr 1e-3");
+# synthesis runs with --batch-size 32 --tbptt 300 --lr 2e-3 --cuda-graph (CUDA graphs: at batch 64 and 100-point
+# chunks 238k points/s on an H100 against 35k eagerly; the paper-size runs so far used batch 64 and 50-point chunks,
+# which learnt a blurred window and illegible lines, README, Results); TRAIN_ARGS given later win (e.g. "--batch-size
+# 64 --tbptt 50" for the old setting);
 # DEVICE (cuda) and DTYPE (bfloat16); EVAL_ARGS adds evaluate.py flags (e.g. "--max-lines 100" for a quick run);
 # RUN is the run folder (runs/TASK); PYTHON the interpreter (default python3, the one that holds PyTorch on the
 # lent machines, else python).
@@ -84,10 +85,12 @@ case $stage in
     # Results); the training weights' NLL is logged beside it
     extra=(--ema 0.999)
     if [ "$stage" = synthesis ]; then   # the window loop is launch-bound: CUDA graphs of the chunks (6.9x at 100 points)
-      # 50-point chunks and lr 2e-3 learned fastest per point on a CPU stand-in (README, Speed); a step is one chunk
-      # (about 70 a second on an H100, by the 100-point figure): evaluate every 10,000 steps, about 2.5 minutes
-      extra+=(--recognizer checkpoints/recognizer.pt --select-by cer --legibility-lines 128 --tbptt 50 --lr 2e-3
-             --cuda-graph --eval-interval 10000)
+      # batch 32 of 300-point chunks, as the legible CPU stand-ins trained: on a 3 x 128 model from scratch it learnt
+      # a sharp window (focus 0.58 after 8 epochs; CER 0.455) where batch 64 of 50-point chunks, the earlier GPU
+      # setting, stayed blurred (0.31 after 6-7; CER 0.795) and also scored a worse NLL (README, Results). A step is
+      # one chunk, 9,600 points: evaluate every 2,000 steps (a few minutes, if batch 32 runs at half batch 64's speed)
+      extra+=(--recognizer checkpoints/recognizer.pt --select-by cer --legibility-lines 128 --batch-size 32 --tbptt 300
+             --lr 2e-3 --cuda-graph --eval-interval 2000)
     fi
     # shellcheck disable=SC2086
     "$py" train.py --task "$stage" --out "$run" --resume auto --time-limit "$minutes" --device "$device" \
