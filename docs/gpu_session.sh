@@ -86,8 +86,8 @@ case $stage in
     extra=(--ema 0.999)
     if [ "$stage" = synthesis ]; then   # the window loop is launch-bound: CUDA graphs of the chunks (6.9x at 100 points)
       # batch 32 of 300-point chunks, as the legible CPU stand-ins trained: on a 3 x 128 model from scratch it learnt
-      # a sharp window (focus 0.58 after 8 epochs; CER 0.455) where batch 64 of 50-point chunks, the earlier GPU
-      # setting, stayed blurred (0.31 after 6-7; CER 0.795) and also scored a worse NLL (README, Results). A step is
+      # a sharp window (focus 0.58-0.63 from epoch 7; CER 0.455-0.596) where batch 64 of 50-point chunks, the earlier GPU
+      # setting, stayed blurred (0.31-0.32 at epochs 7-8; CER 0.795) and also scored a worse NLL (README, Results). A step is
       # one chunk, 9,600 points: evaluate every 2,000 steps (a few minutes, if batch 32 runs at half batch 64's speed)
       extra+=(--recognizer checkpoints/recognizer.pt --select-by cer --legibility-lines 128 --batch-size 32 --tbptt 300
              --lr 2e-3 --cuda-graph --eval-interval 2000)
