@@ -78,14 +78,14 @@ def main(argv=None):
     if model.synthesis and checkpoint.get("alphabet") != dataset.alphabet.chars:
         sys.exit(f"error: {args.checkpoint} was trained with another alphabet than {args.data}; "
                  f"evaluate on the data it was trained on")
+    if args.text_ablation and (not model.synthesis or len(dataset) < 2):
+        sys.exit("error: --text-ablation needs a synthesis checkpoint and at least 2 lines")
     # the checkpoint's normalisation, so a model is scored on the scale it was trained on
     dataset.set_normalization(checkpoint["mean"], checkpoint["std"])
     model.to(device)
     total = evaluate_nll(model, make_loader(dataset, args.batch_size, shuffle=False), device, getattr(torch, args.dtype))
     result = {"checkpoint": args.checkpoint, "split": args.split, "task": model.config.task, **summarize_nll(total)}
     if args.text_ablation:
-        if not model.synthesis or len(dataset) < 2:
-            sys.exit("error: --text-ablation needs a synthesis checkpoint and at least 2 lines")
         dataset.text_ids = dataset.text_ids[1:] + dataset.text_ids[:1]   # line i's strokes with line i+1's text
         other = summarize_nll(evaluate_nll(model, make_loader(dataset, args.batch_size, shuffle=False), device,
                                            getattr(torch, args.dtype)))
