@@ -29,10 +29,9 @@
 # where the same fine-tune without it stayed at -859.2, and gave the synthesis stand-in a better NLL but less
 # legible lines; flags are not kept across resumes, so pass the same on every call; "--ema 0" turns off the
 # default --ema 0.999);
-# synthesis runs with --batch-size 32 --tbptt 300 --lr 2e-3 --cuda-graph (CUDA graphs: at batch 64 and 100-point
-# chunks 238k points/s on an H100 against 35k eagerly; the paper-size runs so far used batch 64 and 50-point chunks,
-# which learnt a blurred window and illegible lines, README, Results); TRAIN_ARGS given later win (e.g. "--batch-size
-# 64 --tbptt 50" for the old setting);
+# synthesis runs with --tbptt 300 --lr 2e-3 --cuda-graph, batch 64 (CUDA graphs: at 100-point chunks 238k points/s
+# on an H100 against 35k eagerly; the paper-size runs so far used 50-point chunks, which learnt a blurred window and
+# illegible lines, README, Results); TRAIN_ARGS given later win (e.g. "--tbptt 50" for the old setting);
 # DEVICE (cuda) and DTYPE (bfloat16); EVAL_ARGS adds evaluate.py flags (e.g. "--max-lines 100" for a quick run);
 # RUN is the run folder (runs/TASK); PYTHON the interpreter (default python3, the one that holds PyTorch on the
 # lent machines, else python).
@@ -85,12 +84,12 @@ case $stage in
     # Results); the training weights' NLL is logged beside it
     extra=(--ema 0.999)
     if [ "$stage" = synthesis ]; then   # the window loop is launch-bound: CUDA graphs of the chunks (6.9x at 100 points)
-      # batch 32 of 300-point chunks, as the legible CPU stand-ins trained: on a 3 x 128 model from scratch it learnt
-      # a sharp window (focus 0.58-0.63 from epoch 7; CER 0.455-0.596) where batch 64 of 50-point chunks, the earlier GPU
-      # setting, stayed blurred (0.31-0.32 at epochs 7-8; CER 0.795) and also scored a worse NLL (README, Results). A step is
-      # one chunk, 9,600 points: evaluate every 2,000 steps (a few minutes, if batch 32 runs at half batch 64's speed)
-      extra+=(--recognizer checkpoints/recognizer.pt --select-by cer --legibility-lines 128 --batch-size 32 --tbptt 300
-             --lr 2e-3 --cuda-graph --eval-interval 2000)
+      # 300-point chunks, as the legible CPU stand-ins trained: on 3 x 128 models from scratch the window sharpened
+      # after 3,000-4,000 updates at batch 32 or 64 (focus 0.42-0.63, CER 0.455-0.596), and not in 13,000 updates of
+      # 50-point chunks, the earlier GPU setting (focus 0.31-0.32, CER 0.795; README, Results). A step is one chunk,
+      # 19,200 points at batch 64: evaluate every 2,000 steps, about 3 minutes at the 225k points/s of batch 64
+      extra+=(--recognizer checkpoints/recognizer.pt --select-by cer --legibility-lines 128 --tbptt 300 --lr 2e-3
+             --cuda-graph --eval-interval 2000)
     fi
     # shellcheck disable=SC2086
     "$py" train.py --task "$stage" --out "$run" --resume auto --time-limit "$minutes" --device "$device" \
