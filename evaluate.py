@@ -83,12 +83,12 @@ def main(argv=None):
     # the checkpoint's normalisation, so a model is scored on the scale it was trained on
     dataset.set_normalization(checkpoint["mean"], checkpoint["std"])
     model.to(device)
-    total = evaluate_nll(model, make_loader(dataset, args.batch_size, shuffle=False), device, getattr(torch, args.dtype))
-    result = {"checkpoint": args.checkpoint, "split": args.split, "task": model.config.task, **summarize_nll(total)}
+    score = lambda: summarize_nll(evaluate_nll(model, make_loader(dataset, args.batch_size, shuffle=False), device,
+                                               getattr(torch, args.dtype)))
+    result = {"checkpoint": args.checkpoint, "split": args.split, "task": model.config.task, **score()}
     if args.text_ablation:
         dataset.text_ids = dataset.text_ids[1:] + dataset.text_ids[:1]   # line i's strokes with line i+1's text
-        other = summarize_nll(evaluate_nll(model, make_loader(dataset, args.batch_size, shuffle=False), device,
-                                           getattr(torch, args.dtype)))
+        other = score()
         result.update(nll_per_line_other_text=other["nll_per_line"],
                       text_worth_per_line=other["nll_per_line"] - result["nll_per_line"])
     print(json.dumps(result))
