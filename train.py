@@ -336,7 +336,7 @@ def main(argv=None):
             train_batch(model, raw_model, optimizer, batch, args, device, dtype, run, run_loss, log, graphed, noise, average)
             run.batch_in_epoch = b + 1
             run.train_time += time.time() - t0
-            if progress:
+            if progress is not None:   # (a bar without a total has no truth value)
                 progress.n = run.step
                 progress.set_postfix(loss=f"{run_loss.recent():.3f}", pts_s=f"{run_loss.points / max(run_loss.seconds, 1e-9):.0f}",
                                      epoch=run.epoch, refresh=False)
@@ -364,7 +364,7 @@ def main(argv=None):
         stop["why"] = "epochs done"
         if run.step != run.last_eval_step or metrics is None:
             metrics = evaluate()
-    if progress:
+    if progress is not None:
         progress.close()
     if master and os.path.exists(os.path.join(out, "best.pt")):   # weights only, float16: what checkpoints/ ships
         export_weights(load_checkpoint(os.path.join(out, "best.pt")), os.path.join(out, "model.pt"))

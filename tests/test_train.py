@@ -232,6 +232,14 @@ def test_cosine_schedule_and_augmentation_in_a_run(tiny_prepared, tmp_path):
     assert r.returncode != 0 and "--max-steps" in r.stderr and "Traceback" not in r.stderr
 
 
+def test_progress_bar_without_a_step_limit(tiny_prepared, tmp_path):
+    """With no --max-steps the bar has no total (the run is bounded by --epochs or --time-limit); it once crashed."""
+    flags = [a for a in TINY if a != "--no-progress"]
+    train.main(["--task", "prediction", "--data", str(tiny_prepared), "--out", str(tmp_path), *flags, "--epochs", "1",
+                "--eval-interval", "1000"])
+    assert (tmp_path / "model.pt").exists()
+
+
 @pytest.mark.parametrize("extra", [[], ["--weight-noise", "0.02"], ["--ema", "0.9"]], ids=["plain", "weight_noise", "ema"])
 def test_cuda_graph_path_trains_like_the_plain_one(tiny_prepared, tmp_path, extra):
     """--cuda-graph (here without CUDA: the same static buffers, run eagerly) takes the same optimiser steps,
