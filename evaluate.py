@@ -7,7 +7,9 @@ Evaluate a trained network on a split of the prepared data, in Graves' units, or
 Prints one JSON object: nll_per_line (mean nats per line, the paper's figure), nll_per_point, sse (mean
 squared error of the mixture's expected next offset, normalised units, per point), lines, points, and for synthesis
 window_focus (the mean largest share of the window phi on one character; with --text-ablation also
-text_worth_per_line, how much worse each line scores with another line's text).
+text_worth_per_line, how much worse each line scores with another line's text). When the data's std is not the
+checkpoint's (prepared with other settings), also nll_per_line_in_data_units: the same NLL with the offsets measured
+in the data's std, the units of a model trained on that data.
 
 --legibility writes every prompt line with the synthesis model (batched, fixed seed) and reads it back with the
 recognizer (recognizer.py); it prints cer_generated, cer_real (the recognizer on the real lines of the same texts),
@@ -81,11 +83,17 @@ def main(argv=None):
     if args.text_ablation and (not model.synthesis or len(dataset) < 2):
         sys.exit("error: --text-ablation needs a synthesis checkpoint and at least 2 lines")
     # the checkpoint's normalisation, so a model is scored on the scale it was trained on
+    data_std = dataset.std
     dataset.set_normalization(checkpoint["mean"], checkpoint["std"])
     model.to(device)
     score = lambda: summarize_nll(evaluate_nll(model, make_loader(dataset, args.batch_size, shuffle=False), device,
                                                getattr(torch, args.dtype)))
     result = {"checkpoint": args.checkpoint, "split": args.split, "task": model.config.task, **score()}
+    if not np.allclose(data_std, dataset.std, rtol=1e-6):
+        # data prepared otherwise (e.g. prepare_data.py --keep-repeats): densities per unit of the data's own std, as
+        # Graves normalised by his training set's; p_data(x / s_data) = p(x / s) * s_data / s for x and y, per point
+        shift = float(np.log(dataset.std.astype(np.float64) / data_std).sum())
+        result["nll_per_line_in_data_units"] = result["nll_per_line"] + shift * result["points"] / max(result["lines"], 1)
     if args.text_ablation:
         dataset.text_ids = dataset.text_ids[1:] + dataset.text_ids[:1]   # line i's strokes with line i+1's text
         other = score()

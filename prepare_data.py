@@ -48,8 +48,13 @@ PLACEHOLDER = re.compile(r"please enter transcription here|%%%", re.IGNORECASE)
 #   pen-up moves (between strokes): median 175, 99 % 711, 99.99 % 2,072, max 3,048. All lie within the line's width;
 #     the largest, looked at one by one, are real returns to dot an i, add a quote or strike a word out. Capping them
 #     would draw those marks in the wrong place, so pen-up moves are kept as they are.
-#   Repeated points (a zero step within a stroke: 112,765, 1.5 %) carry nothing and are removed.
+#   Repeated points (a zero step within a stroke: 112,765, 1.5 %; the pen at rest) are removed. Graves kept them
+#     ("beyond that, no preprocessing was used"): --keep-repeats does too. They change the NLL per line (README).
 MAX_PEN_DOWN_STEP = 600
+# Sampling: the eBeam pen is read about every 0.015 s (times are stored to 0.01 s, so steps read 0.01 or 0.02 s);
+#   1.4 % of pen-down steps span 0.03 s or more: missed readings, 13 per line (--fill-gaps fills them in, as Graves).
+SAMPLE_INTERVAL = 0.015
+MAX_GAP = 0.5           # seconds; a longer pause within a stroke is not a missed reading (a handful of steps)
 DROP_REASONS = ("no_transcription", "placeholder_text", "corrupt_xml", "pen_jump", "too_few_points")
 
 
@@ -135,19 +140,37 @@ def read_writers(path):
 
 
 def parse_strokes(xml_bytes):
-    """StrokeSet XML -> points (T, 2) int64 (x, y) with y pointing up (the XML's y grows downward), and
-    stroke (T,) int64, the index of the stroke each point belongs to."""
+    """StrokeSet XML -> points (T, 2) int64 (x, y) with y pointing up (the XML's y grows downward),
+    stroke (T,) int64, the index of the stroke each point belongs to, and time (T,) float64 in seconds (NaN where
+    a Point has none)."""
     root = ET.fromstring(xml_bytes)
-    x, y, stroke = [], [], []
+    x, y, t, stroke = [], [], [], []
     for k, s in enumerate(root.iter("Stroke")):
         for p in s.iter("Point"):
             x.append(p.get("x"))
             y.append(p.get("y"))
+            t.append(p.get("time", "nan"))
             stroke.append(k)
     if None in x or None in y:
         raise ValueError("a Point without x or y")
     points = np.column_stack([np.array(x, dtype=np.int64), -np.array(y, dtype=np.int64)]).reshape(-1, 2)
-    return points, np.array(stroke, dtype=np.int64)
+    return points, np.array(stroke, dtype=np.int64), np.array(t, dtype=np.float64)
+
+
+def fill_gaps(points, stroke, time):
+    """Graves' 'interpolating to fill in for missing readings': where two consecutive points of a stroke lie
+    n = round(dt / SAMPLE_INTERVAL) > 1 sampling intervals apart (dt < MAX_GAP), the n - 1 missing points go on the
+    straight line between them (rounded to board units). Returns points, stroke."""
+    dt = np.diff(time)
+    n = np.where((stroke[1:] == stroke[:-1]) & (dt < MAX_GAP), np.round(dt / SAMPLE_INTERVAL), 1)
+    n = np.nan_to_num(n, nan=1).clip(min=1).astype(np.int64)       # (T - 1,) points each step becomes (no time: 1)
+    if (n == 1).all():
+        return points, stroke
+    rows = np.repeat(np.arange(len(n)), n)                          # the step each output point belongs to
+    k = np.arange(len(rows)) - np.repeat(np.cumsum(n) - n, n) + 1   # 1..n within its step
+    step = (points[1:] - points[:-1]).astype(np.float64)
+    filled = np.rint(points[:-1][rows] + (k / n[rows])[:, None] * step[rows]).astype(np.int64)   # k = n: the real point
+    return np.concatenate([points[:1], filled]), np.concatenate([stroke[:1], stroke[1:][rows]])
 
 
 def resample_stroke(points, spacing):
@@ -161,20 +184,27 @@ def resample_stroke(points, spacing):
 
 
 def process_line(task):
-    """Worker: (line id, XML bytes, resample) -> (line id, 'ok', offsets (T, 2) int16, eos (T,) uint8, repeats)
-    or (line id, drop reason, detail)."""
-    line_id, xml_bytes, resample = task
+    """Worker: (line id, XML bytes, options: resample, keep_repeats, fill_gaps) -> (line id, 'ok', offsets (T, 2)
+    int16, eos (T,) uint8, repeats removed, points filled in) or (line id, drop reason, detail)."""
+    line_id, xml_bytes, opt = task
     try:
-        points, stroke = parse_strokes(xml_bytes)                   # (T, 2), (T,)
+        points, stroke, time = parse_strokes(xml_bytes)             # (T, 2), (T,), (T,)
     except (ET.ParseError, ValueError) as e:                        # malformed XML, missing or non-integer x / y
         return line_id, "corrupt_xml", str(e)
     step = np.diff(points, axis=0)                                  # (T - 1, 2)
     pen_down = stroke[1:] == stroke[:-1]                            # step within a stroke
     if np.any(np.hypot(step[:, 0], step[:, 1])[pen_down] > MAX_PEN_DOWN_STEP):
         return line_id, "pen_jump", ""
-    keep = np.concatenate([[True], ~(pen_down & np.all(step == 0, axis=1))])   # drop repeated points
+    filled = 0
+    if opt["fill_gaps"]:
+        n = len(points)
+        points, stroke = fill_gaps(points, stroke, time)
+        filled = len(points) - n
+    step, pen_down = np.diff(points, axis=0), stroke[1:] == stroke[:-1]
+    keep = np.concatenate([[True], ~(pen_down & np.all(step == 0, axis=1)) | opt["keep_repeats"]])   # repeated points
     repeats = int(len(points) - keep.sum())
     points, stroke = points[keep], stroke[keep]
+    resample = opt["resample"]
     if resample > 0:
         ends = np.flatnonzero(np.diff(stroke)) + 1
         parts = [resample_stroke(p, resample) for p in np.split(points, ends)]
@@ -186,7 +216,7 @@ def process_line(task):
     offsets[1:] = points[1:] - points[:-1]                          # (T, 2), first row (0, 0)
     eos = np.append(stroke[1:] != stroke[:-1], True).astype(np.uint8)   # 1 on the last point of each stroke
     info = np.iinfo(np.int16)
-    return line_id, "ok", np.clip(offsets, info.min, info.max).astype(np.int16), eos, repeats
+    return line_id, "ok", np.clip(offsets, info.min, info.max).astype(np.int16), eos, repeats, filled
 
 
 ### split: whole writers into valid / test, the rest (and unknown writers) into train
@@ -247,6 +277,11 @@ def get_args(argv=None):
                    f"(default: the number of CPU cores, {os.cpu_count() or 1} here)")
     p.add_argument("--resample", type=float, default=0.0, metavar="D", help="keep only points at least D board "
                    "units apart within a stroke (default: 0 = off, full resolution as in Graves 2013)")
+    p.add_argument("--keep-repeats", action="store_true", help="keep repeated points (zero steps within a stroke, "
+                   "1.5 %% of points) as Graves (2013) did, for NLL figures in his units (default: off, they are removed)")
+    p.add_argument("--fill-gaps", action="store_true", help="fill in missed pen readings (a step within a stroke "
+                   f"spanning n > 1 sampling intervals of {SAMPLE_INTERVAL} s) with n - 1 points on the straight line, "
+                   "as Graves (2013) did (default: off)")
     p.add_argument("--plot", type=int, default=0, metavar="N", help="after preparing, draw N prepared lines with "
                    "their text to OUT/lines.png (default: 0 = no plot)")
     args = p.parse_args(argv)
@@ -291,9 +326,10 @@ def prepare(args):
                 dropped["placeholder_text"].append(line_id)
             else:
                 texts[line_id] = text
-                yield line_id, data, args.resample
+                yield line_id, data, options
 
-    duplicates = 0
+    duplicates = filled = 0
+    options = {"resample": args.resample, "keep_repeats": args.keep_repeats, "fill_gaps": args.fill_gaps}
     pool = Pool(args.workers) if args.workers > 1 else None
     try:
         results = pool.imap_unordered(process_line, tasks(), chunksize=16) if pool else map(process_line, tasks())
@@ -301,6 +337,7 @@ def prepare(args):
             if status == "ok":
                 lines[line_id] = rest[:2]
                 duplicates += rest[2]
+                filled += rest[3]
             else:
                 dropped[status].append(line_id)
                 if status == "corrupt_xml":
@@ -353,10 +390,10 @@ def prepare(args):
 
     meta = {"version": VERSION, "source": {"lineStrokes": os.path.basename(strokes_src[1]),
                                            "ascii": os.path.basename(ascii_src[1])},
-            "resample": args.resample, "max_pen_down_step": MAX_PEN_DOWN_STEP, "split_source": split_source,
+            **options, "max_pen_down_step": MAX_PEN_DOWN_STEP, "split_source": split_source,
             "dropped": {k: len(v) for k, v in dropped.items()},
             "dropped_lines": {k: sorted(v) for k, v in dropped.items()}, "corrupt_files": sorted(corrupt),
-            "duplicate_points_removed": int(duplicates),
+            "duplicate_points_removed": int(duplicates), "points_filled_in": int(filled),
             "lines": {name: int(np.sum(split == k)) for k, name in enumerate(SPLITS)},
             "points": int(len(offsets)), "characters": int(sum(map(len, text_list)))}
     arrays = dict(offsets=offsets, eos=eos, line_starts=line_starts, texts=np.array(text_list), line_ids=line_ids,
@@ -376,7 +413,9 @@ def prepare(args):
     print(f"lines dropped: {n_drop:,} = " + ", ".join(f"{k} {len(v)}" for k, v in dropped.items()))
     for c in sorted(corrupt):
         print(f"  corrupt, skipped: {c}")
-    print(f"points: {len(offsets):,} ({duplicates:,} repeated points removed), characters: {meta['characters']:,}")
+    kept = "repeated points kept" if args.keep_repeats else f"{duplicates:,} repeated points removed"
+    print(f"points: {len(offsets):,} ({kept}" + (f", {filled:,} missed readings filled in" if args.fill_gaps else "")
+          + f"), characters: {meta['characters']:,}")
     print(f"alphabet ({len(alphabet)} characters, from train): {alphabet!r}"
           + (f"; {outside} lines hold characters outside it" if outside else ""))
     print(f"mean (dx, dy) = ({mean[0]:.3f}, {mean[1]:.3f}), std = ({std[0]:.3f}, {std[1]:.3f}) board units")

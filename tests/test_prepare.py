@@ -48,6 +48,34 @@ def test_offsets_sum_back_to_points_with_y_up(one_form, tmp_path):
     assert offsets[1, 1] < 0          # the pen moves down the board (XML y grows), so dy < 0 with y up
 
 
+def test_keep_repeats_keeps_every_point(one_form, tmp_path):
+    """--keep-repeats: Graves' preprocessing, every recorded point; the zero steps within a stroke stay."""
+    data = run_prepare(one_form, tmp_path / "out", "--keep-repeats")
+    lines = lines_of(data)
+    for n, strokes in enumerate(STROKES, start=1):
+        offsets, eos, _ = lines[f"a01-000u-{n:02d}"]
+        points = np.array([(x, -y) for s in strokes for (x, y) in s])
+        np.testing.assert_array_equal(points[0] + np.cumsum(offsets, axis=0), points)
+        np.testing.assert_array_equal(np.flatnonzero(eos), np.cumsum([len(s) for s in strokes]) - 1)
+    assert (lines["a01-000u-01"][0][2] == 0).all()                     # the repeated (110, 490)
+    meta = json.loads(str(data["meta"]))
+    assert meta["keep_repeats"] and meta["duplicate_points_removed"] == 0
+
+
+def test_fill_gaps_puts_missed_readings_on_the_line():
+    """A step spanning n sampling intervals becomes n steps; steps between strokes, long pauses and points
+    without a time stay as they are."""
+    dt = prepare_data.SAMPLE_INTERVAL
+    points = np.array([[0, 0], [10, 0], [40, 30], [41, 30], [50, 0], [60, 0], [70, 0]])
+    stroke = np.array([0, 0, 0, 1, 1, 1, 1])
+    time = np.array([0, dt, 4 * dt, 4.6 * dt, 6.6 * dt, 6.6 * dt + prepare_data.MAX_GAP, np.nan])
+    p, s = prepare_data.fill_gaps(points, stroke, time)
+    assert p.tolist() == [[0, 0], [10, 0], [20, 10], [30, 20], [40, 30], [41, 30], [46, 15], [50, 0], [60, 0], [70, 0]]
+    assert s.tolist() == [0, 0, 0, 0, 0, 1, 1, 1, 1, 1]
+    p, s = prepare_data.fill_gaps(points[:2], stroke[:2], time[:2])     # nothing missed: unchanged
+    assert p.tolist() == [[0, 0], [10, 0]] and s.tolist() == [0, 0]
+
+
 def test_csr_lines_map_to_their_xml(one_form, tmp_path):
     lines = lines_of(run_prepare(one_form, tmp_path / "out"))
     assert {k: v[2] for k, v in lines.items()} == {f"a01-000u-{n:02d}": t for n, t in enumerate(TEXTS, start=1)}
@@ -163,7 +191,7 @@ def test_missing_or_damaged_input_gives_one_line(tmp_path, case):
 def test_help_lists_every_flag():
     r = run_script("--help")
     assert r.returncode == 0
-    for flag in ("--raw", "--out", "--writers", "--splits", "--workers", "--resample", "--plot"):
+    for flag in ("--raw", "--out", "--writers", "--splits", "--workers", "--resample", "--keep-repeats", "--fill-gaps", "--plot"):
         assert flag in r.stdout
 
 
@@ -192,5 +220,6 @@ def test_atomic_write_leaves_no_half_file(tmp_path):
 
 def test_line_xml_fixture_matches_the_real_format():
     """The fixture writer produces what the parser reads from real files."""
-    points, stroke = prepare_data.parse_strokes(line_xml([[(1, 2), (3, 4)], [(5, 6)]]).encode("latin-1"))
+    points, stroke, time = prepare_data.parse_strokes(line_xml([[(1, 2), (3, 4)], [(5, 6)]]).encode("latin-1"))
     assert points.tolist() == [[1, -2], [3, -4], [5, -6]] and stroke.tolist() == [0, 0, 1]
+    assert time.tolist() == [0.0, 0.01, 0.0]

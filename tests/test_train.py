@@ -7,6 +7,7 @@ import sys
 import tarfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -283,6 +284,18 @@ def test_evaluate_prints_graves_units(tiny_prepared, tmp_path, capsys):
     assert ablated["nll_per_line"] == pytest.approx(result["nll_per_line"])
     assert ablated["text_worth_per_line"] == pytest.approx(ablated["nll_per_line_other_text"] - result["nll_per_line"])
     assert ablated["nll_per_line_other_text"] != pytest.approx(result["nll_per_line"])
+    assert "nll_per_line_in_data_units" not in result          # the data the checkpoint was trained on
+    # data prepared otherwise (here: its std 2 and 3 times the checkpoint's): the model still reads offsets on its own
+    # scale, and the NLL is also given per unit of the data's std: log(s / s_data) per coordinate and point
+    with np.load(tiny_prepared) as f:
+        arrays = {k: f[k] for k in f.files}
+    std = arrays["std"].astype(np.float64)
+    np.savez(tmp_path / "other.npz", **{**arrays, "std": (arrays["std"] * np.array([2.0, 3.0])).astype(np.float32)})
+    evaluate.main(["--checkpoint", str(tmp_path / "last.pt"), "--data", str(tmp_path / "other.npz"), "--split", "test"])
+    other = json.loads(capsys.readouterr().out)
+    assert other["nll_per_line"] == pytest.approx(result["nll_per_line"])
+    shift = np.log(std / (std * [2.0, 3.0])).sum() * result["points"] / result["lines"]
+    assert other["nll_per_line_in_data_units"] == pytest.approx(result["nll_per_line"] + shift)
 
 
 def test_bfloat16_autocast_trains_and_scores_like_float32(tiny_prepared, tmp_path, capsys):
