@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # A GPU session's work in stages, each one command that ends within a time budget (the device tool allows 10
-# minutes a call). Needs only the prepared arrays: data/processed/iam_ondb.npz (16 MB; carry it).
+# minutes a call). Needs only the prepared arrays: data/processed/iam_ondb.npz (16 MB; carry it), or the folder DATA
+# names (e.g. DATA=data/processed_graves, prepared with --keep-repeats --fill-gaps as Graves did: README, Results).
 #   bash docs/gpu_session.sh check                # the CUDA-only tests (graphs against eager), 1-2 minutes
 #   bash docs/gpu_session.sh bench                # bench.py on the GPU, bf16: eager, CUDA graphs at batch 64-1024
 #   bash docs/gpu_session.sh synthesis 7          # train 7 more minutes (resumes runs/synthesis), evaluate, sample
@@ -32,7 +33,7 @@
 # synthesis runs with --tbptt 300 --lr 2e-3 --cuda-graph, batch 64 (CUDA graphs: at 100-point chunks 238k points/s
 # on an H100 against 35k eagerly; the paper-size runs so far used 50-point chunks, which learnt a blurred window and
 # illegible lines, README, Results); TRAIN_ARGS given later win (e.g. "--tbptt 50" for the old setting);
-# DEVICE (cuda) and DTYPE (bfloat16); EVAL_ARGS adds evaluate.py flags (e.g. "--max-lines 100" for a quick run);
+# DATA (data/processed) the prepared data for training and evaluation; DEVICE (cuda) and DTYPE (bfloat16); EVAL_ARGS adds evaluate.py flags (e.g. "--max-lines 100" for a quick run);
 # RUN is the run folder (runs/TASK); PYTHON the interpreter (default python3, the one that holds PyTorch on the
 # lent machines, else python).
 set -euo pipefail
@@ -42,6 +43,7 @@ minutes=${2:-7}   # wall minutes of training; evaluations and start-up add 1-2 (
 out=${OUT:-out}
 device=${DEVICE:-cuda}
 dtype=${DTYPE:-bfloat16}
+data=${DATA:-data/processed}
 py=${PYTHON:-$(command -v python3 || command -v python)}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
@@ -92,7 +94,7 @@ case $stage in
              --cuda-graph --eval-interval 2000)
     fi
     # shellcheck disable=SC2086
-    "$py" train.py --task "$stage" --out "$run" --resume auto --time-limit "$minutes" --device "$device" \
+    "$py" train.py --task "$stage" --data "$data" --out "$run" --resume auto --time-limit "$minutes" --device "$device" \
       --dtype "$dtype" --no-progress "${extra[@]}" ${TRAIN_ARGS:-}
     cp "$run/model.pt" "$out/"
     report="$run/report"
@@ -101,11 +103,11 @@ case $stage in
     last_sample=$(ls "$run"/sample_*.png 2>/dev/null | tail -1)
     [ -n "$last_sample" ] && cp "$last_sample" "$report/"
     # shellcheck disable=SC2086
-    "$py" evaluate.py --checkpoint "$run/best.pt" --split valid --device "$device" ${EVAL_ARGS:-} | tail -1 \
+    "$py" evaluate.py --checkpoint "$run/best.pt" --data "$data" --split valid --device "$device" ${EVAL_ARGS:-} | tail -1 \
       | tee "$report/valid.json"
     if [ "$stage" = synthesis ]; then
       # shellcheck disable=SC2086
-      "$py" evaluate.py --checkpoint "$run/best.pt" --legibility --split valid --max-lines 300 --bias 1 \
+      "$py" evaluate.py --checkpoint "$run/best.pt" --data "$data" --legibility --split valid --max-lines 300 --bias 1 \
         --device "$device" --out "$run/legibility" ${EVAL_ARGS:-} | tail -1 | tee "$report/legibility.json"
     fi
     tar -cf "$out/results.tar" -C "$report" .
