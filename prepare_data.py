@@ -162,8 +162,8 @@ def fill_gaps(points, stroke, time):
     n = round(dt / SAMPLE_INTERVAL) > 1 sampling intervals apart (dt < MAX_GAP), the n - 1 missing points go on the
     straight line between them (rounded to board units). Returns points, stroke."""
     dt = np.diff(time)
-    n = np.where((stroke[1:] == stroke[:-1]) & (dt < MAX_GAP), np.round(dt / SAMPLE_INTERVAL), 1)
-    n = np.nan_to_num(n, nan=1).clip(min=1).astype(np.int64)       # (T - 1,) points each step becomes (no time: 1)
+    n = np.where((stroke[1:] == stroke[:-1]) & (dt < MAX_GAP), np.round(dt / SAMPLE_INTERVAL), 1)   # NaN time: 1
+    n = n.clip(min=1).astype(np.int64)                              # (T - 1,) points each step becomes
     if (n == 1).all():
         return points, stroke
     rows = np.repeat(np.arange(len(n)), n)                          # the step each output point belongs to
@@ -200,7 +200,7 @@ def process_line(task):
         n = len(points)
         points, stroke = fill_gaps(points, stroke, time)
         filled = len(points) - n
-    step, pen_down = np.diff(points, axis=0), stroke[1:] == stroke[:-1]
+        step, pen_down = np.diff(points, axis=0), stroke[1:] == stroke[:-1]   # of the filled line
     keep = np.concatenate([[True], ~(pen_down & np.all(step == 0, axis=1)) | opt["keep_repeats"]])   # repeated points
     repeats = int(len(points) - keep.sum())
     points, stroke = points[keep], stroke[keep]

@@ -33,7 +33,8 @@
 # synthesis runs with --tbptt 300 --lr 2e-3 --cuda-graph, batch 64 (CUDA graphs: at 100-point chunks 238k points/s
 # on an H100 against 35k eagerly; the paper-size runs so far used 50-point chunks, which learnt a blurred window and
 # illegible lines, README, Results); TRAIN_ARGS given later win (e.g. "--tbptt 50" for the old setting);
-# DATA (data/processed) the prepared data for training and evaluation; DEVICE (cuda) and DTYPE (bfloat16); EVAL_ARGS adds evaluate.py flags (e.g. "--max-lines 100" for a quick run);
+# DATA (data/processed) the prepared data for training and evaluation; DEVICE (cuda) and DTYPE (bfloat16);
+# EVAL_ARGS adds evaluate.py flags (e.g. "--max-lines 100" for a quick run);
 # RUN is the run folder (runs/TASK); PYTHON the interpreter (default python3, the one that holds PyTorch on the
 # lent machines, else python).
 set -euo pipefail
