@@ -58,7 +58,7 @@ def get_args(argv=None):
     t.add_argument("--clip", type=float, default=5.0, help="clip the gradient norm to this (0 = off)")
     t.add_argument("--epochs", type=int, default=60, help="passes over the training split (stops at whichever of epochs/max-steps/time-limit comes first)")
     t.add_argument("--max-steps", type=int, default=5500, help="stop after this many optimiser steps (0 = no limit; 5,500 = 18 epochs, as for the shipped model)")
-    t.add_argument("--time-limit", type=float, default=0, help="stop after this many minutes of training, then evaluate and save (0 = no limit)")
+    t.add_argument("--time-limit", type=float, default=0, help="stop after this many minutes of wall time in this call (a resumed run counts afresh), then evaluate and save (0 = no limit)")
     t.add_argument("--augment-scale", type=float, default=0.1, help="random size change per line, +- this fraction (0 = off)")
     t.add_argument("--augment-shear", type=float, default=0.15, help="random slant per line: dx += k dy with |k| <= this (0 = off)")
     t.add_argument("--max-points", type=int, default=0, help="drop training lines longer than this many points (0 = keep all)")

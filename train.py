@@ -58,7 +58,7 @@ def get_args(argv=None):
     p.add_argument("--clip", type=float, default=3.0, help="clip the gradient norm to this (0 = off); the paper clipped derivatives instead")
     p.add_argument("--epochs", type=int, default=50, help="passes over the training split (stops at whichever of epochs/max-steps/time-limit comes first)")
     p.add_argument("--max-steps", type=int, default=0, help="stop after this many optimiser steps (0 = no limit)")
-    p.add_argument("--time-limit", type=float, default=0, help="stop after this many minutes of training, then evaluate and save (0 = no limit)")
+    p.add_argument("--time-limit", type=float, default=0, help="stop after this many minutes of wall time in this call (a resumed run counts afresh), then evaluate and save (0 = no limit)")
     p.add_argument("--dropout", type=float, default=0.0,
                    help="probability of dropping each layer's output units on their way to the layer above and the "
                         "mixture head, training only (paper: none, 0); also applies to --resume and --init-from")
