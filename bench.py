@@ -23,6 +23,7 @@ import json
 import os
 import platform
 import statistics
+import sys
 import time
 
 # Idle OpenMP threads sleep instead of spinning. On cores shared with other jobs, a spinning thread that loses its
@@ -33,7 +34,7 @@ import torch  # noqa: E402  (after the OpenMP setting, which is read when torch 
 
 from model import GraphedChunk, HandwritingModel, ModelConfig, nll
 from reference import ReferenceModel, reference_nll
-from utils import clipped_step, make_optimizer
+from utils import autocast_dtype, clipped_step, make_optimizer
 
 DTYPES = ("float32", "bfloat16")
 # defaults that depend on the device: (GPU, CPU); the CPU ones keep the whole run under a minute on 2 cores
@@ -50,7 +51,7 @@ def get_args(argv=None):
     p.add_argument("--text-len", type=int, default=30, help="characters per line of text in training (IAM-OnDB median: 29)")
     p.add_argument("--reps", type=int, default=0, help="timed repetitions, median reported (0 = 10 on GPU, 3 on CPU)")
     p.add_argument("--warmup", type=int, default=-1, help="untimed repetitions first (-1 = 2 on GPU, 1 on CPU)")
-    p.add_argument("--dtype", choices=DTYPES, default="float32", help="autocast dtype for the networks (the loss is always float32)")
+    p.add_argument("--dtype", choices=DTYPES, default="float32", help="autocast dtype for the networks (on a CPU only with AVX-512/AMX, else a one-line error); the loss is always float32")
     p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0 = torch's default, one per core); "
                    "on cores busy with other jobs, 1 is usually faster")
     p.add_argument("--sample-chars", type=int, default=40, help="characters of text per sampled line")
@@ -187,7 +188,10 @@ def device_name(device):
 
 def main(argv=None):
     args = get_args(argv)
-    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    try:
+        device, dtype = torch.device(args.device), autocast_dtype(args.dtype, args.device)
+    except ValueError as e:
+        sys.exit(f"error: {e}")
     if args.threads:
         torch.set_num_threads(args.threads)
     loadavg = lambda: [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None

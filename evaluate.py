@@ -27,7 +27,7 @@ import torch
 
 from dataset import Alphabet, HandwritingDataset, make_loader
 from model import error_rates, evaluate_nll, load_model, load_recognizer, read_lines, summarize_nll, write_and_read
-from utils import DTYPES, load_checkpoint, pick_device, plot_lines, save_strokes
+from utils import DTYPES, autocast_dtype, load_checkpoint, pick_device, plot_lines, save_strokes
 
 
 
@@ -41,7 +41,7 @@ def get_args(argv=None):
     p.add_argument("--batch-size", type=int, default=64, help="lines per batch")
     p.add_argument("--max-lines", type=int, default=0, help="evaluate only the first N lines of the split, or prompts (0 = all)")
     p.add_argument("--device", default="auto", help="'auto' (CUDA when present), 'cpu', 'cuda', ...")
-    p.add_argument("--dtype", choices=DTYPES, default="float32", help="autocast dtype (the loss is always float32)")
+    p.add_argument("--dtype", choices=DTYPES, default="float32", help="autocast dtype (on a CPU only with AVX-512/AMX, else a one-line error); the loss is always float32")
     p.add_argument("--text-ablation", action="store_true",
                    help="synthesis: also score every line with the next line's text; text_worth_per_line is how many "
                         "nats per line the right text is worth to the model (a model that writes the text leans on it)")
@@ -68,6 +68,10 @@ def get_args(argv=None):
 def main(argv=None):
     args = get_args(argv)
     device = pick_device(args.device)
+    try:
+        dtype = autocast_dtype(args.dtype, device)
+    except ValueError as e:
+        sys.exit(f"error: {e}")
     if args.legibility:
         return legibility(args, device)
     args.split = args.split or "valid"
@@ -86,8 +90,7 @@ def main(argv=None):
     data_std = dataset.std
     dataset.set_normalization(checkpoint["mean"], checkpoint["std"])
     model.to(device)
-    score = lambda: summarize_nll(evaluate_nll(model, make_loader(dataset, args.batch_size, shuffle=False), device,
-                                               getattr(torch, args.dtype)))
+    score = lambda: summarize_nll(evaluate_nll(model, make_loader(dataset, args.batch_size, shuffle=False), device, dtype))
     result = {"checkpoint": args.checkpoint, "split": args.split, "task": model.config.task, **score()}
     if not np.allclose(data_std, dataset.std, rtol=1e-6):
         # data prepared otherwise (e.g. prepare_data.py --keep-repeats): densities per unit of the data's own std, as

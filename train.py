@@ -26,7 +26,7 @@ import torch.distributed as dist
 from dataset import Alphabet, HandwritingDataset, augment, make_loader
 from model import (GraphedChunk, HandwritingModel, ModelConfig, WeightNoise, error_rates, evaluate_nll, load_recognizer, nll,
                    summarize_nll, teacher_forcing, write_and_read)
-from utils import (DTYPES, WeightAverage, clipped_step, export_weights, learning_rate, load_checkpoint, make_optimizer,
+from utils import (DTYPES, WeightAverage, autocast_dtype, clipped_step, export_weights, learning_rate, load_checkpoint, make_optimizer,
                    pick_device, plot_loss_curve, restore_training_state, save_checkpoint, save_sample_image,
                    training_state)
 
@@ -93,7 +93,7 @@ def get_args(argv=None):
                    help="stop after this many consecutive NaN/Inf losses or gradients (skipped updates; checked after each batch)")
     # system
     p.add_argument("--device", default="auto", help="'auto' (CUDA when present), 'cpu', 'cuda', 'cuda:1', ...")
-    p.add_argument("--dtype", choices=DTYPES, default="float32", help="autocast dtype for the network (the loss is always float32)")
+    p.add_argument("--dtype", choices=DTYPES, default="float32", help="autocast dtype for the network (on a CPU only with AVX-512/AMX, else a one-line error); the loss is always float32")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the window loop's step (fewer kernel launches per step on a GPU; the first batches "
                         "compile for tens of seconds; needs a C++ compiler on CPU)")
@@ -147,7 +147,10 @@ def main(argv=None):
     else:
         rank, world = 0, 1
     master = rank == 0
-    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    try:
+        device, dtype = torch.device(args.device), autocast_dtype(args.dtype, args.device)
+    except ValueError as e:
+        sys.exit(f"error: {e}")
     out = args.out or os.path.join("runs", args.task)
     log = print if master else (lambda *a, **k: None)
 

@@ -2,6 +2,7 @@
 
 Nothing here does work at import time; matplotlib is imported only when drawing.
 """
+import functools
 import json
 import math
 import os
@@ -469,6 +470,31 @@ def draw_styles(styles, path):
 ### checkpoints, training plots and samples (train.py, evaluate.py, generate.py)
 
 DTYPES = ("float32", "bfloat16", "float16")   # --dtype choices: autocast dtypes (losses stay float32)
+
+
+def autocast_dtype(name, device):
+    """--dtype as a torch dtype, or ValueError where autocast cannot run it: on a CPU, PyTorch's fused LSTM (oneDNN)
+    has bf16/fp16 kernels only on CPUs with AVX-512 BF16/FP16 or AMX, and fails deep inside otherwise."""
+    import torch
+    dtype = getattr(torch, name)
+    if dtype != torch.float32 and torch.device(device).type == "cpu" and not cpu_lstm_supports(dtype):
+        raise ValueError(f"--dtype {name}: this CPU's LSTM kernels have no {name} path (they need AVX-512 or AMX); "
+                         f"leave out --dtype (float32), or use a GPU")
+    return dtype
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_lstm_supports(dtype):
+    """Whether a tiny nn.LSTM runs forward and backward under CPU autocast in `dtype` on this machine."""
+    import torch
+    lstm, x = torch.nn.LSTM(4, 4, batch_first=True), torch.zeros(1, 2, 4, requires_grad=True)
+    try:
+        with torch.autocast("cpu", dtype=dtype):
+            y = lstm(x)[0]
+        y.float().sum().backward()
+        return True
+    except RuntimeError:
+        return False
 
 
 def learning_rate(step, total_steps, lr, warmup=0, schedule="constant"):

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # A GPU session's work in stages, each one command that ends within a time budget (the device tool allows 10
 # minutes a call). Needs only the prepared arrays: data/processed/iam_ondb.npz (16 MB; carry it), or the folder DATA
-# names (e.g. DATA=data/processed_graves, prepared with --keep-repeats --fill-gaps as Graves did: README, Results).
+# names (e.g. DATA=data/processed_graves, prepared with --keep-repeats --fill-gaps as Graves did: docs/results.md).
 #   bash docs/gpu_session.sh check                # the CUDA-only tests (graphs against eager), 1-2 minutes
 #   bash docs/gpu_session.sh bench                # bench.py on the GPU, bf16: eager, CUDA graphs at batch 64-1024
 #   bash docs/gpu_session.sh synthesis 7          # train 7 more minutes (resumes runs/synthesis), evaluate, sample
@@ -32,7 +32,7 @@
 # default --ema 0.999);
 # synthesis runs with --tbptt 300 --lr 2e-3 --cuda-graph, batch 64 (CUDA graphs: at 100-point chunks 238k points/s
 # on an H100 against 35k eagerly; the paper-size runs so far used 50-point chunks, which learnt a blurred window and
-# illegible lines, README, Results); TRAIN_ARGS given later win (e.g. "--tbptt 50" for the old setting);
+# illegible lines, docs/results.md); TRAIN_ARGS given later win (e.g. "--tbptt 50" for the old setting);
 # DATA (data/processed) the prepared data for training and evaluation; DEVICE (cuda) and DTYPE (bfloat16);
 # EVAL_ARGS adds evaluate.py flags (e.g. "--max-lines 100" for a quick run);
 # RUN is the run folder (runs/TASK); PYTHON the interpreter (default python3, the one that holds PyTorch on the
@@ -89,7 +89,7 @@ case $stage in
     if [ "$stage" = synthesis ]; then   # the window loop is launch-bound: CUDA graphs of the chunks (6.9x at 100 points)
       # 300-point chunks, as the legible CPU stand-ins trained: on 3 x 128 models from scratch the window sharpened
       # after 3,000-4,000 updates at batch 32 or 64 (focus 0.42-0.63, CER 0.455-0.596), and not in 13,000 updates of
-      # 50-point chunks, the earlier GPU setting (focus 0.31-0.32, CER 0.795; README, Results). A step is one chunk,
+      # 50-point chunks, the earlier GPU setting (focus 0.31-0.32, CER 0.795; docs/results.md). A step is one chunk,
       # 19,200 points at batch 64: evaluate every 2,000 steps, about 3 minutes at the 225k points/s of batch 64
       extra+=(--recognizer checkpoints/recognizer.pt --select-by cer --legibility-lines 128 --tbptt 300 --lr 2e-3
              --cuda-graph --eval-interval 2000)

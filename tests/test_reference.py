@@ -100,3 +100,12 @@ def test_bench_smoke(capsys, task):
     assert json.loads(capsys.readouterr().out) == json.loads(json.dumps(result))
     assert result["train_points_per_s"] > 0 and result["reference_points_per_s"] > 0 and result["speedup"] > 0
     assert result["sample_one_line_s"] > 0 and result["sample"]["batch"]["lines"] == 4
+
+
+def test_bench_half_precision_on_cpu_is_a_one_line_error(monkeypatch):
+    import bench
+    import utils
+    monkeypatch.setattr(utils, "cpu_lstm_supports", lambda d: False)   # as on a CPU without AVX-512/AMX
+    with pytest.raises(SystemExit) as e:
+        bench.main(["--quick", "--device", "cpu", "--dtype", "bfloat16"])
+    assert str(e.value).startswith("error: --dtype bfloat16: this CPU's LSTM kernels have no")
