@@ -468,3 +468,17 @@ def test_cuda_graph_sampling_draws_what_eager_sampling_draws(task):
                          generator=torch.Generator(device="cuda").manual_seed(5)) for graph in (False, True)]
     for key, value in runs[0].items():
         assert torch.allclose(value.float(), runs[1][key].float(), atol=1e-5), key
+
+
+@pytest.mark.parametrize("task", ["prediction", "synthesis"])
+def test_sampling_in_inference_mode_draws_what_no_grad_draws(task):
+    """sample() runs in inference mode on a CPU (faster per step): the same lines, bit for bit, as under no_grad."""
+    model = tiny(task).float()
+    kw = dict(text=torch.tensor([[1, 2, 3, 0], [4, 5, 6, 7]])) if task == "synthesis" else dict(steps=30, batch_size=2)
+    fast = model.sample(**kw, generator=torch.Generator().manual_seed(5), max_steps_per_char=10, record=True, retries=1)
+    with torch.no_grad():
+        plain = model._sample(kw.get("text"), kw.get("steps"), 0.0, None, torch.Generator().manual_seed(5),
+                              kw.get("batch_size"), 10, True, 1, None, True)
+    assert fast.keys() == plain.keys() and all(torch.equal(fast[k], plain[k]) for k in fast)
+    assert not any(v.is_inference() for v in fast.values())        # callers may edit them in place
+    fast["strokes"][:, 0] = 0
