@@ -474,7 +474,8 @@ DTYPES = ("float32", "bfloat16", "float16")   # --dtype choices: autocast dtypes
 
 def autocast_dtype(name, device):
     """--dtype as a torch dtype, or ValueError where autocast cannot run it: on a CPU, PyTorch's fused LSTM (oneDNN)
-    has bf16/fp16 kernels only on CPUs with AVX-512 BF16/FP16 or AMX, and fails deep inside otherwise."""
+    has no bf16/fp16 kernel on some CPUs and fails deep inside (measured: an AVX2-only EPYC VM failed, the AVX-512
+    Zen 4 VMs ran bf16), so it is probed once."""
     import torch
     dtype = getattr(torch, name)
     if dtype != torch.float32 and torch.device(device).type == "cpu" and not cpu_lstm_supports(dtype):
