@@ -7,7 +7,8 @@ Write handwriting with a trained network (Graves 2013, arXiv 1308.0850, sections
 
 Every line of the page is sampled together in one batch (text padded), with the same style and bias, and
 stops by the paper's rule (the window has moved past the last character). The output format follows the
-extension of --out: .png, .svg (one path per pen-down stroke, for pen plotters) or .gif (the pen writing).
+extension of --out: .png, .svg (one path per pen-down stroke, for pen plotters), .gif (the pen writing), or .npz
+(no picture: the lines' strokes, any number of them, sampled in batches; e.g. training data for a recogniser).
 Errors are one line on stderr and a non-zero exit.
 """
 import argparse
@@ -21,11 +22,12 @@ HERE = os.path.dirname(os.path.abspath(__file__))   # shipped files are found wh
 DEFAULT_CHECKPOINTS = {"synthesis": "checkpoints/synthesis.pt", "prediction": "checkpoints/prediction.pt"}
 DEFAULT_OUT = os.path.join("samples", "handwriting.png")
 DEFAULT_STYLES = os.path.join("data", "styles.json")
-FORMATS = (".png", ".svg", ".gif")
+FORMATS = (".png", ".svg", ".gif", ".npz")   # .npz: a strokes file, no picture
 PLOT_FORMATS = (".png", ".svg", ".pdf")
 VIEWS = ("plain", "strokes", "eos", "density")
 MAX_CHARS_PER_LINE = 64     # the longest line of IAM-OnDB's transcriptions: longer lines are outside what the model saw
 MAX_ROWS = 40               # lines per page, counting every sample (one batch of at most this many lines)
+MAX_FILE_LINES = 100_000    # lines of an .npz strokes file, counting every sample (~2 GB of offsets held in memory)
 MAX_STEPS = 5000            # points per line for --task prediction
 MAX_PRIME_POINTS = 4000     # a priming line longer than this is not a line
 # offsets of lines in IAM-OnDB (raw units): used to bring a --prime-file to the data's scale when the styles file
@@ -85,6 +87,9 @@ def get_args(argv=None):
                    help="with --retries, also sample again a line that finished but took more than PTS points per "
                         "character: a window that lingers writes loops (real lines take about 22); 0 = only lines "
                         "that reach the cap (default: 32, chosen on the validation split)")
+    s.add_argument("--batch-size", type=int, metavar="N", default=256,
+                   help="lines sampled together for .npz output (a page is always one batch); larger batches write "
+                        "more lines per second, on a GPU most (default: 256)")
     s.add_argument("--device", default="cpu", metavar="DEV", help="torch device: cpu, cuda, cuda:1, mps (default: cpu)")
     s.add_argument("--threads", type=int, metavar="N", default=1,
                    help="CPU threads for torch (default: 1; sampling runs one small step at a time, where more threads "
@@ -102,8 +107,10 @@ def get_args(argv=None):
                     help="also draw the priming line, in grey, before the new writing")
     o = p.add_argument_group("output")
     o.add_argument("--out", default=None, metavar="FILE",
-                   help=f"output file; the extension picks the format: .png, .svg (single-stroke paths) or .gif "
-                        f"(animation) (default: {DEFAULT_OUT}, folder created if needed)")
+                   help=f"output file; the extension picks the format: .png, .svg (single-stroke paths), .gif "
+                        f"(animation), or .npz: no picture, the lines as raw offsets with their texts, any number of "
+                        f"lines (up to {MAX_FILE_LINES:,}) sampled --batch-size at a time (default: {DEFAULT_OUT}, "
+                        f"folder created if needed)")
     o.add_argument("--view", choices=VIEWS, default="plain",
                    help="plain: ink only; strokes: one colour per pen-down stroke; eos: ink coloured by the "
                         "end-of-stroke probability (blue low, red high); density: the mixture density of every "
@@ -149,8 +156,8 @@ def check_output(path, formats, flag):
 def check_args(args):
     if args.bias < 0:
         fail(f"--bias must be >= 0 (0 = unbiased), not {args.bias}")
-    if not 1 <= args.num_samples <= MAX_ROWS:
-        fail(f"--num-samples must be between 1 and {MAX_ROWS}, not {args.num_samples}")
+    if args.batch_size < 1:
+        fail(f"--batch-size must be >= 1, not {args.batch_size}")
     if not 5 <= args.max_chars_per_line <= MAX_CHARS_PER_LINE:
         fail(f"--max-chars-per-line must be between 5 and {MAX_CHARS_PER_LINE} (the longest line the model saw), "
              f"not {args.max_chars_per_line}")
@@ -179,6 +186,15 @@ def check_args(args):
         args.out = DEFAULT_OUT
         os.makedirs(os.path.dirname(DEFAULT_OUT), exist_ok=True)
     args.format = check_output(args.out, FORMATS, "--out")
+    args.max_rows = MAX_FILE_LINES if args.format == ".npz" else MAX_ROWS
+    if not 1 <= args.num_samples <= args.max_rows:
+        fail(f"--num-samples must be between 1 and {args.max_rows}{' for a page' if args.format != '.npz' else ''}, "
+             f"not {args.num_samples}")
+    if args.format == ".npz":
+        picture = [f for f, on in (("--view", args.view != "plain"), ("--plot-attention", args.plot_attention),
+                                   ("--show-prime", args.show_prime), ("--save-strokes", args.save_strokes)) if on]
+        if picture:
+            fail(f"{picture[0]} is for pictures; --out {args.out} writes only the strokes (use .png, .svg or .gif)")
     if args.plot_attention:
         if args.task != "synthesis":
             fail("--plot-attention needs --task synthesis (the prediction network has no window)")
@@ -426,11 +442,18 @@ def generate(args):
                      f"choose another --style or edit the prime file's text")
     else:
         lines = ["(unconditional)"]
-    rows_per_sample = len(lines) + (1 if args.num_samples > 1 else 0)        # a blank row between samples
-    total_rows = rows_per_sample * args.num_samples - (1 if args.num_samples > 1 else 0)
-    if total_rows > MAX_ROWS:
-        fail(f"the page would have {total_rows} lines ({len(lines)} lines x {args.num_samples} samples at "
-             f"{args.max_chars_per_line} characters per line); at most {MAX_ROWS} fit: split the text into several runs")
+    if args.format == ".npz":                                                 # a strokes file: no blank rows
+        total_rows = sum(1 for ln in lines if ln) * args.num_samples
+        if total_rows > MAX_FILE_LINES:
+            fail(f"the file would have {total_rows:,} lines ({args.num_samples} sample(s)); at most {MAX_FILE_LINES:,}: "
+                 f"split the text into several runs")
+    else:
+        rows_per_sample = len(lines) + (1 if args.num_samples > 1 else 0)    # a blank row between samples
+        total_rows = rows_per_sample * args.num_samples - (1 if args.num_samples > 1 else 0)
+        if total_rows > MAX_ROWS:
+            fail(f"the page would have {total_rows} lines ({len(lines)} lines x {args.num_samples} samples at "
+                 f"{args.max_chars_per_line} characters per line); at most {MAX_ROWS} fit: split the text into several "
+                 f"runs, or write --out FILE.npz (strokes, no picture, any number of lines)")
     texts, where = [], []                                                     # batch rows, sample-major
     for k in range(args.num_samples):
         for n, ln in enumerate(lines):
@@ -450,8 +473,10 @@ def generate(args):
     generator = torch.Generator(device=device).manual_seed(seed)
     record = args.view in ("eos", "density") or bool(args.plot_attention)
     t_sample = time.perf_counter()
+    joined = [f"{prime_text} {t}" if prime is not None else t for t in texts]
+    if args.format == ".npz":
+        return write_strokes_file(args, model, ckpt, joined, texts, prime, generator, seed, t_start, t_load)
     if args.task == "synthesis":
-        joined = [f"{prime_text} {t}" if prime is not None else t for t in texts]
         ids = [alphabet.encode(t) for t in joined]
         text_ids = torch.zeros(B, max(len(i) for i in ids), dtype=torch.long)
         for b, i in enumerate(ids):
@@ -519,6 +544,44 @@ def generate(args):
         print(f"wrote {args.save_strokes} (raw offsets of {B} line(s))")
     print(f"time: {t_written - t_load:.2f} s from checkpoint load to written file (sampling {t_sampled - t_sample:.2f} s, "
           f"{int(result['lengths'].max())} steps x {B} lines); {time.perf_counter() - t_start:.2f} s in main")
+    return 0
+
+
+def write_strokes_file(args, model, ckpt, joined, texts, prime, generator, seed, t_start, t_load):
+    """--out FILE.npz: sample every line, --batch-size at a time, and save their raw offsets with their texts
+    (utils.save_strokes, plus `finished` and `attempts` per line). The lines are texts, sample-major."""
+    import numpy as np
+    import utils
+    from dataset import Alphabet, denormalize
+    norm = [np.asarray(ckpt[k], dtype=np.float64) for k in ("mean", "std")]
+    if args.task == "synthesis":
+        from model import write_lines
+        raw, finished, _, attempts = write_lines(model, joined, Alphabet(ckpt["alphabet"]), norm, args.bias, generator,
+                                                 args.batch_size, args.max_steps_per_char, progress=len(texts) > args.batch_size,
+                                                 retries=args.retries, retry_above=args.retry_above, prime=prime)
+    else:
+        from tqdm import tqdm
+        raw = []
+        for a in tqdm(range(0, len(texts), args.batch_size), desc="generating", unit="batch",
+                      disable=None if len(texts) > args.batch_size else True):
+            result = model.sample(steps=args.steps, bias=args.bias, prime=prime, generator=generator,
+                                  batch_size=min(args.batch_size, len(texts) - a))
+            raw += list(denormalize(result["strokes"].cpu().double().numpy(), *norm))
+        finished, attempts = [True] * len(texts), [1] * len(texts)
+    t_sampled = time.perf_counter()
+    texts = texts if args.task == "synthesis" else [""] * len(texts)
+    utils.save_strokes(args.out, raw, texts, finished=finished, attempts=attempts)
+    unfinished = [str(i + 1) for i, f in enumerate(finished) if not f]
+    if unfinished:
+        print(f"generate.py: warning: {len(unfinished)} line(s) did not reach the end of their text within the cap "
+              f"(--max-steps-per-char) in {args.retries + 1} attempt(s), kept with finished = 0: line id(s) "
+              f"{', '.join(unfinished[:10])}{' ...' if len(unfinished) > 10 else ''}", file=sys.stderr)
+    step, retried, points = ckpt.get("step"), sum(a > 1 for a in attempts), sum(len(r) for r in raw)
+    print(f"wrote {args.out} ({len(texts):,} line(s) = {len(texts) // args.num_samples:,} x {args.num_samples} sample(s), "
+          f"{points:,} points, {args.task}, bias {args.bias}, seed {seed}{f', model step {step}' if step is not None else ''}"
+          f"{f'; {retried} stalled line(s) sampled again (--retries)' if retried else ''})")
+    print(f"time: {t_sampled - t_load:.2f} s from checkpoint load to sampled lines ({len(texts) / (t_sampled - t_load):.1f} "
+          f"lines/s, batches of {args.batch_size}); {time.perf_counter() - t_start:.2f} s in main")
     return 0
 
 

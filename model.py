@@ -815,16 +815,15 @@ def read_lines(model, strokes, alphabet, batch_size=64):
 
 
 @torch.no_grad()
-def write_and_read(model, recognizer, texts, alphabet, rec_alphabet, norm, rec_norm, bias=1.0, generator=None,
-                   batch_size=64, max_steps_per_char=40, progress=False, retries=0, retry_above=None):
-    """Legibility (evaluate.py --legibility, train.py --recognizer): write every text with the synthesis model, batched
-    by length, and read the lines back with the recognizer. texts: strings in the model's alphabet; norm, rec_norm:
-    (mean, std) of the data each model was trained on. max_steps_per_char, retries, retry_above: as in sample()
-    (retries: stalled lines are written again; what generate.py users get).
-    Returns raw offsets [(T_i, 3) float64], recognised texts, finished flags, step counts and attempts (samplings per
-    line), in the order of texts."""
-    import numpy as np
-    from dataset import denormalize, normalize
+def write_lines(model, texts, alphabet, norm, bias=1.0, generator=None, batch_size=64, max_steps_per_char=40,
+                progress=False, retries=0, retry_above=None, prime=None):
+    """Write many lines with the synthesis model, batched by text length so that a batch's lines end at about the
+    same step (generate.py's .npz output, legibility). texts: strings in the model's alphabet (with prime, each one
+    already "prime text" + " " + "new text", as sample() wants); norm: (mean, std) of the model's data; prime: (Tp, 3)
+    normalised strokes fed before every line; the rest as in sample() (retries: stalled lines are written again).
+    Returns raw offsets [(T_i, 3) float64], finished flags, step counts and attempts (samplings per line), in the
+    order of texts."""
+    from dataset import denormalize
     device = model.mdn.weight.device
     was_training = model.training
     model.eval()
@@ -837,14 +836,28 @@ def write_and_read(model, recognizer, texts, alphabet, rec_alphabet, norm, rec_n
     for a in batches:
         idx = order[a:a + batch_size]
         text = nn.utils.rnn.pad_sequence([alphabet.encode(texts[i]) for i in idx], batch_first=True)
-        result = model.sample(text=text.to(device), bias=bias, generator=generator, max_steps_per_char=max_steps_per_char,
-                              retries=retries, retry_above=retry_above)
+        result = model.sample(text=text.to(device), bias=bias, prime=prime, generator=generator,
+                              max_steps_per_char=max_steps_per_char, retries=retries, retry_above=retry_above)
         strokes = denormalize(result["strokes"].cpu().double().numpy(), *norm)
         for b, i in enumerate(idx):
             steps[i], finished[i] = int(result["lengths"][b]), bool(result["finished"][b])
             attempts[i] = int(result["attempts"][b])
             raw[i] = strokes[b, :steps[i]]
     model.train(was_training)
+    return raw, finished, steps, attempts
+
+
+@torch.no_grad()
+def write_and_read(model, recognizer, texts, alphabet, rec_alphabet, norm, rec_norm, bias=1.0, generator=None,
+                   batch_size=64, max_steps_per_char=40, progress=False, retries=0, retry_above=None):
+    """Legibility (evaluate.py --legibility, train.py --recognizer): write every text with the synthesis model
+    (write_lines) and read the lines back with the recognizer. rec_norm: (mean, std) of the recognizer's data.
+    Returns raw offsets [(T_i, 3) float64], recognised texts, finished flags, step counts and attempts (samplings per
+    line), in the order of texts."""
+    import numpy as np
+    from dataset import normalize
+    raw, finished, steps, attempts = write_lines(model, texts, alphabet, norm, bias, generator, batch_size,
+                                                 max_steps_per_char, progress, retries, retry_above)
     rec_mean, rec_std = (np.asarray(v, np.float32) for v in rec_norm)
     read = read_lines(recognizer, [torch.from_numpy(normalize(r.astype(np.float32), rec_mean, rec_std)) for r in raw],
                       rec_alphabet, batch_size)

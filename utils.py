@@ -44,16 +44,17 @@ def offsets_to_strokes(offsets):
     return [s for s in np.split(points, ends) if len(s)]
 
 
-def save_strokes(path, lines, texts, line_ids=None):
+def save_strokes(path, lines, texts, line_ids=None, **per_line):
     """Write lines of raw offsets [(T_i, 3) (dx, dy, eos), ...] with their texts as an npz laid out like the prepared
-    file (generate.py --save-strokes; recognizer.py read): offsets (P, 2) float32, eos (P,) uint8, line_starts (N + 1,),
-    texts (N,), line_ids (N,) (default "1".."N")."""
+    file (generate.py --save-strokes and .npz output; recognizer.py read): offsets (P, 2) float32, eos (P,) uint8,
+    line_starts (N + 1,), texts (N,), line_ids (N,) (default "1".."N"), and any per_line arrays (N,) given by name."""
     lines = [np.asarray(o, dtype=np.float64).reshape(-1, 3) for o in lines]
     starts = np.concatenate([[0], np.cumsum([len(o) for o in lines])]).astype(np.int64)
     rows = np.concatenate(lines) if lines else np.zeros((0, 3))
     arrays = {"offsets": rows[:, :2].astype(np.float32), "eos": (rows[:, 2] > 0.5).astype(np.uint8),
               "line_starts": starts, "texts": np.array(list(texts), dtype=str),
-              "line_ids": np.array(line_ids or [str(n + 1) for n in range(len(lines))], dtype=str)}
+              "line_ids": np.array(line_ids or [str(n + 1) for n in range(len(lines))], dtype=str),
+              **{k: np.asarray(v) for k, v in per_line.items()}}
 
     def write(tmp):
         with open(tmp, "wb") as f:

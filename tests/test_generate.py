@@ -124,6 +124,41 @@ def test_lines_and_samples_are_one_batch(files, tmp_path, spy):
     assert decoded[0] == ["ab cd", "", "ef gh ij", "kl mn"]
 
 
+def test_npz_output_writes_any_number_of_lines_in_batches(files, tmp_path, spy, capsys):
+    """--out FILE.npz: no page limit, --batch-size lines per sample() call, every line saved with its text, whether
+    it finished and how many samplings it took; the same seed gives the same lines."""
+    from utils import load_strokes
+    words = [f"line {w}" for w in ("ab", "cd", "ef", "gh", "ij", "kl", "mn", "op", "qr", "st", "uv", "wx", "yz", "abc", "de")]
+    (tmp_path / "t.txt").write_text("\n".join(words) + "\n\n", encoding="utf-8")
+    out = tmp_path / "lines.npz"
+    args = ["--text-file", str(tmp_path / "t.txt"), "--num-samples", "3", "--batch-size", "16", "--style", "0"]
+    assert run(files, "synthesis", out, *args, "--retries", "0") == 0
+    assert [len(c["text"]) for c in spy] == [16, 16, 13]                     # 15 lines x 3 samples, no blank rows
+    assert all(c["prime"] is not None for c in spy)
+    ids, texts, lines = load_strokes(out)
+    assert texts == words * 3 and ids == [str(i + 1) for i in range(45)]
+    with np.load(out) as f:
+        finished, attempts = f["finished"], f["attempts"]
+    assert finished.shape == attempts.shape == (45,) and (attempts == 1).all()
+    assert all(1 < len(x) <= 6 * len("a sand lane " + t) + 1 and x[-1, 2] == 1 for x, t in zip(lines, texts))  # own cap
+    assert f"wrote {out} (45 line(s) = 15 x 3 sample(s)" in capsys.readouterr().out
+    assert run(files, "synthesis", tmp_path / "again.npz", *args, "--retries", "0") == 0
+    assert all(np.array_equal(a, b) for a, b in zip(lines, load_strokes(tmp_path / "again.npz")[2]))
+    # prediction: --num-samples lines of --steps points each, no text
+    assert run(files, "prediction", tmp_path / "p.npz", "--num-samples", "45", "--batch-size", "20") == 0
+    ids, texts, lines = load_strokes(tmp_path / "p.npz")
+    assert len(lines) == 45 and texts == [""] * 45 and all(len(x) == 60 for x in lines)
+
+
+def test_npz_output_reports_unfinished_lines_in_one_warning(files, tmp_path, capsys):
+    out = tmp_path / "u.npz"
+    assert run(files, "synthesis", out, "--text", "abc\ndefgh\nij", "--max-steps-per-char", "1", "--retries", "1") == 0
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "3 line(s) did not reach the end" in err and "line id(s) 1, 2, 3" in err
+    with np.load(out) as f:
+        assert not f["finished"].any() and (f["attempts"] == 2).all()
+
+
 def test_wrapping_and_cleaning():
     lines, dropped = generate.prepare_lines("  one two\tthree \u2019four\u2019 five six seven\n\n\nend  ", CHARS, 12, False)
     assert lines == ["one two", "three 'four'", "five six", "seven", "", "", "end"]
@@ -192,6 +227,11 @@ def errors(files, tmp_path):
         (syn + ["--text", "   \n  "], "the text is empty"),
         (syn + ["--text", "\u20ac", "--drop-unknown"], "the text is empty"),
         (syn + ["--text", " ".join(["words"] * 400)], "at most 40 fit"),
+        (syn + ["--text", " ".join(["words"] * 400)], "or write --out FILE.npz"),
+        (syn + ["--text", "ab", "--out", str(tmp_path / "x.npz"), "--view", "eos"], "--view is for pictures"),
+        (syn + ["--text", "ab", "--out", str(tmp_path / "x.npz"), "--show-prime"], "--show-prime is for pictures"),
+        (syn + ["--text", "ab", "--out", str(tmp_path / "x.npz"), "--num-samples", "100001"], "between 1 and 100000"),
+        (syn + ["--text", "ab", "--batch-size", "0"], "--batch-size must be >= 1"),
         (syn + ["--text", "ab", "--num-samples", "41"], "--num-samples must be between"),
         (syn + ["--text", "ab", "--max-chars-per-line", "200"], "--max-chars-per-line must be between"),
         (syn + ["--text-file", str(d / "none.txt")], "cannot read --text-file"),
