@@ -34,7 +34,7 @@ import torch  # noqa: E402  (after the OpenMP setting, which is read when torch 
 
 from model import GraphedChunk, HandwritingModel, ModelConfig, nll
 from reference import ReferenceModel, reference_nll
-from utils import autocast_dtype, clipped_step, make_optimizer
+from utils import autocast_dtype, clipped_step, make_optimizer, pick_device
 
 DTYPES = ("float32", "bfloat16")
 # defaults that depend on the device: (GPU, CPU); the CPU ones keep the whole run under a minute on 2 cores
@@ -70,8 +70,10 @@ def get_args(argv=None):
     p.add_argument("--quick", action="store_true", help="tiny sizes and one repetition: a smoke test of this script, not a measurement")
     p.add_argument("--seed", type=int, default=0, help="random seed for weights and synthetic data")
     args = p.parse_args(argv)
-    if args.device == "auto":
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        args.device = str(pick_device(args.device))
+    except ValueError as e:
+        sys.exit(f"error: {e}")
     gpu = torch.device(args.device).type == "cuda"
     if args.quick:
         args.batch_size, args.seq_len, args.text_len = args.batch_size or 2, args.seq_len or 20, min(args.text_len, 5)

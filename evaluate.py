@@ -67,8 +67,8 @@ def get_args(argv=None):
 
 def main(argv=None):
     args = get_args(argv)
-    device = pick_device(args.device)
     try:
+        device = pick_device(args.device)
         dtype = autocast_dtype(args.dtype, device)
     except ValueError as e:
         sys.exit(f"error: {e}")

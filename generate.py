@@ -336,7 +336,6 @@ def file_prime(path, styles_path):
 ### model
 
 def load_checkpoint_model(args):
-    import torch
     from model import load_model
     path = args.checkpoint or shipped(DEFAULT_CHECKPOINTS[args.task])
     if not os.path.isfile(path):
@@ -355,14 +354,12 @@ def load_checkpoint_model(args):
     if args.task == "synthesis" and len(ckpt["alphabet"]) != model.config.alphabet_size:
         fail(f"{path}: its alphabet has {len(ckpt['alphabet'])} characters but the model expects "
              f"{model.config.alphabet_size}")
+    from utils import pick_device
     try:
-        device = torch.device(args.device)
-        if device.type == "cuda" and not torch.cuda.is_available():
-            fail(f"--device {args.device}: CUDA is not available here; use --device cpu")
-        model.to(device)
-    except (RuntimeError, AssertionError) as e:
-        fail(f"--device {args.device} cannot be used ({str(e).splitlines()[0][:80]}); use --device cpu or cuda")
-    return model, ckpt, device
+        device = pick_device(args.device)
+    except ValueError as e:
+        fail(str(e))
+    return model.to(device), ckpt, device
 
 
 def density_map(page, results, rows, mean, std, bias, shape):

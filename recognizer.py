@@ -136,7 +136,8 @@ def read_spec(spec):
 
 
 def read(args):
-    model, ckpt = load_recognizer(args.checkpoint, map_location=args.device)
+    device = pick_device(args.device)
+    model, ckpt = load_recognizer(args.checkpoint, map_location=device)
     ids, refs, lines = [], [], []
     for spec in args.files:
         i, t, ln = read_spec(spec)
@@ -145,7 +146,7 @@ def read(args):
         lines += ln
     mean, std = np.asarray(ckpt["mean"], np.float32), np.asarray(ckpt["std"], np.float32)
     strokes = [torch.from_numpy(normalize(ln, mean, std)) for ln in lines]
-    hyps = read_lines(model.to(args.device), strokes, Alphabet(ckpt["alphabet"]), args.batch_size)
+    hyps = read_lines(model.to(device), strokes, Alphabet(ckpt["alphabet"]), args.batch_size)
     for line_id, ref, hyp in zip(ids, refs, hyps):
         if args.compare:
             print(f"{line_id}  CER {error_rates([ref], [hyp])['cer']:.3f}\n  text:       {ref}\n  recognised: {hyp}")

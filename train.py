@@ -137,7 +137,10 @@ def main(argv=None):
     args = get_args(argv)
     ### distributed setup (torchrun sets RANK / WORLD_SIZE / LOCAL_RANK)
     ddp = "RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1
-    args.device = str(pick_device(args.device))
+    try:
+        args.device = str(pick_device(args.device))
+    except ValueError as e:
+        sys.exit(f"error: {e}")
     if ddp:
         dist.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
         rank, world = dist.get_rank(), dist.get_world_size()

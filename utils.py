@@ -579,11 +579,29 @@ class WeightAverage:
 
 
 def pick_device(name):
-    """'auto' -> CUDA when present, else CPU; anything else as given ('cpu', 'cuda:1', ...)."""
+    """'auto' -> CUDA when present, else CPU; anything else as given ('cpu', 'cuda:1', 'mps', ...), checked (CUDA: its
+    availability and the GPU number; other kinds by putting a tensor there). Raises ValueError with a one-line message
+    (for --device) when this machine cannot use it."""
     import torch
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name} is not a device; use cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        why = "this torch is a CPU build" if torch.version.cuda is None else "no GPU is visible"
+        raise ValueError(f"--device {name}: CUDA is not available here ({why}); use --device cpu")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} GPU(s), numbered from 0")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"--device {name}: MPS (Apple GPUs) is not available here; use --device cpu")
+    if device.type not in ("cpu", "cuda"):   # not on CUDA: under torchrun every process would open a context on GPU 0
+        try:
+            torch.empty(1, device=device)
+        except (RuntimeError, AssertionError) as e:
+            raise ValueError(f"--device {name} cannot be used here ({str(e).splitlines()[0][:80]}); use --device cpu") from None
+    return device
 
 
 def training_state(model, optimizer, run, device, average=None):

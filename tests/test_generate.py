@@ -252,7 +252,7 @@ def errors(files, tmp_path):
         (syn + ["--text", "ab", "--bias", "-1"], "--bias must be >= 0"),
         (syn + ["--text", "ab", "--retries", "-1"], "--retries must be >= 0"),
         (syn + ["--text", "ab", "--retry-above", "-1"], "--retry-above must be >= 0"),
-        (syn + ["--text", "ab", "--device", "nonsense"], "--device nonsense cannot be used"),
+        (syn + ["--text", "ab", "--device", "nonsense"], "--device nonsense is not a device"),
         (syn + [], "nothing to write"),
         (["--task", "prediction", "--checkpoint", files["prediction"], "--text", "ab"], "are for --task synthesis"),
         (["--task", "prediction", "--checkpoint", files["prediction"], "--steps", "0"], "--steps must be between"),

@@ -417,3 +417,26 @@ def test_half_precision_on_cpu_is_a_one_line_error(tiny_prepared, tmp_path, monk
         {"train": train.main, "evaluate": evaluate.main}[script]([*argv, "--device", "cpu", "--dtype", dtype])
     assert str(e.value).startswith(f"error: --dtype {dtype}: this CPU's LSTM kernels have no") and "\n" not in str(e.value)
     assert not (tmp_path / "last.pt").exists()
+
+
+@pytest.mark.parametrize("device, message", [("foo", "--device foo is not a device"),
+                                             ("cuda:7", "--device cuda:7: "), ("mps", "--device mps: ")])
+def test_an_unusable_device_is_a_one_line_error_in_every_script(tiny_prepared, tmp_path, device, message):
+    """Before, --device cuda on a machine without one ended in a traceback (train.py, recognizer.py train, bench.py)
+    or blamed the checkpoint (evaluate.py, recognizer.py evaluate)."""
+    if device == "cuda:7" and torch.cuda.device_count() > 7 or device == "mps" and torch.backends.mps.is_available():
+        pytest.skip(f"{device} exists here")
+    import bench
+    import recognizer
+    data = ["--data", str(tiny_prepared)]
+    runs = [(train.main, [*data, "--out", str(tmp_path), "--max-steps", "1"]),
+            (evaluate.main, ["--checkpoint", "checkpoints/prediction.pt", *data]),
+            (recognizer.main, ["train", *data, "--out", str(tmp_path), "--max-steps", "1"]),
+            (recognizer.main, ["evaluate", "--checkpoint", "checkpoints/recognizer.pt", *data]),
+            (recognizer.main, ["read", f"{tiny_prepared}:1"]),
+            (bench.main, ["--quick"])]
+    for main, argv in runs:
+        with pytest.raises(SystemExit) as e:
+            main([*argv, "--device", device])
+        assert str(e.value).startswith(f"error: {message}") and "\n" not in str(e.value), (main, str(e.value))
+    assert not (tmp_path / "last.pt").exists()
