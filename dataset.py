@@ -5,6 +5,8 @@ training split's statistics, and its text as character ids c_u (section 5; id 0 
 """
 import json
 import math
+import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -23,11 +25,14 @@ def load_prepared(path):
         path = path / "iam_ondb.npz"
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: run prepare_data.py first")
-    with np.load(path, allow_pickle=False) as f:
-        missing = [k for k in KEYS if k not in f.files]
-        if missing:
-            raise ValueError(f"{path} lacks {', '.join(missing)}: made by another version, run prepare_data.py again")
-        data = {k: f[k] for k in f.files}
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            data = {k: f[k] for k in f.files}
+    except (OSError, EOFError, ValueError, zipfile.BadZipFile, zlib.error) as e:   # not an npz, cut short, pickles
+        raise ValueError(f"{path} is not a readable prepared file ({type(e).__name__}); run prepare_data.py again") from None
+    missing = [k for k in KEYS if k not in data]
+    if missing:
+        raise ValueError(f"{path} lacks {', '.join(missing)}: made by another version, run prepare_data.py again")
     data["alphabet"] = str(data["alphabet"])
     data["meta"] = json.loads(str(data["meta"]))
     return data

@@ -14,6 +14,7 @@ previous point (y pointing up) and eos = 1 on the last point of each stroke (the
 offset of a line is (0, 0). This is the only code that reads the raw XML.
 """
 import argparse
+import gzip
 import hashlib
 import json
 import math
@@ -88,11 +89,13 @@ def iter_files(source, suffix):
                         yield f[: -len(suffix)], fh.read()
         return
     try:
-        with tarfile.open(path, "r|gz") as tar:
+        with gzip.open(path, "rb") as gz, tarfile.open(fileobj=gz, mode="r|") as tar:
             for member in tar:
                 name = os.path.basename(member.name)
                 if member.isfile() and name.endswith(suffix) and not name.startswith("._"):
                     yield name[: -len(suffix)], tar.extractfile(member).read()
+            while gz.read(1 << 20):   # to the end: gzip checks its end marker and CRC, so a cut-short download fails
+                pass                  # (tar alone stops silently when the cut falls on a file boundary)
     except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
         raise DataError(f"cannot read {path} ({e}); the archive looks damaged, {DOWNLOAD}") from None
 

@@ -6,6 +6,8 @@ import functools
 import json
 import math
 import os
+import zipfile
+import zlib
 from contextlib import contextmanager
 
 import numpy as np
@@ -69,7 +71,7 @@ def load_strokes(path):
         with np.load(path, allow_pickle=False) as f:
             offsets, eos, starts = f["offsets"], f["eos"], f["line_starts"]
             texts, ids = [str(t) for t in f["texts"]], [str(t) for t in f["line_ids"]]
-    except (OSError, ValueError, KeyError) as e:
+    except (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile, zlib.error) as e:   # also: cut short
         raise ValueError(f"{path} is not a strokes file (npz with offsets, eos, line_starts, texts, line_ids: "
                          f"{type(e).__name__})") from None
     rows = np.column_stack([offsets, eos]).astype(np.float32)

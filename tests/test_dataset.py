@@ -64,6 +64,24 @@ def test_load_prepared_missing_file(tmp_path):
         load_prepared(tmp_path / "nope.npz")
 
 
+def test_corrupt_prepared_or_strokes_files_are_one_line_errors(tiny_prepared, tmp_path):
+    """A cut-short download or copy, a file that is not an npz, and an npz of pickled objects: each a ValueError of
+    one line naming the file (the scripts print it), not a zipfile traceback."""
+    from utils import load_strokes
+    raw = tiny_prepared.read_bytes()
+    (tmp_path / "cut.npz").write_bytes(raw[:len(raw) // 2])
+    (tmp_path / "text.npz").write_text("not an archive")
+    np.savez(tmp_path / "objects.npz", offsets=np.array([{"a": 1}], dtype=object))
+    np.savez(tmp_path / "other.npz", x=np.zeros(3))
+    for name in ("cut", "text", "objects"):
+        for load in (load_prepared, load_strokes):
+            with pytest.raises(ValueError) as e:
+                load(tmp_path / f"{name}.npz")
+            assert f"{name}.npz is not a" in str(e.value) and "\n" not in str(e.value), (name, load)
+    with pytest.raises(ValueError, match="lacks offsets, eos"):
+        load_prepared(tmp_path / "other.npz")
+
+
 def test_collate_pads_and_masks():
     batch = [(torch.ones(4, 3), torch.tensor([1, 2])), (torch.ones(2, 3) * 2, torch.tensor([3, 4, 5]))]
     b = collate(batch)

@@ -165,7 +165,7 @@ def run_script(*args):
                           capture_output=True, text=True, timeout=60)
 
 
-@pytest.mark.parametrize("case", ["no_dir", "no_strokes", "no_ascii", "damaged"])
+@pytest.mark.parametrize("case", ["no_dir", "no_strokes", "no_ascii", "damaged", "ascii_cut_short"])
 def test_missing_or_damaged_input_gives_one_line(tmp_path, case):
     raw = tmp_path / "raw"
     if case != "no_dir":
@@ -173,15 +173,20 @@ def test_missing_or_damaged_input_gives_one_line(tmp_path, case):
         missing = {"no_strokes": "lineStrokes-all.tar.gz", "no_ascii": "ascii-all.tar.gz"}.get(case)
         if missing:
             (raw / missing).unlink()
-        else:
+        elif case == "damaged":
             data = (raw / "lineStrokes-all.tar.gz").read_bytes()
             (raw / "lineStrokes-all.tar.gz").write_bytes(data[: len(data) // 2])
+        else:   # the last bytes missing, as from a cut download: tar alone read every file and went on silently
+            data = (raw / "ascii-all.tar.gz").read_bytes()
+            (raw / "ascii-all.tar.gz").write_bytes(data[:-12])
     r = run_script("--raw", raw, "--out", tmp_path / "out", "--splits", tmp_path / "splits")
     assert r.returncode != 0
     assert "Traceback" not in r.stderr
     lines = r.stderr.strip().splitlines()
     err = lines[-1]                                   # a damaged archive is found while the progress bar runs
     assert err.startswith("error: ") and (case == "damaged" or len(lines) == 1)
+    if case == "ascii_cut_short":
+        assert "ascii-all.tar.gz" in err and "damaged" in err
     assert str(raw) in err and "fki.tic.heia-fr.ch" in err
     if case in ("no_strokes", "no_ascii"):
         assert missing in err
