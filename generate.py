@@ -546,29 +546,41 @@ def generate(args):
 
 def write_strokes_file(args, model, ckpt, joined, texts, prime, generator, seed, t_start, t_load):
     """--out FILE.npz: sample every line, --batch-size at a time, and save their raw offsets with their texts
-    (utils.save_strokes, plus `finished` and `attempts` per line). The lines are texts, sample-major."""
+    (utils.save_strokes, plus `finished` and `attempts` per line). The lines are texts, sample-major, with ids 1..N.
+    Stopped with Ctrl-C, it saves the lines done so far (their ids say which) and returns 130."""
     import numpy as np
+    from tqdm import tqdm
     import utils
     from dataset import Alphabet, denormalize
     norm = [np.asarray(ckpt[k], dtype=np.float64) for k in ("mean", "std")]
-    if args.task == "synthesis":
-        from model import write_lines
-        raw, finished, _, attempts = write_lines(model, joined, Alphabet(ckpt["alphabet"]), norm, args.bias, generator,
-                                                 args.batch_size, args.max_steps_per_char, progress=len(texts) > args.batch_size,
-                                                 retries=args.retries, retry_above=args.retry_above, prime=prime)
-    else:
-        from tqdm import tqdm
-        raw = []
-        for a in tqdm(range(0, len(texts), args.batch_size), desc="generating", unit="batch",
-                      disable=None if len(texts) > args.batch_size else True):
-            result = model.sample(steps=args.steps, bias=args.bias, prime=prime, generator=generator,
-                                  batch_size=min(args.batch_size, len(texts) - a))
-            raw += list(denormalize(result["strokes"].cpu().double().numpy(), *norm))
-        finished, attempts = [True] * len(texts), [1] * len(texts)
+    done, interrupted = {}, False                                             # line index -> (offsets, finished, attempts)
+    try:
+        if args.task == "synthesis":
+            from model import iter_write_lines
+            for batch in iter_write_lines(model, joined, Alphabet(ckpt["alphabet"]), norm, bias=args.bias,
+                                          generator=generator, batch_size=args.batch_size,
+                                          max_steps_per_char=args.max_steps_per_char, progress=len(texts) > args.batch_size,
+                                          retries=args.retries, retry_above=args.retry_above, prime=prime):
+                done.update(zip(batch["index"], zip(batch["raw"], batch["finished"], batch["attempts"])))
+        else:
+            for a in tqdm(range(0, len(texts), args.batch_size), desc="generating", unit="batch",
+                          disable=None if len(texts) > args.batch_size else True):
+                result = model.sample(steps=args.steps, bias=args.bias, prime=prime, generator=generator,
+                                      batch_size=min(args.batch_size, len(texts) - a))
+                strokes = denormalize(result["strokes"].cpu().double().numpy(), *norm)
+                done.update((a + b, (line, True, 1)) for b, line in enumerate(strokes))
+    except KeyboardInterrupt:
+        interrupted = True
     t_sampled = time.perf_counter()
-    texts = texts if args.task == "synthesis" else [""] * len(texts)
-    utils.save_strokes(args.out, raw, texts, finished=finished, attempts=attempts)
-    unfinished = [str(i + 1) for i, f in enumerate(finished) if not f]
+    rows = sorted(done)
+    raw, finished, attempts = ([done[i][k] for i in rows] for k in range(3))
+    utils.save_strokes(args.out, raw, [texts[i] if args.task == "synthesis" else "" for i in rows],
+                       [str(i + 1) for i in rows], finished=finished, attempts=attempts)
+    if interrupted:
+        print(f"generate.py: interrupted: wrote the {len(rows):,} of {len(texts):,} lines done to {args.out} "
+              f"(line_ids say which)", file=sys.stderr)
+        return 130
+    unfinished = [str(i + 1) for i in rows if not done[i][1]]
     if unfinished:
         print(f"generate.py: warning: {len(unfinished)} line(s) did not reach the end of their text within the cap "
               f"(--max-steps-per-char) in {args.retries + 1} attempt(s), kept with finished = 0: line id(s) "

@@ -814,37 +814,46 @@ def read_lines(model, strokes, alphabet, batch_size=64):
     return texts
 
 
-@torch.no_grad()
-def write_lines(model, texts, alphabet, norm, bias=1.0, generator=None, batch_size=64, max_steps_per_char=40,
-                progress=False, retries=0, retry_above=None, prime=None):
+def iter_write_lines(model, texts, alphabet, norm, bias=1.0, generator=None, batch_size=64, max_steps_per_char=40,
+                     progress=False, retries=0, retry_above=None, prime=None):
     """Write many lines with the synthesis model, batched by text length so that a batch's lines end at about the
     same step (generate.py's .npz output, legibility). texts: strings in the model's alphabet (with prime, each one
     already "prime text" + " " + "new text", as sample() wants); norm: (mean, std) of the model's data; prime: (Tp, 3)
     normalised strokes fed before every line; the rest as in sample() (retries: stalled lines are written again).
-    Returns raw offsets [(T_i, 3) float64], finished flags, step counts and attempts (samplings per line), in the
-    order of texts."""
+    Yields one dict per batch: index (positions in texts), raw offsets [(T_i, 3) float64], finished, steps and
+    attempts (samplings per line), so that a caller can keep what is done if it is stopped."""
     from dataset import denormalize
     device = model.mdn.weight.device
     was_training = model.training
     model.eval()
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-    raw, finished, steps, attempts = [None] * len(texts), [False] * len(texts), [0] * len(texts), [1] * len(texts)
     batches = range(0, len(order), batch_size)
     if progress:
         from tqdm import tqdm
         batches = tqdm(batches, desc="generating", unit="batch", disable=None)
-    for a in batches:
-        idx = order[a:a + batch_size]
-        text = nn.utils.rnn.pad_sequence([alphabet.encode(texts[i]) for i in idx], batch_first=True)
-        result = model.sample(text=text.to(device), bias=bias, prime=prime, generator=generator,
-                              max_steps_per_char=max_steps_per_char, retries=retries, retry_above=retry_above)
-        strokes = denormalize(result["strokes"].cpu().double().numpy(), *norm)
-        for b, i in enumerate(idx):
-            steps[i], finished[i] = int(result["lengths"][b]), bool(result["finished"][b])
-            attempts[i] = int(result["attempts"][b])
-            raw[i] = strokes[b, :steps[i]]
-    model.train(was_training)
-    return raw, finished, steps, attempts
+    try:
+        for a in batches:
+            idx = order[a:a + batch_size]
+            text = nn.utils.rnn.pad_sequence([alphabet.encode(texts[i]) for i in idx], batch_first=True)
+            result = model.sample(text=text.to(device), bias=bias, prime=prime, generator=generator,
+                                  max_steps_per_char=max_steps_per_char, retries=retries, retry_above=retry_above)
+            steps = result["lengths"].tolist()
+            strokes = denormalize(result["strokes"].cpu().double().numpy(), *norm)
+            yield {"index": idx, "raw": [strokes[b, :n] for b, n in enumerate(steps)], "steps": steps,
+                   "finished": result["finished"].tolist(), "attempts": result["attempts"].tolist()}
+    finally:
+        model.train(was_training)
+
+
+def write_lines(model, texts, alphabet, norm, **kwargs):
+    """iter_write_lines, collected: raw offsets [(T_i, 3) float64], finished flags, step counts and attempts, in the
+    order of texts."""
+    out = {k: [None] * len(texts) for k in ("raw", "finished", "steps", "attempts")}
+    for batch in iter_write_lines(model, texts, alphabet, norm, **kwargs):
+        for k in out:
+            for i, v in zip(batch["index"], batch[k]):
+                out[k][i] = v
+    return out["raw"], out["finished"], out["steps"], out["attempts"]
 
 
 @torch.no_grad()
@@ -856,8 +865,9 @@ def write_and_read(model, recognizer, texts, alphabet, rec_alphabet, norm, rec_n
     line), in the order of texts."""
     import numpy as np
     from dataset import normalize
-    raw, finished, steps, attempts = write_lines(model, texts, alphabet, norm, bias, generator, batch_size,
-                                                 max_steps_per_char, progress, retries, retry_above)
+    raw, finished, steps, attempts = write_lines(model, texts, alphabet, norm, bias=bias, generator=generator,
+                                                 batch_size=batch_size, max_steps_per_char=max_steps_per_char,
+                                                 progress=progress, retries=retries, retry_above=retry_above)
     rec_mean, rec_std = (np.asarray(v, np.float32) for v in rec_norm)
     read = read_lines(recognizer, [torch.from_numpy(normalize(r.astype(np.float32), rec_mean, rec_std)) for r in raw],
                       rec_alphabet, batch_size)

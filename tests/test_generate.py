@@ -150,6 +150,28 @@ def test_npz_output_writes_any_number_of_lines_in_batches(files, tmp_path, spy, 
     assert len(lines) == 45 and texts == [""] * 45 and all(len(x) == 60 for x in lines)
 
 
+@pytest.mark.parametrize("task", ["synthesis", "prediction"])
+def test_npz_output_stopped_with_ctrl_c_keeps_the_lines_done(files, tmp_path, monkeypatch, capsys, task):
+    from utils import load_strokes
+    calls, original = [], model_module.HandwritingModel.sample
+
+    def sample(self, *args, **kwargs):                                       # Ctrl-C during the third batch
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return original(self, *args, **kwargs)
+    monkeypatch.setattr(model_module.HandwritingModel, "sample", sample)
+    out = tmp_path / "stopped.npz"
+    what = ["--text", "ab\ncd ef\ng\nhij\nk l"] if task == "synthesis" else []
+    total = 25 if task == "synthesis" else 10                                # 5 lines x 5 samples, or 10 samples
+    assert run(files, task, out, *what, "--num-samples", str(total // 5 if what else total), "--batch-size", "4",
+               "--retries", "0") == 130
+    assert f"interrupted: wrote the 8 of {total} lines" in capsys.readouterr().err
+    ids, texts, lines = load_strokes(out)
+    assert len(ids) == len(set(ids)) == 8 and all(1 <= int(i) <= total for i in ids)
+    assert ids == sorted(ids, key=int)
+
+
 def test_npz_output_reports_unfinished_lines_in_one_warning(files, tmp_path, capsys):
     out = tmp_path / "u.npz"
     assert run(files, "synthesis", out, "--text", "abc\ndefgh\nij", "--max-steps-per-char", "1", "--retries", "1") == 0
