@@ -334,3 +334,19 @@ def test_density_map_follows_each_drawn_line_past_blank_rows():
         x0, y0 = ln.xy.min(0).astype(int)
         x1, y1 = ln.xy.max(0).astype(int)
         assert heat[max(y0 - 3, 0):y1 + 4, max(x0 - 3, 0):x1 + 4].sum() > 0
+
+
+def test_the_readme_python_example_runs(tmp_path):
+    """README, Generating handwriting, *From Python*: the block as written, with the shipped model, from the repo root
+    (the picture goes to tmp_path)."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    block = readme.split("### From Python", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    out = tmp_path / "from_python.png"
+    code = block.replace('"from_python.png"', repr(str(out)))
+    assert code != block
+    code += "\nassert len(lines) == 2 and all(x.shape[1] == 3 and len(x) == n for x, n in zip(lines, steps))"
+    code += "\nassert len(strokes) > 1 and strokes[0].shape[1] == 2 and all(a >= 1 for a in attempts)"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    import matplotlib.image
+    assert matplotlib.image.imread(out).shape[0] > 50
