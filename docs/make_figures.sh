@@ -28,4 +28,7 @@ for v in strokes eos density; do
   g --text "Where the pen goes" --bias 1 --seed 5 --view "$v" --out "$out/view_$v.png"
 done
 g --task prediction --num-samples 3 --bias 0.5 --seed 3 --out "$out/prediction.png"
+# characters the training text rarely holds, written poorly (README, Text, pages and limits)
+g --text "Quick Zebras X-ray Quartz\n0123456789 QXZ qxz\nJazz, Xerxes & Quixote: 42?" --bias 1 --seed 3 \
+  --out "$out/rare.png"
 echo "figures in $out"
