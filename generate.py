@@ -6,9 +6,10 @@ Write handwriting with a trained network (Graves 2013, arXiv 1308.0850, sections
     python generate.py --task prediction --steps 700 --out scribble.gif
 
 Every line of the page is sampled together in one batch (text padded), with the same style and bias, and
-stops by the paper's rule (the window has moved past the last character). The output format follows the
-extension of --out: .png, .svg (one path per pen-down stroke, for pen plotters), .gif (the pen writing), or .npz
-(no picture: the lines' strokes, any number of them, sampled in batches; e.g. training data for a recogniser).
+stops by the paper's rule (the window has moved past the last character); a text longer than a page (40 lines)
+fills numbered pages, OUT-1.png, OUT-2.png, ... The output format follows the extension of --out: .png, .svg
+(one path per pen-down stroke, for pen plotters), .gif (the pen writing), or .npz (no picture: the lines' strokes,
+any number of them, sampled in batches; e.g. training data for a recogniser).
 Errors are one line on stderr and a non-zero exit.
 """
 import argparse
@@ -27,6 +28,7 @@ PLOT_FORMATS = (".png", ".svg", ".pdf")
 VIEWS = ("plain", "strokes", "eos", "density")
 MAX_CHARS_PER_LINE = 64     # the longest line of IAM-OnDB's transcriptions: longer lines are outside what the model saw
 MAX_ROWS = 40               # lines per page, counting every sample (one batch of at most this many lines)
+MAX_PAGES = 10              # pages of one run (a longer text: several runs, or .npz output)
 MAX_FILE_LINES = 100_000    # lines of an .npz strokes file, counting every sample (~2 GB of offsets held in memory)
 MAX_STEPS = 5000            # points per line for --task prediction
 MAX_PRIME_POINTS = 4000     # a priming line longer than this is not a line
@@ -444,20 +446,20 @@ def generate(args):
         if total_rows > MAX_FILE_LINES:
             fail(f"the file would have {total_rows:,} lines ({args.num_samples} sample(s)); at most {MAX_FILE_LINES:,}: "
                  f"split the text into several runs")
-    else:
-        rows_per_sample = len(lines) + (1 if args.num_samples > 1 else 0)    # a blank row between samples
-        total_rows = rows_per_sample * args.num_samples - (1 if args.num_samples > 1 else 0)
+        pages = [list(enumerate(lines))]
+    elif args.num_samples > 1:
+        total_rows = (len(lines) + 1) * args.num_samples - 1                   # a blank row between samples
         if total_rows > MAX_ROWS:
             fail(f"the page would have {total_rows} lines ({len(lines)} lines x {args.num_samples} samples at "
-                 f"{args.max_chars_per_line} characters per line); at most {MAX_ROWS} fit: split the text into several "
-                 f"runs, or write --out FILE.npz (strokes, no picture, any number of lines)")
-    texts, where = [], []                                                     # batch rows, sample-major
-    for k in range(args.num_samples):
-        for n, ln in enumerate(lines):
-            if ln:
-                texts.append(ln)
-                where.append(f"line {n + 1}" + (f" of sample {k + 1}" if args.num_samples > 1 else ""))
-    B = len(texts)
+                 f"{args.max_chars_per_line} characters per line); at most {MAX_ROWS} fit: write fewer samples (one "
+                 f"sample fills as many pages as it needs), or --out FILE.npz (strokes, no picture, any number of lines)")
+        pages = [list(enumerate(lines))]
+    else:
+        pages = paginate(lines, MAX_ROWS)
+        if len(pages) > MAX_PAGES:
+            fail(f"the text would fill {len(pages)} pages of {MAX_ROWS} lines ({len(lines)} lines at "
+                 f"{args.max_chars_per_line} characters per line); at most {MAX_PAGES}: split it into several runs, or "
+                 f"write --out FILE.npz (strokes, no picture, any number of lines)")
 
     prime = None
     if prime_offsets is not None:
@@ -469,79 +471,117 @@ def generate(args):
     seed = args.seed if args.seed is not None else int.from_bytes(os.urandom(4), "little") % 1_000_000
     generator = torch.Generator(device=device).manual_seed(seed)
     record = args.view in ("eos", "density") or bool(args.plot_attention)
-    t_sample = time.perf_counter()
-    joined = [f"{prime_text} {t}" if prime is not None else t for t in texts]
     if args.format == ".npz":
+        texts = [ln for _ in range(args.num_samples) for ln in lines if ln]  # sample-major
+        joined = [f"{prime_text} {t}" if prime is not None else t for t in texts]
         return write_strokes_file(args, model, ckpt, joined, texts, prime, generator, seed, t_start, t_load)
-    if args.task == "synthesis":
-        ids = [alphabet.encode(t) for t in joined]
-        text_ids = torch.zeros(B, max(len(i) for i in ids), dtype=torch.long)
-        for b, i in enumerate(ids):
-            text_ids[b, :len(i)] = i
-        result = model.sample(text=text_ids.to(device), bias=args.bias, prime=prime, generator=generator,
-                              max_steps_per_char=args.max_steps_per_char, record=record, retries=args.retries,
-                              retry_above=args.retry_above)
-    else:
-        result = model.sample(steps=args.steps, bias=args.bias, prime=prime, generator=generator, batch_size=B,
-                              record=record)
-    result = {k: v.cpu() for k, v in result.items()}
-    t_sampled = time.perf_counter()
-    for b in np.flatnonzero(~result["finished"].numpy()):
-        print(f"generate.py: warning: {where[b]} ({texts[b][:30]!r}) did not reach the end of its text within the "
-              f"cap (--max-steps-per-char) in {int(result['attempts'][b])} attempt(s); try another --seed, a lower --bias, "
-              f"a shorter line (--max-chars-per-line), another --style or a better-trained checkpoint", file=sys.stderr)
 
-    ### the page
     import utils
-    strokes = denormalize(result["strokes"].numpy().astype(np.float64), mean, std)
-    page_lines, rows, saved, b = [], [], [], 0
-    for s in range(args.num_samples):
-        if s:
-            page_lines.append(None)
-        for ln in lines:
-            if not ln:
+    saved, saved_texts, t_sampling, steps, n_lines = [], [], 0.0, 0, 0
+    for k, page_rows in enumerate(pages):
+        out = page_path(args.out, k, len(pages))
+        ### the batch: one row per line of the page and sample
+        texts, where = [], []                                                 # batch rows, sample-major
+        for s in range(args.num_samples):
+            for n, ln in page_rows:
+                if ln:
+                    texts.append(ln)
+                    where.append(f"line {n + 1}" + (f" of sample {s + 1}" if args.num_samples > 1 else ""))
+        B = len(texts)
+        t_sample = time.perf_counter()
+        joined = [f"{prime_text} {t}" if prime is not None else t for t in texts]
+        if args.task == "synthesis":
+            ids = [alphabet.encode(t) for t in joined]
+            text_ids = torch.zeros(B, max(len(i) for i in ids), dtype=torch.long)
+            for b, i in enumerate(ids):
+                text_ids[b, :len(i)] = i
+            result = model.sample(text=text_ids.to(device), bias=args.bias, prime=prime, generator=generator,
+                                  max_steps_per_char=args.max_steps_per_char, record=record, retries=args.retries,
+                                  retry_above=args.retry_above)
+        else:
+            result = model.sample(steps=args.steps, bias=args.bias, prime=prime, generator=generator, batch_size=B,
+                                  record=record)
+        result = {k: v.cpu() for k, v in result.items()}
+        t_sampling += time.perf_counter() - t_sample
+        steps, n_lines = max(steps, int(result["lengths"].max())), n_lines + B
+        for b in np.flatnonzero(~result["finished"].numpy()):
+            print(f"generate.py: warning: {where[b]} ({texts[b][:30]!r}) did not reach the end of its text within the "
+                  f"cap (--max-steps-per-char) in {int(result['attempts'][b])} attempt(s); try another --seed, a lower "
+                  f"--bias, a shorter line (--max-chars-per-line), another --style or a better-trained checkpoint",
+                  file=sys.stderr)
+
+        ### the page
+        strokes = denormalize(result["strokes"].numpy().astype(np.float64), mean, std)
+        page_lines, rows, b = [], [], 0
+        for s in range(args.num_samples):
+            if s:
                 page_lines.append(None)
-                continue
-            T = int(result["lengths"][b])
-            off = strokes[b, :T]
-            saved.append(off)
-            value = result["eos_prob"][b, :T].numpy() if args.view == "eos" else None
-            start = 0
-            if args.show_prime and prime_offsets is not None:
-                start = len(prime_offsets)
-                off = np.concatenate([prime_offsets, off])
-                value = None if value is None else np.concatenate([np.zeros(start), value])
-            page_lines.append(utils.PageLine(off, value=value, start=start))
-            rows.append(b)
-            b += 1
-    page = utils.layout_page(page_lines, line_height=args.line_height, margin=args.line_height // 3)
-    background = None
-    if args.view == "density":
-        background = density_map(page, result, rows, mean, std, args.bias, (page.height, page.width))
-    style = dict(view=args.view, color=args.rgb, width=args.stroke_width, background=background,
-                 title=" / ".join(texts[:B // args.num_samples]))
-    {".png": utils.save_png, ".svg": utils.save_svg, ".gif": utils.save_gif}[args.format](page, args.out, **style)
+            for _, ln in page_rows:
+                if not ln:
+                    page_lines.append(None)
+                    continue
+                T = int(result["lengths"][b])
+                off = strokes[b, :T]
+                saved.append(off)
+                value = result["eos_prob"][b, :T].numpy() if args.view == "eos" else None
+                start = 0
+                if args.show_prime and prime_offsets is not None:
+                    start = len(prime_offsets)
+                    off = np.concatenate([prime_offsets, off])
+                    value = None if value is None else np.concatenate([np.zeros(start), value])
+                page_lines.append(utils.PageLine(off, value=value, start=start))
+                rows.append(b)
+                b += 1
+        saved_texts += texts
+        page = utils.layout_page(page_lines, line_height=args.line_height, margin=args.line_height // 3)
+        background = None
+        if args.view == "density":
+            background = density_map(page, result, rows, mean, std, args.bias, (page.height, page.width))
+        style = dict(view=args.view, color=args.rgb, width=args.stroke_width, background=background,
+                     title=" / ".join(texts[:B // args.num_samples]))
+        {".png": utils.save_png, ".svg": utils.save_svg, ".gif": utils.save_gif}[args.format](page, out, **style)
+        if args.plot_attention and k == 0:                                   # the first page's lines (the plot shows 8)
+            utils.plot_attention([result["phi"][b, :max(int(result["lengths"][b]), 1), :len(joined[b]) + 1].numpy()
+                                  for b in range(B)],
+                                 joined, args.plot_attention, prime_chars=len(prime_text) + 1 if prime is not None else 0)
+        step = ckpt.get("step")
+        retried = int((result["attempts"] > 1).sum())
+        print(f"wrote {out} ({B // args.num_samples} line(s) x {args.num_samples} sample(s), "
+              f"{args.task}, bias {args.bias}, seed {seed}{f', model step {step}' if step is not None else ''}"
+              f"{f'; {retried} stalled line(s) sampled again (--retries)' if retried else ''})")
     t_written = time.perf_counter()
     if args.save_strokes:
-        utils.save_strokes(args.save_strokes, saved, texts)
-    if args.plot_attention:
-        utils.plot_attention([result["phi"][b, :max(int(result["lengths"][b]), 1), :len(joined[b]) + 1].numpy()
-                              for b in range(B)],
-                             joined, args.plot_attention, prime_chars=len(prime_text) + 1 if prime is not None else 0)
+        utils.save_strokes(args.save_strokes, saved, saved_texts)
 
     ### report
-    step = ckpt.get("step")
-    retried = int((result["attempts"] > 1).sum())
-    print(f"wrote {args.out} ({B // args.num_samples} line(s) x {args.num_samples} sample(s), "
-          f"{args.task}, bias {args.bias}, seed {seed}{f', model step {step}' if step is not None else ''}"
-          f"{f'; {retried} stalled line(s) sampled again (--retries)' if retried else ''})")
     if args.plot_attention:
         print(f"wrote {args.plot_attention} (attention window phi)")
     if args.save_strokes:
-        print(f"wrote {args.save_strokes} (raw offsets of {B} line(s))")
-    print(f"time: {t_written - t_load:.2f} s from checkpoint load to written file (sampling {t_sampled - t_sample:.2f} s, "
-          f"{int(result['lengths'].max())} steps x {B} lines); {time.perf_counter() - t_start:.2f} s in main")
+        print(f"wrote {args.save_strokes} (raw offsets of {len(saved)} line(s))")
+    print(f"time: {t_written - t_load:.2f} s from checkpoint load to written file{'s' if len(pages) > 1 else ''} "
+          f"(sampling {t_sampling:.2f} s, {steps} steps x {n_lines} lines{f' on {len(pages)} pages' if len(pages) > 1 else ''}); "
+          f"{time.perf_counter() - t_start:.2f} s in main")
     return 0
+
+
+def paginate(lines, per_page):
+    """Page rows ('' = blank) -> pages of at most per_page (row number, text) pairs, none starting or ending blank."""
+    pages = [[]]
+    for n, ln in enumerate(lines):
+        if len(pages[-1]) == per_page:
+            pages.append([])
+        if ln or pages[-1]:
+            pages[-1].append((n, ln))
+    for page in pages:
+        while page and not page[-1][1]:
+            page.pop()
+    return [page for page in pages if page]
+
+
+def page_path(path, k, pages):
+    """The file of page k (from 0) of `pages`: path itself for one page, else path with -1, -2, ... before its extension."""
+    stem, ext = os.path.splitext(path)
+    return path if pages == 1 else f"{stem}-{k + 1}{ext}"
 
 
 def write_strokes_file(args, model, ckpt, joined, texts, prime, generator, seed, t_start, t_load):

@@ -181,6 +181,33 @@ def test_npz_output_reports_unfinished_lines_in_one_warning(files, tmp_path, cap
         assert not f["finished"].any() and (f["attempts"] == 2).all()
 
 
+@pytest.mark.parametrize("ext", [".png", ".svg"])
+def test_a_long_text_fills_numbered_pages(files, tmp_path, spy, capsys, ext):
+    """More lines than a page holds (40): pages of 40 lines, one batch each, OUT-1, OUT-2, ...; no page starts with
+    a blank row; --save-strokes gets every line; warnings number the lines of the whole text."""
+    from utils import load_strokes
+    words = [f"w{chr(97 + i % 26)}" for i in range(50)]
+    text = "\n".join(words[:40]) + "\n\n" + "\n".join(words[40:])    # a blank row falls at the top of page 2
+    out = tmp_path / f"letter{ext}"
+    assert run(files, "synthesis", out, "--text", text, "--save-strokes", str(tmp_path / "all.npz"),
+               "--max-steps-per-char", "1", "--retries", "0") == 0
+    assert [c["text"].shape[0] for c in spy] == [40, 10]
+    assert not out.exists() and (tmp_path / f"letter-1{ext}").stat().st_size > 0
+    assert (tmp_path / f"letter-2{ext}").stat().st_size > 0 and not (tmp_path / f"letter-3{ext}").exists()
+    captured = capsys.readouterr()
+    assert f"wrote {tmp_path / f'letter-1{ext}'} (40 line(s)" in captured.out and "10 lines on 2 pages" not in captured.out
+    assert f"wrote {tmp_path / f'letter-2{ext}'} (10 line(s)" in captured.out and "on 2 pages" in captured.out
+    assert "line 42 ('wo')" in captured.err and "line 41 " not in captured.err      # row 41 is the blank one
+    assert load_strokes(tmp_path / "all.npz")[1] == words
+
+
+def test_paginate():
+    assert generate.paginate(["a", "b", "", "c", "d", "", "", "e"], 3) == [[(0, "a"), (1, "b")], [(3, "c"), (4, "d")],
+                                                                            [(7, "e")]]
+    assert generate.paginate(["a", "", "", "", "b"], 2) == [[(0, "a")], [(4, "b")]]
+    assert generate.page_path("out/a.png", 0, 1) == "out/a.png" and generate.page_path("out/a.png", 1, 3) == "out/a-2.png"
+
+
 def test_wrapping_and_cleaning():
     lines, dropped = generate.prepare_lines("  one two\tthree \u2019four\u2019 five six seven\n\n\nend  ", CHARS, 12, False)
     assert lines == ["one two", "three 'four'", "five six", "seven", "", "", "end"]
@@ -248,8 +275,10 @@ def errors(files, tmp_path):
         (syn + ["--text", "h\u00e9llo \u20ac"], "not in the model's alphabet: '\u00e9' '\u20ac'"),
         (syn + ["--text", "   \n  "], "the text is empty"),
         (syn + ["--text", "\u20ac", "--drop-unknown"], "the text is empty"),
-        (syn + ["--text", " ".join(["words"] * 400)], "at most 40 fit"),
-        (syn + ["--text", " ".join(["words"] * 400)], "or write --out FILE.npz"),
+        (syn + ["--text", " ".join(["words"] * 400), "--num-samples", "2"], "at most 40 fit: write fewer samples"),
+        (syn + ["--text", " ".join(["words"] * 400), "--num-samples", "2"], "or --out FILE.npz"),
+        (syn + ["--text", " ".join(["words"] * 3000)], "would fill 13 pages of 40 lines (500 lines"),
+        (syn + ["--text", " ".join(["words"] * 3000)], "at most 10: split it into several runs, or write --out FILE.npz"),
         (syn + ["--text", "ab", "--out", str(tmp_path / "x.npz"), "--view", "eos"], "--view is for pictures"),
         (syn + ["--text", "ab", "--out", str(tmp_path / "x.npz"), "--show-prime"], "--show-prime is for pictures"),
         (syn + ["--text", "ab", "--out", str(tmp_path / "x.npz"), "--num-samples", "100001"], "between 1 and 100000"),
