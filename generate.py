@@ -110,9 +110,10 @@ def get_args(argv=None):
     o = p.add_argument_group("output")
     o.add_argument("--out", default=None, metavar="FILE",
                    help=f"output file; the extension picks the format: .png, .svg (single-stroke paths), .gif "
-                        f"(animation), or .npz: no picture, the lines as raw offsets with their texts, any number of "
-                        f"lines (up to {MAX_FILE_LINES:,}) sampled --batch-size at a time (default: {DEFAULT_OUT}, "
-                        f"folder created if needed)")
+                        f"(animation); a text longer than a page ({MAX_ROWS} lines) writes FILE-1.png, FILE-2.png, ... "
+                        f"(up to {MAX_PAGES} pages); or .npz: no picture, the lines as raw offsets with their texts, "
+                        f"any number of lines (up to {MAX_FILE_LINES:,}) sampled --batch-size at a time "
+                        f"(default: {DEFAULT_OUT}, folder created if needed)")
     o.add_argument("--view", choices=VIEWS, default="plain",
                    help="plain: ink only; strokes: one colour per pen-down stroke; eos: ink coloured by the "
                         "end-of-stroke probability (blue low, red high); density: the mixture density of every "
