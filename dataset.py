@@ -149,17 +149,30 @@ def collate(batch):
     }
 
 
+def rare_char_copies(texts, threshold, max_copies=8):
+    """How many times each line goes into an epoch so that rare characters are seen more often (train.py
+    --rare-chars): a line whose rarest character appears n < threshold times in `texts` goes in
+    min(max_copies, round(threshold / n)) times, every other line once. Returns an int array, one per line."""
+    counts = {}
+    for t in texts:
+        for c in t:
+            counts[c] = counts.get(c, 0) + 1
+    rarest = np.array([min((counts[c] for c in t), default=threshold) for t in texts], dtype=np.float64)
+    return np.clip(np.round(threshold / np.maximum(rarest, 1)), 1, max_copies).astype(np.int64)
+
+
 class BucketBatchSampler(Sampler):
     """Batches of lines of similar length, so little compute goes to padding.
 
     shuffle=True: a random permutation (seeded by seed and set_epoch) is cut into pools of POOL_BATCHES batches,
     each pool is sorted by length and cut into batches, and the batch order is shuffled. shuffle=False: all lines
-    sorted by length (for evaluation). Every index appears exactly once per epoch (drop_last: the last, short
-    batch is left out).
+    sorted by length (for evaluation). Every index appears exactly once per epoch, or copies[i] times if copies is
+    given (drop_last: the last, short batch is left out).
     """
 
-    def __init__(self, lengths, batch_size, shuffle=True, seed=0, drop_last=False):
-        self.lengths = np.asarray(lengths)
+    def __init__(self, lengths, batch_size, shuffle=True, seed=0, drop_last=False, copies=None):
+        self.index = np.arange(len(lengths)) if copies is None else np.repeat(np.arange(len(lengths)), copies)
+        self.lengths = np.asarray(lengths)[self.index]                   # of the epoch's entries
         self.batch_size, self.shuffle, self.seed, self.drop_last = batch_size, shuffle, seed, drop_last
         self.epoch = 0
 
@@ -176,7 +189,7 @@ class BucketBatchSampler(Sampler):
                                     for p in np.split(order, range(pool, n, pool))]) if n else order
         else:
             order = np.argsort(self.lengths, kind="stable")
-        batches = [order[i:i + bs].tolist() for i in range(0, n, bs)]
+        batches = [self.index[order[i:i + bs]].tolist() for i in range(0, n, bs)]
         if self.drop_last and batches and len(batches[-1]) < bs:
             batches.pop()
         if self.shuffle:
@@ -195,12 +208,14 @@ def padding_fraction(lengths, batches):
     return 1.0 - sum(lengths[b].sum() for b in batches) / max(total, 1)
 
 
-def make_loader(dataset, batch_size, shuffle, seed=0, drop_last=False, num_workers=0):
+def make_loader(dataset, batch_size, shuffle, seed=0, drop_last=False, num_workers=0, copies=None):
     """DataLoader over a HandwritingDataset with length buckets and padding masks (see collate).
 
-    For a new shuffle every epoch call loader.batch_sampler.set_epoch(epoch), or pass seed + epoch.
+    For a new shuffle every epoch call loader.batch_sampler.set_epoch(epoch), or pass seed + epoch. copies: how many
+    times each line goes into an epoch (rare_char_copies), else once.
     """
-    sampler = BucketBatchSampler(dataset.lengths, batch_size, shuffle=shuffle, seed=seed, drop_last=drop_last)
+    sampler = BucketBatchSampler(dataset.lengths, batch_size, shuffle=shuffle, seed=seed, drop_last=drop_last,
+                                 copies=copies)
     return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=num_workers)
 
 

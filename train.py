@@ -23,7 +23,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from dataset import Alphabet, HandwritingDataset, augment, make_loader
+from dataset import Alphabet, HandwritingDataset, augment, make_loader, rare_char_copies
 from model import (GraphedChunk, HandwritingModel, ModelConfig, WeightNoise, error_rates, evaluate_nll, load_recognizer, nll,
                    summarize_nll, teacher_forcing, write_and_read)
 from utils import (DTYPES, WeightAverage, autocast_dtype, clipped_step, export_weights, learning_rate, load_checkpoint, make_optimizer,
@@ -75,6 +75,10 @@ def get_args(argv=None):
                    help="data augmentation: random size change per line, +- this fraction (paper: none, 0)")
     p.add_argument("--augment-shear", type=float, default=0.0,
                    help="data augmentation: random slant per line, dx += k dy with |k| <= this (paper: none, 0)")
+    p.add_argument("--rare-chars", type=int, default=0,
+                   help="draw lines holding rare characters more often: a line whose rarest character appears n < N "
+                        "times in the training text goes into each epoch round(N / n) times, at most 8 (0 = off, the "
+                        "paper; try 200: digits appear 36-223 times, X twice); keep it the same when resuming")
     p.add_argument("--max-points", type=int, default=0, help="drop training lines longer than this many points (0 = keep all)")
     p.add_argument("--max-lines", type=int, default=0, help="use only the first N training lines (0 = all; for quick tests)")
     # evaluation and logging
@@ -244,6 +248,10 @@ def main(argv=None):
 
     log(f"{config.task} model: {raw_model.num_params() / 1e6:.2f}M parameters, {len(train_set)} train / "
         f"{len(valid_set)} valid lines, device {device}, dtype {args.dtype}, {world} process(es)")
+    copies = rare_char_copies(train_set.texts, args.rare_chars) if args.rare_chars else None
+    if copies is not None:
+        log(f"rare characters (--rare-chars {args.rare_chars}): {int((copies > 1).sum())} lines drawn more often, "
+            f"{int(copies.sum())} entries per epoch instead of {len(copies)}")
     log("config: " + json.dumps({**vars(args), "out": out}) + "\nmodel config: " + json.dumps(config.to_dict()))
 
     def checkpoint(path, metrics):
@@ -329,7 +337,7 @@ def main(argv=None):
         progress = tqdm(initial=run.step, total=args.max_steps or None, unit="step", dynamic_ncols=True)
     metrics = None
     while stop["why"] is None and run.epoch < args.epochs:
-        loader = make_loader(train_set, args.batch_size, shuffle=True, seed=args.seed + run.epoch)
+        loader = make_loader(train_set, args.batch_size, shuffle=True, seed=args.seed + run.epoch, copies=copies)
         batches = list(loader.batch_sampler)
         batches = batches[: len(batches) // world * world][rank::world]       # equal count on every rank
         for b in range(run.batch_in_epoch, len(batches)):

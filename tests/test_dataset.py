@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from dataset import (Alphabet, BucketBatchSampler, HandwritingDataset, collate, denormalize, load_prepared,
-                     make_loader, normalize, padding_fraction)
+                     make_loader, normalize, padding_fraction, rare_char_copies)
 from utils import offsets_to_strokes, plot_lines
 
 
@@ -108,6 +108,21 @@ def test_bucket_sampler_covers_each_index_once_and_pads_less():
     assert len(dropped) == 31 and all(len(b) == 64 for b in dropped)
     ordered = list(BucketBatchSampler(lengths, 64, shuffle=False))
     assert sorted(i for b in ordered for i in b) == list(range(2000))
+
+
+def test_rare_char_copies_and_a_sampler_that_draws_lines_more_often():
+    texts = ["aaa", "ab", "aq", "", "a" * 20]                # counts: a 25, b 1, q 1
+    assert rare_char_copies(texts, 4).tolist() == [1, 4, 4, 1, 1]
+    assert rare_char_copies(texts, 100).tolist() == [4, 8, 8, 1, 4]      # a: round(100 / 25); b, q: capped at 8
+    lengths = np.random.default_rng(1).integers(30, 1800, 500)
+    copies = np.random.default_rng(2).integers(1, 4, 500)
+    s = BucketBatchSampler(lengths, 16, shuffle=True, seed=3, copies=copies)
+    epoch = list(s)
+    assert len(epoch) == len(s) == -(-copies.sum() // 16)
+    assert np.bincount([i for b in epoch for i in b], minlength=500).tolist() == copies.tolist()
+    assert list(BucketBatchSampler(lengths, 16, shuffle=True, seed=3, copies=copies)) == epoch   # deterministic
+    perm = np.random.default_rng(0).permutation(np.repeat(np.arange(500), copies))
+    assert padding_fraction(lengths, epoch) < 0.5 * padding_fraction(lengths, [perm[i:i + 16] for i in range(0, len(perm), 16)])
 
 
 def test_make_loader(tiny_prepared):

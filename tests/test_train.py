@@ -221,6 +221,22 @@ def test_clipped_step_skips_non_finite_updates_and_matches_a_plain_step(name):
     assert int(ours.state_dict()["state"][0]["step"]) == 3
 
 
+def test_rare_chars_draws_lines_with_rare_characters_more_often(tiny_prepared, tmp_path, monkeypatch, capsys):
+    import dataset
+    seen = []
+    original = dataset.make_loader
+    def loader(*a, **k):
+        if k["shuffle"]:                                                     # the training loader
+            seen.append(k.get("copies"))
+        return original(*a, **k)
+    monkeypatch.setattr(train, "make_loader", loader)
+    rows = run_train(tiny_prepared, tmp_path, "--max-steps", "4", "--eval-interval", "4", "--rare-chars", "1000")
+    assert rows and "lines drawn more often" in capsys.readouterr().out
+    texts = dataset.HandwritingDataset(tiny_prepared, "train").texts
+    copies = seen[0]
+    assert copies.tolist() == dataset.rare_char_copies(texts, 1000).tolist() and copies.max() > 1
+
+
 def test_cosine_schedule_and_augmentation_in_a_run(tiny_prepared, tmp_path):
     rows = run_train(tiny_prepared, tmp_path, "--max-steps", "24", "--eval-interval", "12", "--lr", "2e-3",
                      "--schedule", "cosine", "--warmup", "4", "--augment-scale", "0.1", "--augment-shear", "0.15")
