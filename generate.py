@@ -427,7 +427,7 @@ def generate(args):
     model, ckpt, device = load_checkpoint_model(args)
     mean, std = np.asarray(ckpt["mean"], dtype=np.float64), np.asarray(ckpt["std"], dtype=np.float64)
 
-    ### the batch: one row per page line and sample
+    ### the lines, and the pages they fill (a strokes file: one list)
     if args.task == "synthesis":
         from dataset import Alphabet
         alphabet = Alphabet(ckpt["alphabet"])
@@ -447,7 +447,6 @@ def generate(args):
         if total_rows > MAX_FILE_LINES:
             fail(f"the file would have {total_rows:,} lines ({args.num_samples} sample(s)); at most {MAX_FILE_LINES:,}: "
                  f"split the text into several runs")
-        pages = [list(enumerate(lines))]
     elif args.num_samples > 1:
         total_rows = (len(lines) + 1) * args.num_samples - 1                   # a blank row between samples
         if total_rows > MAX_ROWS:
