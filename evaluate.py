@@ -27,7 +27,7 @@ import torch
 
 from dataset import Alphabet, HandwritingDataset, make_loader
 from model import error_rates, evaluate_nll, load_model, load_recognizer, read_lines, summarize_nll, write_and_read
-from utils import DTYPES, autocast_dtype, load_checkpoint, pick_device, plot_lines, save_strokes
+from utils import DTYPES, autocast_dtype, finite_float, load_checkpoint, pick_device, plot_lines, save_strokes
 
 
 
@@ -50,14 +50,14 @@ def get_args(argv=None):
                    help="write every prompt with the synthesis model and read it back with --recognizer (CER, not NLL)")
     g.add_argument("--prompts", default=None, help="UTF-8 text file, one line of text per line; none given: the transcriptions of --split")
     g.add_argument("--recognizer", default="checkpoints/recognizer.pt", help="recognizer checkpoint (recognizer.py train)")
-    g.add_argument("--bias", type=float, default=1.0, help="sampling bias (paper section 5.4, eq. 61-62; 0 = unbiased)")
+    g.add_argument("--bias", type=finite_float, default=1.0, help="sampling bias (paper section 5.4, eq. 61-62; 0 = unbiased)")
     g.add_argument("--seed", type=int, default=0, help="sampling seed (the same seed and batch size give the same lines)")
     g.add_argument("--max-steps-per-char", type=int, default=40,
                    help="step cap: a line stops after this many points per character (real lines take about 21)")
     g.add_argument("--retries", type=int, default=2,
                    help="write a stalled line again (it reached the cap or took more than --retry-above), up to N more "
                         "times, keeping the best attempt, as generate.py does; 0 = the model's own first attempt")
-    g.add_argument("--retry-above", type=float, default=32,
+    g.add_argument("--retry-above", type=finite_float, default=32,
                    help="with --retries, a line that took more than this many points per character counts as stalled, "
                         "as in generate.py (real lines take about 22; 0 = only lines that reach the cap)")
     g.add_argument("--worst", type=int, default=12, help="lines drawn in OUT/worst.png, highest CER first")

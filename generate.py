@@ -19,6 +19,8 @@ import sys
 import textwrap
 import time
 
+from utils import finite_float   # numpy only; torch is imported after the fast checks
+
 HERE = os.path.dirname(os.path.abspath(__file__))   # shipped files are found wherever the command runs from
 DEFAULT_CHECKPOINTS = {"synthesis": "checkpoints/synthesis.pt", "prediction": "checkpoints/prediction.pt"}
 DEFAULT_OUT = os.path.join("samples", "handwriting.png")
@@ -71,7 +73,7 @@ def get_args(argv=None):
     g.add_argument("--drop-unknown", action="store_true",
                    help="leave out characters the model's alphabet lacks instead of stopping with an error")
     s = p.add_argument_group("sampling")
-    s.add_argument("--bias", type=float, metavar="B", default=0.75,
+    s.add_argument("--bias", type=finite_float, metavar="B", default=0.75,
                    help="Graves' biased sampling (section 5.4, eq. 61-62): sigma = exp(sigma_hat - b), pi = softmax(pi_hat (1 + b)); "
                         "0 = the network's own distribution (paper's plain sampling), larger = neater and less varied "
                         "(default: 0.75)")
@@ -85,7 +87,7 @@ def get_args(argv=None):
     s.add_argument("--retries", type=int, metavar="N", default=2,
                    help="a line whose window stalled (it reached that cap, or took more than --retry-above) is sampled "
                         "again, up to N more times, keeping the best attempt; 0 = keep the first (default: 2)")
-    s.add_argument("--retry-above", type=float, metavar="PTS", default=32,
+    s.add_argument("--retry-above", type=finite_float, metavar="PTS", default=32,
                    help="with --retries, also sample again a line that finished but took more than PTS points per "
                         "character: a window that lingers writes loops (real lines take about 22); 0 = only lines "
                         "that reach the cap (default: 32, chosen on the validation split)")
@@ -118,7 +120,7 @@ def get_args(argv=None):
                    help="plain: ink only; strokes: one colour per pen-down stroke; eos: ink coloured by the "
                         "end-of-stroke probability (blue low, red high); density: the mixture density of every "
                         "next point as a heat-map under the ink (default: plain)")
-    o.add_argument("--stroke-width", type=float, metavar="PX", default=2.0, help="ink width in pixels of the output (default: 2.0)")
+    o.add_argument("--stroke-width", type=finite_float, metavar="PX", default=2.0, help="ink width in pixels of the output (default: 2.0)")
     o.add_argument("--color", default="black", metavar="C", help="ink colour: a name or #rrggbb (default: black)")
     o.add_argument("--line-height", type=int, metavar="PX", default=100,
                    help="distance between lines in pixels; sets the size of the picture (default: 100)")

@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from utils import atomic_write, plot_lines
+from utils import atomic_write, finite_float, plot_lines
 
 VERSION = 1
 DOWNLOAD = ("download lineStrokes-all.tar.gz and ascii-all.tar.gz (free registration) from "
@@ -278,7 +278,7 @@ def get_args(argv=None):
                    "read when present, else made from the writer map and written there (default: data/splits)")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="parser processes "
                    f"(default: the number of CPU cores, {os.cpu_count() or 1} here)")
-    p.add_argument("--resample", type=float, default=0.0, metavar="D", help="keep only points at least D board "
+    p.add_argument("--resample", type=finite_float, default=0.0, metavar="D", help="keep only points at least D board "
                    "units apart within a stroke (default: 0 = off, full resolution as in Graves 2013)")
     p.add_argument("--keep-repeats", action="store_true", help="keep repeated points (zero steps within a stroke, "
                    "1.5 %% of points) as Graves (2013) did, for NLL figures in his units (default: off, they are removed)")

@@ -26,8 +26,8 @@ import torch
 
 from dataset import Alphabet, HandwritingDataset, augment, make_loader, normalize
 from model import Recognizer, RecognizerConfig, ctc_loss, error_rates, load_recognizer, read_lines
-from utils import (export_weights, learning_rate, load_checkpoint, load_strokes, pick_device, restore_training_state, save_checkpoint,
-                   training_state)
+from utils import (export_weights, finite_float, learning_rate, load_checkpoint, load_strokes, pick_device,
+                   restore_training_state, save_checkpoint, training_state)
 
 DEFAULT_CHECKPOINT = "checkpoints/recognizer.pt"
 CKPT = dict(config_key="recognizer_config", writer="recognizer.py train")   # what load_checkpoint expects here
@@ -49,18 +49,18 @@ def get_args(argv=None):
                    "a character spans about 21 points and CTC needs at least one frame per character")
     t.add_argument("--hidden-size", type=int, default=128, help="LSTM cells per direction")
     t.add_argument("--layers", type=int, default=2, help="bidirectional LSTM layers")
-    t.add_argument("--dropout", type=float, default=0.2, help="dropout after the convolutions and between LSTM layers")
-    t.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (Adam)")
+    t.add_argument("--dropout", type=finite_float, default=0.2, help="dropout after the convolutions and between LSTM layers")
+    t.add_argument("--lr", type=finite_float, default=2e-3, help="peak learning rate (Adam)")
     t.add_argument("--warmup", type=int, default=100, help="steps of linear learning-rate warm-up")
     t.add_argument("--schedule", choices=["cosine", "constant"], default="cosine",
                    help="after warm-up: cosine decay to lr/20 over --max-steps (or over --epochs when --max-steps is 0), or constant")
     t.add_argument("--batch-size", type=int, default=32, help="lines per batch")
-    t.add_argument("--clip", type=float, default=5.0, help="clip the gradient norm to this (0 = off)")
+    t.add_argument("--clip", type=finite_float, default=5.0, help="clip the gradient norm to this (0 = off)")
     t.add_argument("--epochs", type=int, default=60, help="passes over the training split (stops at whichever of epochs/max-steps/time-limit comes first)")
     t.add_argument("--max-steps", type=int, default=5500, help="stop after this many optimiser steps (0 = no limit; 5,500 = 18 epochs, as for the shipped model)")
-    t.add_argument("--time-limit", type=float, default=0, help="stop after this many minutes of wall time in this call (a resumed run counts afresh), then evaluate and save (0 = no limit)")
-    t.add_argument("--augment-scale", type=float, default=0.1, help="random size change per line, +- this fraction (0 = off)")
-    t.add_argument("--augment-shear", type=float, default=0.15, help="random slant per line: dx += k dy with |k| <= this (0 = off)")
+    t.add_argument("--time-limit", type=finite_float, default=0, help="stop after this many minutes of wall time in this call (a resumed run counts afresh), then evaluate and save (0 = no limit)")
+    t.add_argument("--augment-scale", type=finite_float, default=0.1, help="random size change per line, +- this fraction (0 = off)")
+    t.add_argument("--augment-shear", type=finite_float, default=0.15, help="random slant per line: dx += k dy with |k| <= this (0 = off)")
     t.add_argument("--max-points", type=int, default=0, help="drop training lines longer than this many points (0 = keep all)")
     t.add_argument("--max-lines", type=int, default=0, help="use only the first N training lines (0 = all; quick runs)")
     t.add_argument("--eval-interval", type=int, default=500, help="steps between validation CER, metrics row and checkpoints")

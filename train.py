@@ -26,8 +26,8 @@ import torch.distributed as dist
 from dataset import Alphabet, HandwritingDataset, augment, make_loader, rare_char_copies
 from model import (GraphedChunk, HandwritingModel, ModelConfig, WeightNoise, error_rates, evaluate_nll, load_recognizer, nll,
                    summarize_nll, teacher_forcing, write_and_read)
-from utils import (DTYPES, WeightAverage, autocast_dtype, clipped_step, export_weights, learning_rate, load_checkpoint, make_optimizer,
-                   pick_device, plot_loss_curve, restore_training_state, save_checkpoint, save_sample_image,
+from utils import (DTYPES, WeightAverage, autocast_dtype, clipped_step, export_weights, finite_float, learning_rate,
+                   load_checkpoint, make_optimizer, pick_device, plot_loss_curve, restore_training_state, save_checkpoint, save_sample_image,
                    training_state)
 
 
@@ -49,31 +49,31 @@ def get_args(argv=None):
     # optimisation
     p.add_argument("--optimizer", choices=["adam", "rmsprop"], default="adam",
                    help="adam, or the paper's RMSProp variant (centred, decay 0.95, momentum 0.9, eps 1e-4; use --lr 1e-4)")
-    p.add_argument("--lr", type=float, default=1e-3, help="learning rate (paper, RMSProp: 1e-4)")
+    p.add_argument("--lr", type=finite_float, default=1e-3, help="learning rate (paper, RMSProp: 1e-4)")
     p.add_argument("--schedule", choices=["constant", "cosine"], default="constant",
                    help="learning rate after warm-up: constant (the paper), or cosine decay to lr/20 at --max-steps")
     p.add_argument("--warmup", type=int, default=0, help="steps of linear learning-rate warm-up (paper: none)")
     p.add_argument("--batch-size", type=int, default=64, help="lines per batch (per process under torchrun)")
     p.add_argument("--tbptt", type=int, default=0, help="truncated BPTT chunk length in points; 0 = whole lines")
-    p.add_argument("--clip", type=float, default=3.0, help="clip the gradient norm to this (0 = off); the paper clipped derivatives instead")
+    p.add_argument("--clip", type=finite_float, default=3.0, help="clip the gradient norm to this (0 = off); the paper clipped derivatives instead")
     p.add_argument("--epochs", type=int, default=50, help="passes over the training split (stops at whichever of epochs/max-steps/time-limit comes first)")
     p.add_argument("--max-steps", type=int, default=0, help="stop after this many optimiser steps (0 = no limit)")
-    p.add_argument("--time-limit", type=float, default=0, help="stop after this many minutes of wall time in this call (a resumed run counts afresh), then evaluate and save (0 = no limit)")
-    p.add_argument("--dropout", type=float, default=0.0,
+    p.add_argument("--time-limit", type=finite_float, default=0, help="stop after this many minutes of wall time in this call (a resumed run counts afresh), then evaluate and save (0 = no limit)")
+    p.add_argument("--dropout", type=finite_float, default=0.0,
                    help="probability of dropping each layer's output units on their way to the layer above and the "
                         "mixture head, training only (paper: none, 0); also applies to --resume and --init-from")
-    p.add_argument("--weight-noise", type=float, default=0.0,
+    p.add_argument("--weight-noise", type=finite_float, default=0.0,
                    help="adaptive weight noise (Graves 2011; the paper's best results used it): every weight gets its own "
                         "Gaussian, this is its starting standard deviation, learnt from there with the weights' description "
                         "length added to the loss (0 = off, the paper's plain runs; try 0.01); pass it again on --resume")
-    p.add_argument("--ema", type=float, default=0.0,
+    p.add_argument("--ema", type=finite_float, default=0.0,
                    help="keep an exponential moving average of the weights, this decay per step (0 = off, the paper; "
                         "try 0.999, about the last 1,000 steps): evaluations, samples, best.pt and model.pt use the "
                         "average; metrics.jsonl also gives the training weights' NLL (val_raw_nll_per_line); pass it "
                         "again on --resume")
-    p.add_argument("--augment-scale", type=float, default=0.0,
+    p.add_argument("--augment-scale", type=finite_float, default=0.0,
                    help="data augmentation: random size change per line, +- this fraction (paper: none, 0)")
-    p.add_argument("--augment-shear", type=float, default=0.0,
+    p.add_argument("--augment-shear", type=finite_float, default=0.0,
                    help="data augmentation: random slant per line, dx += k dy with |k| <= this (paper: none, 0)")
     p.add_argument("--rare-chars", type=int, default=0,
                    help="draw lines holding rare characters more often: a line whose rarest character appears n < N "
@@ -89,7 +89,7 @@ def get_args(argv=None):
                    help="recognizer checkpoint (recognizer.py train; synthesis only): every evaluation also writes "
                         "--legibility-lines validation texts and reads them back: val_cer and val_finished in metrics.jsonl")
     p.add_argument("--legibility-lines", type=int, default=64, help="validation texts written per legibility check")
-    p.add_argument("--legibility-bias", type=float, default=1.0, help="sampling bias of the legibility check (section 5.4)")
+    p.add_argument("--legibility-bias", type=finite_float, default=1.0, help="sampling bias of the legibility check (section 5.4)")
     p.add_argument("--select-by", choices=["nll", "cer"], default="nll",
                    help="which validation figure picks best.pt (and so model.pt): NLL per line, or the legibility "
                         "check's character error rate (needs --recognizer); the lowest NLL is not always the most legible")

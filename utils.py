@@ -580,6 +580,18 @@ class WeightAverage:
                 a.copy_(state[name])
 
 
+def finite_float(text):
+    """argparse type for float flags: a number, but not nan or inf (they would reach the model as garbage)."""
+    import argparse
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, not {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, not {text!r}")
+    return value
+
+
 def pick_device(name):
     """'auto' -> CUDA when present, else CPU; anything else as given ('cpu', 'cuda:1', 'mps', ...), checked (CUDA: its
     availability and the GPU number; other kinds by putting a tensor there). Raises ValueError with a one-line message
