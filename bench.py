@@ -34,7 +34,7 @@ import torch  # noqa: E402  (after the OpenMP setting, which is read when torch 
 
 from model import GraphedChunk, HandwritingModel, ModelConfig, nll
 from reference import ReferenceModel, reference_nll
-from utils import autocast_dtype, clipped_step, make_optimizer, pick_device
+from utils import at_least, autocast_dtype, clipped_step, make_optimizer, pick_device
 
 DTYPES = ("float32", "bfloat16")
 # defaults that depend on the device: (GPU, CPU); the CPU ones keep the whole run under a minute on 2 cores
@@ -46,22 +46,22 @@ def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--device", default="auto", help="'auto' (CUDA when present), 'cpu', 'cuda', 'cuda:1', ...")
     p.add_argument("--task", choices=["prediction", "synthesis"], default="synthesis", help="network to time (paper sections 4 and 5)")
-    p.add_argument("--batch-size", type=int, default=0, help="lines per training step (0 = 64 on GPU, 8 on CPU)")
-    p.add_argument("--seq-len", type=int, default=0, help="points per line in a training step (0 = 600; IAM-OnDB's median line has 620)")
-    p.add_argument("--text-len", type=int, default=30, help="characters per line of text in training (IAM-OnDB median: 29)")
-    p.add_argument("--reps", type=int, default=0, help="timed repetitions, median reported (0 = 10 on GPU, 3 on CPU)")
-    p.add_argument("--warmup", type=int, default=-1, help="untimed repetitions first (-1 = 2 on GPU, 1 on CPU)")
+    p.add_argument("--batch-size", type=at_least(0), default=0, help="lines per training step (0 = 64 on GPU, 8 on CPU)")
+    p.add_argument("--seq-len", type=at_least(0), default=0, help="points per line in a training step (0 = 600; IAM-OnDB's median line has 620)")
+    p.add_argument("--text-len", type=at_least(1), default=30, help="characters per line of text in training (IAM-OnDB median: 29)")
+    p.add_argument("--reps", type=at_least(0), default=0, help="timed repetitions, median reported (0 = 10 on GPU, 3 on CPU)")
+    p.add_argument("--warmup", type=at_least(-1), default=-1, help="untimed repetitions first (-1 = 2 on GPU, 1 on CPU)")
     p.add_argument("--dtype", choices=DTYPES, default="float32", help="autocast dtype for the networks (on a CPU only with AVX-512/AMX, else a one-line error); the loss is always float32")
-    p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0 = torch's default, one per core); "
+    p.add_argument("--threads", type=at_least(0), default=0, help="CPU threads for torch (0 = torch's default, one per core); "
                    "on cores busy with other jobs, 1 is usually faster")
-    p.add_argument("--sample-chars", type=int, default=40, help="characters of text per sampled line")
-    p.add_argument("--steps-per-char", type=int, default=25, help="points sampled per character (IAM-OnDB mean: about 21)")
-    p.add_argument("--sample-batch", type=int, default=64, help="lines in the batched sampling test (0 = skip it)")
-    p.add_argument("--sample-reps", type=int, default=0, help="timed repetitions of one-line sampling (0 = 5 on GPU, 3 on CPU)")
-    p.add_argument("--sample-batch-reps", type=int, default=0, help="timed repetitions of batched sampling (0 = 5 on GPU, 1 on CPU)")
+    p.add_argument("--sample-chars", type=at_least(1), default=40, help="characters of text per sampled line")
+    p.add_argument("--steps-per-char", type=at_least(1), default=25, help="points sampled per character (IAM-OnDB mean: about 21)")
+    p.add_argument("--sample-batch", type=at_least(1), default=64, help="lines in the batched sampling test (0 = skip it)")
+    p.add_argument("--sample-reps", type=at_least(0), default=0, help="timed repetitions of one-line sampling (0 = 5 on GPU, 3 on CPU)")
+    p.add_argument("--sample-batch-reps", type=at_least(0), default=0, help="timed repetitions of batched sampling (0 = 5 on GPU, 1 on CPU)")
     p.add_argument("--compile", action="store_true", help="torch.compile our model's window step (train.py --compile); "
                    "compile time is spent in the warm-up")
-    p.add_argument("--tbptt", type=int, default=0, help="our model trains in chunks of this many points, one Adam step "
+    p.add_argument("--tbptt", type=at_least(0), default=0, help="our model trains in chunks of this many points, one Adam step "
                    "each, state carried (train.py --tbptt; 0 = whole lines); the reference always takes whole lines")
     p.add_argument("--cuda-graph", action="store_true", help="replay each chunk's forward and backward as a CUDA graph "
                    "(train.py --cuda-graph; needs --tbptt; without CUDA the same code runs eagerly), and each block of "

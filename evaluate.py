@@ -27,7 +27,7 @@ import torch
 
 from dataset import Alphabet, HandwritingDataset, make_loader
 from model import error_rates, evaluate_nll, load_model, load_recognizer, read_lines, summarize_nll, write_and_read
-from utils import DTYPES, autocast_dtype, finite_float, load_checkpoint, pick_device, plot_lines, save_strokes
+from utils import DTYPES, at_least, autocast_dtype, load_checkpoint, pick_device, plot_lines, save_strokes
 
 
 
@@ -38,8 +38,8 @@ def get_args(argv=None):
     p.add_argument("--split", choices=["train", "valid", "test"], default=None,
                    help="which split to evaluate; none given: valid, or with --legibility test (its lines give the "
                         "default prompts and the real handwriting)")
-    p.add_argument("--batch-size", type=int, default=64, help="lines per batch")
-    p.add_argument("--max-lines", type=int, default=0, help="evaluate only the first N lines of the split, or prompts (0 = all)")
+    p.add_argument("--batch-size", type=at_least(1), default=64, help="lines per batch")
+    p.add_argument("--max-lines", type=at_least(0), default=0, help="evaluate only the first N lines of the split, or prompts (0 = all)")
     p.add_argument("--device", default="auto", help="'auto' (CUDA when present), 'cpu', 'cuda', ...")
     p.add_argument("--dtype", choices=DTYPES, default="float32", help="autocast dtype (on a CPU only with AVX-512/AMX, else a one-line error); the loss is always float32")
     p.add_argument("--text-ablation", action="store_true",
@@ -50,17 +50,17 @@ def get_args(argv=None):
                    help="write every prompt with the synthesis model and read it back with --recognizer (CER, not NLL)")
     g.add_argument("--prompts", default=None, help="UTF-8 text file, one line of text per line; none given: the transcriptions of --split")
     g.add_argument("--recognizer", default="checkpoints/recognizer.pt", help="recognizer checkpoint (recognizer.py train)")
-    g.add_argument("--bias", type=finite_float, default=1.0, help="sampling bias (paper section 5.4, eq. 61-62; 0 = unbiased)")
+    g.add_argument("--bias", type=at_least(0.0), default=1.0, help="sampling bias (paper section 5.4, eq. 61-62; 0 = unbiased)")
     g.add_argument("--seed", type=int, default=0, help="sampling seed (the same seed and batch size give the same lines)")
-    g.add_argument("--max-steps-per-char", type=int, default=40,
+    g.add_argument("--max-steps-per-char", type=at_least(1), default=40,
                    help="step cap: a line stops after this many points per character (real lines take about 21)")
-    g.add_argument("--retries", type=int, default=2,
+    g.add_argument("--retries", type=at_least(0), default=2,
                    help="write a stalled line again (it reached the cap or took more than --retry-above), up to N more "
                         "times, keeping the best attempt, as generate.py does; 0 = the model's own first attempt")
-    g.add_argument("--retry-above", type=finite_float, default=32,
+    g.add_argument("--retry-above", type=at_least(0.0), default=32,
                    help="with --retries, a line that took more than this many points per character counts as stalled, "
                         "as in generate.py (real lines take about 22; 0 = only lines that reach the cap)")
-    g.add_argument("--worst", type=int, default=12, help="lines drawn in OUT/worst.png, highest CER first")
+    g.add_argument("--worst", type=at_least(0), default=12, help="lines drawn in OUT/worst.png, highest CER first")
     g.add_argument("--out", default="samples/legibility", help="folder for legibility.jsonl, worst.png and generated.npz")
     return p.parse_args(argv)
 
@@ -120,8 +120,6 @@ def read_prompts(path):
 
 def legibility(args, device):
     split = args.split or "test"
-    if args.retries < 0 or args.retry_above < 0:
-        sys.exit(f"error: --retries and --retry-above must be >= 0, not {args.retries} and {args.retry_above}")
     try:
         model, ckpt = load_model(args.checkpoint, map_location=device, expect_task="synthesis")
         if not os.path.isfile(args.recognizer):

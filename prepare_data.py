@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from utils import atomic_write, finite_float, plot_lines
+from utils import at_least, atomic_write, plot_lines
 
 VERSION = 1
 DOWNLOAD = ("download lineStrokes-all.tar.gz and ascii-all.tar.gz (free registration) from "
@@ -276,16 +276,16 @@ def get_args(argv=None):
                    "split lists do not exist yet (default: RAW/writers.tsv if present)")
     p.add_argument("--splits", default="data/splits", help="folder of train.txt, valid.txt, test.txt line-id lists: "
                    "read when present, else made from the writer map and written there (default: data/splits)")
-    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="parser processes "
+    p.add_argument("--workers", type=at_least(1), default=os.cpu_count() or 1, help="parser processes "
                    f"(default: the number of CPU cores, {os.cpu_count() or 1} here)")
-    p.add_argument("--resample", type=finite_float, default=0.0, metavar="D", help="keep only points at least D board "
+    p.add_argument("--resample", type=at_least(0.0), default=0.0, metavar="D", help="keep only points at least D board "
                    "units apart within a stroke (default: 0 = off, full resolution as in Graves 2013)")
     p.add_argument("--keep-repeats", action="store_true", help="keep repeated points (zero steps within a stroke, "
                    "1.5 %% of points) as Graves (2013) did, for NLL figures in his units (default: off, they are removed)")
     p.add_argument("--fill-gaps", action="store_true", help="fill in missed pen readings (a step within a stroke "
                    f"spanning n > 1 sampling intervals of {SAMPLE_INTERVAL} s) with n - 1 points on the straight line, "
                    "as Graves (2013) did (default: off)")
-    p.add_argument("--plot", type=int, default=0, metavar="N", help="after preparing, draw N prepared lines with "
+    p.add_argument("--plot", type=at_least(0), default=0, metavar="N", help="after preparing, draw N prepared lines with "
                    "their text to OUT/lines.png (default: 0 = no plot)")
     args = p.parse_args(argv)
     if args.resample < 0 or args.plot < 0 or args.workers < 1:

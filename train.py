@@ -26,7 +26,7 @@ import torch.distributed as dist
 from dataset import Alphabet, HandwritingDataset, augment, make_loader, rare_char_copies
 from model import (GraphedChunk, HandwritingModel, ModelConfig, WeightNoise, error_rates, evaluate_nll, load_recognizer, nll,
                    summarize_nll, teacher_forcing, write_and_read)
-from utils import (DTYPES, WeightAverage, autocast_dtype, clipped_step, export_weights, finite_float, learning_rate,
+from utils import (DTYPES, WeightAverage, at_least, autocast_dtype, clipped_step, export_weights, finite_float, learning_rate,
                    load_checkpoint, make_optimizer, pick_device, plot_loss_curve, restore_training_state, save_checkpoint, save_sample_image,
                    training_state)
 
@@ -42,23 +42,23 @@ def get_args(argv=None):
                    help="start a new run from this checkpoint's weights and config (any .pt from train.py, e.g. a shipped "
                         "model); fresh optimiser and counters; --resume wins when both apply")
     # model (paper defaults)
-    p.add_argument("--hidden-size", type=int, default=400, help="LSTM cells per layer (paper: 400)")
-    p.add_argument("--layers", type=int, default=3, help="stacked LSTM layers (paper: 3)")
-    p.add_argument("--mixtures", type=int, default=20, help="M, Gaussians in the mixture density output (paper: 20)")
-    p.add_argument("--window-gaussians", type=int, default=10, help="K, Gaussians in the attention window (paper: 10)")
+    p.add_argument("--hidden-size", type=at_least(1), default=400, help="LSTM cells per layer (paper: 400)")
+    p.add_argument("--layers", type=at_least(1), default=3, help="stacked LSTM layers (paper: 3)")
+    p.add_argument("--mixtures", type=at_least(1), default=20, help="M, Gaussians in the mixture density output (paper: 20)")
+    p.add_argument("--window-gaussians", type=at_least(1), default=10, help="K, Gaussians in the attention window (paper: 10)")
     # optimisation
     p.add_argument("--optimizer", choices=["adam", "rmsprop"], default="adam",
                    help="adam, or the paper's RMSProp variant (centred, decay 0.95, momentum 0.9, eps 1e-4; use --lr 1e-4)")
-    p.add_argument("--lr", type=finite_float, default=1e-3, help="learning rate (paper, RMSProp: 1e-4)")
+    p.add_argument("--lr", type=at_least(0.0), default=1e-3, help="learning rate (paper, RMSProp: 1e-4)")
     p.add_argument("--schedule", choices=["constant", "cosine"], default="constant",
                    help="learning rate after warm-up: constant (the paper), or cosine decay to lr/20 at --max-steps")
-    p.add_argument("--warmup", type=int, default=0, help="steps of linear learning-rate warm-up (paper: none)")
-    p.add_argument("--batch-size", type=int, default=64, help="lines per batch (per process under torchrun)")
-    p.add_argument("--tbptt", type=int, default=0, help="truncated BPTT chunk length in points; 0 = whole lines")
-    p.add_argument("--clip", type=finite_float, default=3.0, help="clip the gradient norm to this (0 = off); the paper clipped derivatives instead")
-    p.add_argument("--epochs", type=int, default=50, help="passes over the training split (stops at whichever of epochs/max-steps/time-limit comes first)")
-    p.add_argument("--max-steps", type=int, default=0, help="stop after this many optimiser steps (0 = no limit)")
-    p.add_argument("--time-limit", type=finite_float, default=0, help="stop after this many minutes of wall time in this call (a resumed run counts afresh), then evaluate and save (0 = no limit)")
+    p.add_argument("--warmup", type=at_least(0), default=0, help="steps of linear learning-rate warm-up (paper: none)")
+    p.add_argument("--batch-size", type=at_least(1), default=64, help="lines per batch (per process under torchrun)")
+    p.add_argument("--tbptt", type=at_least(0), default=0, help="truncated BPTT chunk length in points; 0 = whole lines")
+    p.add_argument("--clip", type=at_least(0.0), default=3.0, help="clip the gradient norm to this (0 = off); the paper clipped derivatives instead")
+    p.add_argument("--epochs", type=at_least(1), default=50, help="passes over the training split (stops at whichever of epochs/max-steps/time-limit comes first)")
+    p.add_argument("--max-steps", type=at_least(0), default=0, help="stop after this many optimiser steps (0 = no limit)")
+    p.add_argument("--time-limit", type=at_least(0.0), default=0, help="stop after this many minutes of wall time in this call (a resumed run counts afresh), then evaluate and save (0 = no limit)")
     p.add_argument("--dropout", type=finite_float, default=0.0,
                    help="probability of dropping each layer's output units on their way to the layer above and the "
                         "mixture head, training only (paper: none, 0); also applies to --resume and --init-from")
@@ -71,29 +71,29 @@ def get_args(argv=None):
                         "try 0.999, about the last 1,000 steps): evaluations, samples, best.pt and model.pt use the "
                         "average; metrics.jsonl also gives the training weights' NLL (val_raw_nll_per_line); pass it "
                         "again on --resume")
-    p.add_argument("--augment-scale", type=finite_float, default=0.0,
+    p.add_argument("--augment-scale", type=at_least(0.0), default=0.0,
                    help="data augmentation: random size change per line, +- this fraction (paper: none, 0)")
-    p.add_argument("--augment-shear", type=finite_float, default=0.0,
+    p.add_argument("--augment-shear", type=at_least(0.0), default=0.0,
                    help="data augmentation: random slant per line, dx += k dy with |k| <= this (paper: none, 0)")
-    p.add_argument("--rare-chars", type=int, default=0,
+    p.add_argument("--rare-chars", type=at_least(0), default=0,
                    help="draw lines holding rare characters more often: a line whose rarest character appears n < N "
                         "times in the training text goes into each epoch round(N / n) times, at most 8 (0 = off, the "
                         "paper; try 200: digits appear 36-223 times, X twice); keep it the same when resuming")
-    p.add_argument("--max-points", type=int, default=0, help="drop training lines longer than this many points (0 = keep all)")
-    p.add_argument("--max-lines", type=int, default=0, help="use only the first N training lines (0 = all; for quick tests)")
+    p.add_argument("--max-points", type=at_least(0), default=0, help="drop training lines longer than this many points (0 = keep all)")
+    p.add_argument("--max-lines", type=at_least(0), default=0, help="use only the first N training lines (0 = all; for quick tests)")
     # evaluation and logging
-    p.add_argument("--eval-interval", type=int, default=500, help="steps between evaluations and checkpoints")
-    p.add_argument("--eval-lines", type=int, default=0, help="validation lines to evaluate (0 = the whole split)")
+    p.add_argument("--eval-interval", type=at_least(1), default=500, help="steps between evaluations and checkpoints")
+    p.add_argument("--eval-lines", type=at_least(0), default=0, help="validation lines to evaluate (0 = the whole split)")
     p.add_argument("--sample-text", default="The quick brown fox jumps over the lazy dog", help="phrase drawn at every evaluation (synthesis)")
     p.add_argument("--recognizer", default=None,
                    help="recognizer checkpoint (recognizer.py train; synthesis only): every evaluation also writes "
                         "--legibility-lines validation texts and reads them back: val_cer and val_finished in metrics.jsonl")
-    p.add_argument("--legibility-lines", type=int, default=64, help="validation texts written per legibility check")
-    p.add_argument("--legibility-bias", type=finite_float, default=1.0, help="sampling bias of the legibility check (section 5.4)")
+    p.add_argument("--legibility-lines", type=at_least(1), default=64, help="validation texts written per legibility check")
+    p.add_argument("--legibility-bias", type=at_least(0.0), default=1.0, help="sampling bias of the legibility check (section 5.4)")
     p.add_argument("--select-by", choices=["nll", "cer"], default="nll",
                    help="which validation figure picks best.pt (and so model.pt): NLL per line, or the legibility "
                         "check's character error rate (needs --recognizer); the lowest NLL is not always the most legible")
-    p.add_argument("--max-bad-steps", type=int, default=20,
+    p.add_argument("--max-bad-steps", type=at_least(1), default=20,
                    help="stop after this many consecutive NaN/Inf losses or gradients (skipped updates; checked after each batch)")
     # system
     p.add_argument("--device", default="auto", help="'auto' (CUDA when present), 'cpu', 'cuda', 'cuda:1', ...")

@@ -592,6 +592,22 @@ def finite_float(text):
     return value
 
 
+def at_least(low):
+    """argparse type for a flag with a floor: at_least(1) takes integers >= 1, at_least(0.0) finite floats >= 0."""
+    import argparse
+    kind = "an integer" if isinstance(low, int) else "a number"
+
+    def parse(text):
+        try:
+            value = int(text) if isinstance(low, int) else finite_float(text)
+        except (ValueError, argparse.ArgumentTypeError):
+            raise argparse.ArgumentTypeError(f"expected {kind} >= {low}, not {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"expected {kind} >= {low}, not {text!r}")
+        return value
+    return parse
+
+
 def pick_device(name):
     """'auto' -> CUDA when present, else CPU; anything else as given ('cpu', 'cuda:1', 'mps', ...), checked (CUDA: its
     availability and the GPU number; other kinds by putting a tensor there). Raises ValueError with a one-line message

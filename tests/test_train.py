@@ -458,23 +458,31 @@ def test_an_unusable_device_is_a_one_line_error_in_every_script(tiny_prepared, t
     assert not (tmp_path / "last.pt").exists()
 
 
-@pytest.mark.parametrize("script, argv", [
-    ("generate", ["--text", "ab", "--bias", "nan"]),
-    ("generate", ["--text", "ab", "--stroke-width", "inf"]),
-    ("evaluate", ["--legibility", "--bias", "nan"]),
-    ("evaluate", ["--retry-above", "inf"]),
-    ("train", ["--lr", "nan"]),
-    ("train", ["--clip", "inf"]),
-    ("recognizer", ["train", "--lr", "nan"]),
-    ("prepare_data", ["--resample", "nan"]),
+@pytest.mark.parametrize("script, argv, expected", [
+    ("generate", ["--text", "ab", "--bias", "nan"], "a finite number"),
+    ("generate", ["--text", "ab", "--stroke-width", "inf"], "a finite number"),
+    ("evaluate", ["--legibility", "--bias", "nan"], "a number >= 0.0"),
+    ("evaluate", ["--batch-size", "0"], "an integer >= 1"),
+    ("evaluate", ["--max-lines", "-5"], "an integer >= 0"),
+    ("evaluate", ["--legibility", "--max-steps-per-char", "0"], "an integer >= 1"),
+    ("train", ["--lr", "nan"], "a number >= 0.0"),
+    ("train", ["--dropout", "inf"], "a finite number"),
+    ("train", ["--batch-size", "0"], "an integer >= 1"),
+    ("train", ["--tbptt", "-1"], "an integer >= 0"),
+    ("recognizer", ["train", "--batch-size", "0"], "an integer >= 1"),
+    ("recognizer", ["read", "x.npz", "--batch-size", "0"], "an integer >= 1"),
+    ("prepare_data", ["--resample", "nan"], "a number >= 0.0"),
+    ("prepare_data", ["--workers", "0"], "an integer >= 1"),
+    ("bench", ["--sample-batch", "0"], "an integer >= 1"),
 ])
-def test_float_flags_refuse_nan_and_inf(script, argv, capsys):
-    """Every float flag is parsed by utils.finite_float: nan or inf stops at the command line with one line (before,
-    generate.py --bias nan died in a traceback and train.py --lr nan trained on garbage)."""
+def test_number_flags_refuse_nonsense(script, argv, expected, capsys):
+    """Number flags are parsed by utils.finite_float / utils.at_least: nan, inf or a value below the flag's floor stops
+    at the command line with one line. Before: generate.py --bias nan and evaluate.py --batch-size 0 died in
+    tracebacks, evaluate.py --max-lines -5 silently dropped the last 5 lines, train.py --lr nan trained on garbage."""
     import importlib
     module = importlib.import_module(script)
     with pytest.raises(SystemExit) as stop:
         module.get_args(argv)
     err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert stop.value.code == 2 and f"argument {argv[-2]}: expected a finite number, not '{argv[-1]}'" in err
-    assert utils.finite_float("1e-3") == 1e-3 and utils.finite_float("-2") == -2.0
+    assert stop.value.code == 2 and f"argument {argv[-2]}: expected {expected}, not '{argv[-1]}'" in err, err
+    assert utils.finite_float("1e-3") == 1e-3 and utils.at_least(0)("0") == 0 and utils.at_least(0.5)("2") == 2.0
