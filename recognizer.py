@@ -183,7 +183,7 @@ def train(args):
     resume = os.path.join(out, "last.pt") if args.resume == "auto" else args.resume
     if args.resume == "auto" and not os.path.exists(resume):
         resume = None
-    ckpt = load_checkpoint(resume, **CKPT) if resume else None
+    ckpt = load_checkpoint(resume, **CKPT, flag="--resume") if resume else None
     if ckpt:
         config = RecognizerConfig.from_dict(ckpt["recognizer_config"])
         if ckpt["alphabet"] != alphabet.chars:

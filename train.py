@@ -177,7 +177,7 @@ def main(argv=None):
     ckpt, source = None, resume or args.init_from
     if source:
         try:
-            ckpt = load_checkpoint(source)
+            ckpt = load_checkpoint(source, flag="--resume" if resume else "--init-from")
         except (FileNotFoundError, ValueError) as e:
             sys.exit(f"error: {e}")
         config = ModelConfig.from_dict(ckpt["model_config"])

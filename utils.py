@@ -673,13 +673,14 @@ def export_weights(checkpoint, path, dtype="float16"):
     save_checkpoint({"model": weights, **{k: checkpoint[k] for k in keep if k in checkpoint}}, path)
 
 
-def load_checkpoint(path, map_location="cpu", config_key="model_config", writer="train.py"):
+def load_checkpoint(path, map_location="cpu", config_key="model_config", writer="train.py", flag="--checkpoint"):
     """Load one of our checkpoints with weights_only=True: a dict with `model` and `config_key` (model_config for
     train.py's, recognizer_config for recognizer.py's). Raises FileNotFoundError or ValueError with a one-line
-    message that says what to do (`writer` names the script that makes such checkpoints)."""
+    message that says what to do (`writer` names the script that makes such checkpoints, `flag` the flag that gave
+    the path)."""
     import torch
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint {path} not found; train one with {writer} or pass --checkpoint PATH")
+        raise FileNotFoundError(f"checkpoint {path} not found; train one with {writer} or pass {flag} PATH")
     try:
         checkpoint = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:   # pickle, zip and torch errors all mean the same thing to a user

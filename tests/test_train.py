@@ -342,6 +342,8 @@ def test_bad_checkpoints_give_one_line_errors(tiny_prepared, tmp_path):
         (["train.py", "--init-from", str(junk), *data], "not a readable PyTorch checkpoint"),
         (["evaluate.py", "--checkpoint", str(junk), *data], "not a readable PyTorch checkpoint"),
         (["evaluate.py", "--checkpoint", str(tmp_path / "missing.pt"), *data], "not found"),
+        (["train.py", "--resume", str(tmp_path / "missing.pt"), *data], "not found; train one with train.py or pass --resume"),
+        (["train.py", "--init-from", str(tmp_path / "missing.pt"), *data], "or pass --init-from PATH"),
         (["evaluate.py", "--checkpoint", str(tmp_path / "p" / "model.pt"), "--text-ablation", *data],
          "needs a synthesis checkpoint"),
         (["train.py", "--data", str(tmp_path / "nowhere")], "prepare_data.py"),
