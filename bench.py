@@ -56,7 +56,7 @@ def get_args(argv=None):
                    "on cores busy with other jobs, 1 is usually faster")
     p.add_argument("--sample-chars", type=at_least(1), default=40, help="characters of text per sampled line")
     p.add_argument("--steps-per-char", type=at_least(1), default=25, help="points sampled per character (IAM-OnDB mean: about 21)")
-    p.add_argument("--sample-batch", type=at_least(1), default=64, help="lines in the batched sampling test (0 = skip it)")
+    p.add_argument("--sample-batch", type=at_least(0), default=64, help="lines in the batched sampling test (0 = skip it)")
     p.add_argument("--sample-reps", type=at_least(0), default=0, help="timed repetitions of one-line sampling (0 = 5 on GPU, 3 on CPU)")
     p.add_argument("--sample-batch-reps", type=at_least(0), default=0, help="timed repetitions of batched sampling (0 = 5 on GPU, 1 on CPU)")
     p.add_argument("--compile", action="store_true", help="torch.compile our model's window step (train.py --compile); "

@@ -475,7 +475,8 @@ def test_an_unusable_device_is_a_one_line_error_in_every_script(tiny_prepared, t
     ("recognizer", ["read", "x.npz", "--batch-size", "0"], "an integer >= 1"),
     ("prepare_data", ["--resample", "nan"], "a number >= 0.0"),
     ("prepare_data", ["--workers", "0"], "an integer >= 1"),
-    ("bench", ["--sample-batch", "0"], "an integer >= 1"),
+    ("bench", ["--sample-batch", "-1"], "an integer >= 0"),
+    ("bench", ["--sample-chars", "0"], "an integer >= 1"),
 ])
 def test_number_flags_refuse_nonsense(script, argv, expected, capsys):
     """Number flags are parsed by utils.finite_float / utils.at_least: nan, inf or a value below the flag's floor stops
@@ -488,3 +489,11 @@ def test_number_flags_refuse_nonsense(script, argv, expected, capsys):
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert stop.value.code == 2 and f"argument {argv[-2]}: expected {expected}, not '{argv[-1]}'" in err, err
     assert utils.finite_float("1e-3") == 1e-3 and utils.at_least(0)("0") == 0 and utils.at_least(0.5)("2") == 2.0
+
+
+def test_number_flags_keep_their_documented_zero():
+    """0 where a flag's help says what 0 means stays accepted (e.g. bench.py --sample-batch 0 = skip the batch test)."""
+    import bench
+    assert bench.get_args(["--sample-batch", "0"]).sample_batch == 0
+    assert train.get_args(["--tbptt", "0", "--max-steps", "0", "--eval-lines", "0"]).tbptt == 0
+    assert evaluate.get_args(["--max-lines", "0", "--retries", "0", "--retry-above", "0"]).retry_above == 0.0
