@@ -470,13 +470,14 @@ def generate(args):
                                           std.astype(np.float32)), dtype=torch.float32)[1:]
         if len(prime) == 0:
             prime = None
+    prime_chars = len(prime_text) + 1 if prime is not None else 0             # "prime text " leads every text
     seed = args.seed if args.seed is not None else int.from_bytes(os.urandom(4), "little") % 1_000_000
     generator = torch.Generator(device=device).manual_seed(seed)
     record = args.view in ("eos", "density") or bool(args.plot_attention)
     if args.format == ".npz":
         texts = [ln for _ in range(args.num_samples) for ln in lines if ln]  # sample-major
         joined = [f"{prime_text} {t}" if prime is not None else t for t in texts]
-        return write_strokes_file(args, model, ckpt, joined, texts, prime, generator, seed, t_start, t_load)
+        return write_strokes_file(args, model, ckpt, joined, texts, prime, prime_chars, generator, seed, t_start, t_load)
 
     import utils
     saved, saved_texts, t_sampling, steps, n_lines = [], [], 0.0, 0, 0
@@ -499,7 +500,7 @@ def generate(args):
                 text_ids[b, :len(i)] = i
             result = model.sample(text=text_ids.to(device), bias=args.bias, prime=prime, generator=generator,
                                   max_steps_per_char=args.max_steps_per_char, record=record, retries=args.retries,
-                                  retry_above=args.retry_above)
+                                  retry_above=args.retry_above, prime_chars=prime_chars)
         else:
             result = model.sample(steps=args.steps, bias=args.bias, prime=prime, generator=generator, batch_size=B,
                                   record=record)
@@ -545,7 +546,7 @@ def generate(args):
         if args.plot_attention and k == 0:                                   # the first page's lines (the plot shows 8)
             utils.plot_attention([result["phi"][b, :max(int(result["lengths"][b]), 1), :len(joined[b]) + 1].numpy()
                                   for b in range(B)],
-                                 joined, args.plot_attention, prime_chars=len(prime_text) + 1 if prime is not None else 0)
+                                 joined, args.plot_attention, prime_chars=prime_chars)
         step = ckpt.get("step")
         retried = int((result["attempts"] > 1).sum())
         print(f"wrote {out} ({B // args.num_samples} line(s) x {args.num_samples} sample(s), "
@@ -586,7 +587,7 @@ def page_path(path, k, pages):
     return path if pages == 1 else f"{stem}-{k + 1}{ext}"
 
 
-def write_strokes_file(args, model, ckpt, joined, texts, prime, generator, seed, t_start, t_load):
+def write_strokes_file(args, model, ckpt, joined, texts, prime, prime_chars, generator, seed, t_start, t_load):
     """--out FILE.npz: sample every line, --batch-size at a time, and save their raw offsets with their texts
     (utils.save_strokes, plus `finished` and `attempts` per line). The lines are texts, sample-major, with ids 1..N.
     Stopped with Ctrl-C, it saves the lines done so far (their ids say which) and returns 130."""
@@ -602,7 +603,8 @@ def write_strokes_file(args, model, ckpt, joined, texts, prime, generator, seed,
             for batch in iter_write_lines(model, joined, Alphabet(ckpt["alphabet"]), norm, bias=args.bias,
                                           generator=generator, batch_size=args.batch_size,
                                           max_steps_per_char=args.max_steps_per_char, progress=len(texts) > args.batch_size,
-                                          retries=args.retries, retry_above=args.retry_above, prime=prime):
+                                          retries=args.retries, retry_above=args.retry_above, prime=prime,
+                                          prime_chars=prime_chars):
                 done.update(zip(batch["index"], zip(batch["raw"], batch["finished"], batch["attempts"])))
         else:
             for a in tqdm(range(0, len(texts), args.batch_size), desc="generating", unit="batch",

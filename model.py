@@ -303,8 +303,8 @@ class HandwritingModel(nn.Module):
         y = torch.addmm(self.mdn.bias, torch.cat(h, dim=-1), mdn_wt)
         return y, State(h, c, kappa, w), phi
 
-    def sample(self, text=None, steps=None, bias=0.0, prime=None, generator=None,
-               batch_size=None, max_steps_per_char=40, record=False, retries=0, retry_above=None, cuda_graph=True):
+    def sample(self, text=None, steps=None, bias=0.0, prime=None, generator=None, batch_size=None,
+               max_steps_per_char=40, record=False, retries=0, retry_above=None, cuda_graph=True, prime_chars=0):
         """Sample handwriting, all lines of the batch together.
 
         text: (B, U) ids (synthesis; padded with 0), which should already include the priming text
@@ -313,7 +313,9 @@ class HandwritingModel(nn.Module):
         last character (phi(t, U) > phi(t, u) for all u < U), each line capped at max_steps_per_char * U + 1 points
         of its own U (so batching changes no line; a line that reaches its cap is unfinished).
         prime: (Tp, 3) or (B, Tp, 3) normalised real strokes to feed first (style priming), without the line's
-        first (0, 0) point: the start token x_0 = 0 takes its place, as in training.
+        first (0, 0) point: the start token x_0 = 0 takes its place, as in training. prime_chars: the characters at the
+        start of every text that the prime wrote ("prime text" and its space); the cap and retry_above count only the
+        characters after them, the ones the model writes.
         retries: lines that hit the cap are sampled again (together, the generator going on), up to this many times;
         with retry_above (points per character; None or 0: off), so are finished lines that took more than that: a window that
         stalls on a character writes loops there (real lines take about 22). A line keeps its first attempt that
@@ -328,11 +330,11 @@ class HandwritingModel(nn.Module):
         # so callers may edit them in place.
         with torch.no_grad(), torch.inference_mode(self.mdn.weight.device.type == "cpu"):
             result = self._sample(text, steps, bias, prime, generator, batch_size, max_steps_per_char, record, retries,
-                                  retry_above, cuda_graph)
+                                  retry_above, cuda_graph, prime_chars)
         return {k: v.clone() if v.is_inference() else v for k, v in result.items()}
 
     def _sample(self, text, steps, bias, prime, generator, batch_size, max_steps_per_char, record, retries,
-                retry_above, cuda_graph):
+                retry_above, cuda_graph, prime_chars):
         """sample() under no_grad (and on a CPU inference mode)."""
         device = self.mdn.weight.device
         if self.synthesis:
@@ -341,7 +343,8 @@ class HandwritingModel(nn.Module):
             text = text.to(device)
             B = text.shape[0]
             text_len = (text > 0).sum(dim=1)                                       # (B,)
-            cap = torch.full_like(text_len, steps) if steps else max_steps_per_char * text_len + 1
+            new_len = (text_len - (prime_chars if prime is not None else 0)).clamp(min=1)   # characters to write
+            cap = torch.full_like(text_len, steps) if steps else max_steps_per_char * new_len + 1
         else:
             B = batch_size or (1 if prime is None or prime.dim() == 2 else prime.shape[0])
             cap = torch.full((B,), steps, dtype=torch.long, device=device)
@@ -403,11 +406,11 @@ class HandwritingModel(nn.Module):
             if self.synthesis:
                 result["phi"] = torch.cat(phis, dim=1)
         if self.synthesis and retries > 0:
-            good = finished & (lengths <= retry_above * text_len) if retry_above else finished   # needs no retry
+            good = finished & (lengths <= retry_above * new_len) if retry_above else finished   # needs no retry
             if not bool(good.all()):
                 again = torch.nonzero(~good).squeeze(1)
                 retry = self._sample(text[again], steps, bias, None if prime is None else prime[again], generator, None,
-                                     max_steps_per_char, record, retries - 1, retry_above, cuda_graph)
+                                     max_steps_per_char, record, retries - 1, retry_above, cuda_graph, prime_chars)
                 retry["attempts"] += 1
                 # the retry (its own best) replaces this attempt unless it is worse: it did not finish where this one
                 # did, or both finished (this one slowly) and it took longer
@@ -815,11 +818,12 @@ def read_lines(model, strokes, alphabet, batch_size=64):
 
 
 def iter_write_lines(model, texts, alphabet, norm, bias=1.0, generator=None, batch_size=64, max_steps_per_char=40,
-                     progress=False, retries=0, retry_above=None, prime=None):
+                     progress=False, retries=0, retry_above=None, prime=None, prime_chars=0):
     """Write many lines with the synthesis model, batched by text length so that a batch's lines end at about the
     same step (generate.py's .npz output, legibility). texts: strings in the model's alphabet (with prime, each one
     already "prime text" + " " + "new text", as sample() wants); norm: (mean, std) of the model's data; prime: (Tp, 3)
-    normalised strokes fed before every line; the rest as in sample() (retries: stalled lines are written again).
+    normalised strokes fed before every line, prime_chars the characters it wrote; the rest as in sample() (retries:
+    stalled lines are written again).
     Yields one dict per batch: index (positions in texts), raw offsets [(T_i, 3) float64], finished, steps and
     attempts (samplings per line), so that a caller can keep what is done if it is stopped."""
     from dataset import denormalize
@@ -836,7 +840,8 @@ def iter_write_lines(model, texts, alphabet, norm, bias=1.0, generator=None, bat
             idx = order[a:a + batch_size]
             text = nn.utils.rnn.pad_sequence([alphabet.encode(texts[i]) for i in idx], batch_first=True)
             result = model.sample(text=text.to(device), bias=bias, prime=prime, generator=generator,
-                                  max_steps_per_char=max_steps_per_char, retries=retries, retry_above=retry_above)
+                                  max_steps_per_char=max_steps_per_char, retries=retries, retry_above=retry_above,
+                                  prime_chars=prime_chars)
             steps = result["lengths"].tolist()
             strokes = denormalize(result["strokes"].cpu().double().numpy(), *norm)
             yield {"index": idx, "raw": [strokes[b, :n] for b, n in enumerate(steps)], "steps": steps,

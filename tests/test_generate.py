@@ -134,13 +134,13 @@ def test_npz_output_writes_any_number_of_lines_in_batches(files, tmp_path, spy, 
     args = ["--text-file", str(tmp_path / "t.txt"), "--num-samples", "3", "--batch-size", "16", "--style", "0"]
     assert run(files, "synthesis", out, *args, "--retries", "0") == 0
     assert [len(c["text"]) for c in spy] == [16, 16, 13]                     # 15 lines x 3 samples, no blank rows
-    assert all(c["prime"] is not None for c in spy)
+    assert all(c["prime"] is not None and c["prime_chars"] == len("the hat ") for c in spy)
     ids, texts, lines = load_strokes(out)
     assert texts == words * 3 and ids == [str(i + 1) for i in range(45)]
     with np.load(out) as f:
         finished, attempts = f["finished"], f["attempts"]
     assert finished.shape == attempts.shape == (45,) and (attempts == 1).all()
-    assert all(1 < len(x) <= 6 * len("a sand lane " + t) + 1 and x[-1, 2] == 1 for x, t in zip(lines, texts))  # own cap
+    assert all(1 < len(x) <= 6 * len(t) + 1 and x[-1, 2] == 1 for x, t in zip(lines, texts))  # own cap
     assert f"wrote {out} (45 line(s) = 15 x 3 sample(s)" in capsys.readouterr().out
     assert run(files, "synthesis", tmp_path / "again.npz", *args, "--retries", "0") == 0
     assert all(np.array_equal(a, b) for a, b in zip(lines, load_strokes(tmp_path / "again.npz")[2]))
@@ -223,6 +223,7 @@ def test_priming_joins_the_texts(files, tmp_path, spy, prime):
     alphabet_text = "".join(CHARS[i - 1] for i in spy[0]["text"][0] if i > 0)
     assert alphabet_text == ("a sand lane" if prime == "style" else "my notes") + " new words"
     assert spy[0]["prime"].ndim == 2 and spy[0]["prime"].shape[1] == 3
+    assert spy[0]["prime_chars"] == len(alphabet_text) - len("new words")   # the cap counts the new words only
 
 
 def test_prediction_primed_with_a_style(files, tmp_path, spy):

@@ -322,6 +322,23 @@ def test_sampling_stops_when_window_passes_the_text():
     assert r["strokes"][1, 3 * 2 + 1:].abs().sum() == 0
 
 
+def test_primed_lines_count_only_the_new_characters():
+    """With a prime, the cap and retry_above count the characters after prime_chars (the ones the model writes): a
+    primed line that stalls is capped and sampled again as an unprimed line of its new text would be."""
+    model = steady_window(tiny("synthesis").float(), 0.3)
+    text, prime = torch.tensor([[1, 2, 3, 4, 5, 6]]), torch.randn(10, 3, generator=torch.Generator().manual_seed(1))
+    prime[:, 2] = 0
+    kw = dict(prime=prime, retries=2, retry_above=2.0)      # the window finishes 8 steps after the prime
+    r0 = model.sample(text, generator=torch.Generator().manual_seed(0), **kw)
+    r3 = model.sample(text, generator=torch.Generator().manual_seed(0), prime_chars=3, **kw)
+    assert r0["finished"].all() and r0["lengths"].tolist() == r3["lengths"].tolist() == [8]
+    assert r0["attempts"].tolist() == [1] and r3["attempts"].tolist() == [3]   # 8 > 2 x 3 new characters, < 2 x 6
+    model.window.bias.data[4:].fill_(-30.0)                 # kappa frozen: the line runs to its cap
+    caps = [model.sample(text, prime=prime, generator=torch.Generator().manual_seed(0), max_steps_per_char=3,
+                         prime_chars=n)["lengths"].item() for n in (0, 3, 4)]
+    assert caps == [3 * 6 + 1, 3 * 3 + 1, 3 * 2 + 1]
+
+
 def test_stopping_step_matches_the_rule_checked_naively():
     """Lines of different lengths in one batch: each stops at the first step where phi(U) beats every phi(u < U)."""
     model = steady_window(tiny("synthesis").float(), 0.3)
@@ -478,7 +495,7 @@ def test_sampling_in_inference_mode_draws_what_no_grad_draws(task):
     fast = model.sample(**kw, generator=torch.Generator().manual_seed(5), max_steps_per_char=10, record=True, retries=1)
     with torch.no_grad():
         plain = model._sample(kw.get("text"), kw.get("steps"), 0.0, None, torch.Generator().manual_seed(5),
-                              kw.get("batch_size"), 10, True, 1, None, True)
+                              kw.get("batch_size"), 10, True, 1, None, True, 0)
     assert fast.keys() == plain.keys() and all(torch.equal(fast[k], plain[k]) for k in fast)
     assert not any(v.is_inference() for v in fast.values())        # callers may edit them in place
     fast["strokes"][:, 0] = 0
