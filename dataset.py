@@ -48,6 +48,22 @@ def denormalize(offsets, mean, std):
     return _affine(offsets, mean, std, inverse=True)
 
 
+def prime_strokes(offsets, mean, std):
+    """A priming line's raw offsets (T, 3), first point (0, 0) -> what sample(prime=) feeds: its normalised points
+    after the first (T - 1, 3) float32 (the start token x_0 = 0 takes the first one's place, as in training), or None."""
+    prime = torch.as_tensor(normalize(np.asarray(offsets, np.float32), np.asarray(mean, np.float32),
+                                      np.asarray(std, np.float32)))[1:]
+    return prime if len(prime) else None
+
+
+def from_its_first_point(offsets):
+    """Raw offsets (T, 3) of a line written after a priming line -> a copy that starts at its own first point, as a
+    real line does (first row (0, 0, eos)): the pen's jump from the priming line's end is dropped."""
+    out = offsets.copy()
+    out[:1, :2] = 0
+    return out
+
+
 def _affine(offsets, mean, std, inverse):
     if torch.is_tensor(offsets):
         out = offsets.clone() if offsets.is_floating_point() else offsets.float()

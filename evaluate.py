@@ -16,6 +16,8 @@ recognizer (recognizer.py); it prints cer_generated, cer_real (the recognizer on
 finished_fraction (lines whose window reached the end of the text within the step cap), lines, bias, steps per
 character and, with --retries, attempts per line, and writes
 OUT/legibility.jsonl (one row per line), OUT/worst.png (the least legible lines) and OUT/generated.npz (the strokes).
+With --style N every prompt is written in that style (priming, as generate.py --style N) and only the new writing
+is read.
 """
 import argparse
 import json
@@ -25,9 +27,9 @@ import sys
 import numpy as np
 import torch
 
-from dataset import Alphabet, HandwritingDataset, make_loader
+from dataset import Alphabet, HandwritingDataset, make_loader, prime_strokes
 from model import error_rates, evaluate_nll, load_model, load_recognizer, read_lines, summarize_nll, write_and_read
-from utils import DTYPES, at_least, autocast_dtype, load_checkpoint, pick_device, plot_lines, save_strokes
+from utils import DTYPES, at_least, autocast_dtype, load_checkpoint, load_style, pick_device, plot_lines, save_strokes
 
 
 
@@ -60,6 +62,10 @@ def get_args(argv=None):
     g.add_argument("--retry-above", type=at_least(0.0), default=32,
                    help="with --retries, a line that took more than this many points per character counts as stalled, "
                         "as in generate.py (real lines take about 22; 0 = only lines that reach the cap)")
+    g.add_argument("--style", type=int, default=None, metavar="N",
+                   help="write every prompt in style N of --styles (priming, paper section 5.5, as generate.py --style "
+                        "does); only the new writing is read")
+    g.add_argument("--styles", default="data/styles.json", help="styles file for --style")
     g.add_argument("--worst", type=at_least(0), default=12, help="lines drawn in OUT/worst.png, highest CER first")
     g.add_argument("--out", default="samples/legibility", help="folder for legibility.jsonl, worst.png and generated.npz")
     return p.parse_args(argv)
@@ -74,6 +80,8 @@ def main(argv=None):
         sys.exit(f"error: {e}")
     if args.legibility:
         return legibility(args, device)
+    if args.style is not None:
+        sys.exit("error: --style is for --legibility (how legible the model writes in that style)")
     args.split = args.split or "valid"
     try:
         checkpoint = load_checkpoint(args.checkpoint, map_location=device)
@@ -128,6 +136,7 @@ def legibility(args, device):
         recognizer, rec_ckpt = load_recognizer(args.recognizer, map_location=device)
         real = HandwritingDataset(args.data, split) if args.prompts is None or os.path.exists(args.data) else None
         prompts = read_prompts(args.prompts) if args.prompts else list(real.texts)
+        prime_text, prime_offsets = load_style(args.styles, args.style) if args.style is not None else ("", None)
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")
     prompts = prompts[:args.max_lines or None]
@@ -142,6 +151,11 @@ def legibility(args, device):
     keep = [i for i, t in enumerate(asked) if t]
     if not keep:
         sys.exit("error: no prompt has a character the model can write")
+    if alphabet.unknown(prime_text):
+        sys.exit(f"error: style {args.style}'s text uses characters this model lacks; choose another --style")
+    # priming: "style text" + " " + prompt, the style's strokes fed first; the cap and retries count the prompt only
+    prime = None if prime_offsets is None else prime_strokes(prime_offsets, ckpt["mean"], ckpt["std"])
+    lead = f"{prime_text} " if prime is not None else ""
     model.to(device)
     recognizer.to(device)
 
@@ -149,9 +163,10 @@ def legibility(args, device):
     generator = torch.Generator(device=device).manual_seed(args.seed)
     rec_alphabet = Alphabet(rec_ckpt["alphabet"])
     rec_mean, rec_std = np.asarray(rec_ckpt["mean"], np.float32), np.asarray(rec_ckpt["std"], np.float32)
-    out = write_and_read(model, recognizer, [asked[i] for i in keep], alphabet, rec_alphabet, (ckpt["mean"], ckpt["std"]),
-                         (rec_mean, rec_std), args.bias, generator, args.batch_size, args.max_steps_per_char, progress=True,
-                         retries=args.retries, retry_above=args.retry_above)
+    out = write_and_read(model, recognizer, [lead + asked[i] for i in keep], alphabet, rec_alphabet,
+                         (ckpt["mean"], ckpt["std"]), (rec_mean, rec_std), args.bias, generator, args.batch_size,
+                         args.max_steps_per_char, progress=True, retries=args.retries, retry_above=args.retry_above,
+                         prime=prime, prime_chars=len(lead))
     raw, hyps, finished, steps, attempts = (dict(zip(keep, values)) for values in out)
     with_real = [i for i in keep if real_index[i] is not None]
     real_hyps = {}
@@ -182,6 +197,7 @@ def legibility(args, device):
     gen = error_rates([asked[i] for i in keep], [hyps[i] for i in keep])
     rea = error_rates([real.texts[real_index[i]] for i in with_real], [real_hyps[i] for i in with_real]) if with_real else None
     print(json.dumps({"checkpoint": args.checkpoint, "recognizer": args.recognizer, "bias": args.bias, "seed": args.seed,
+                      "style": args.style,
                       "retries": args.retries, "retry_above": args.retry_above if args.retries else None,
                       "lines": len(keep), "cer_generated": gen["cer"], "wer_generated": gen["wer"],
                       "cer_real": rea and rea["cer"], "wer_real": rea and rea["wer"], "real_lines": len(with_real),

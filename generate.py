@@ -256,28 +256,13 @@ def prepare_lines(text, chars, max_chars, drop_unknown):
 
 ### priming (paper section 5.5): a real line and its text, fed before the new text
 
-def load_styles(path):
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-        styles = data["styles"]
-        assert isinstance(styles, list) and styles
-    except FileNotFoundError:
-        fail(f"no styles file at {path}; pass --styles FILE (see README: styles)")
-    except (OSError, ValueError, KeyError, TypeError, AssertionError):
-        fail(f"--styles {path} is not a styles file (JSON with a non-empty 'styles' list)")
-    return data
-
-
 def style_prime(args):
     """--style N -> (text, raw offsets (T, 3) with the first point at (0, 0))."""
-    import numpy as np
-    data = load_styles(args.styles)
-    n = len(data["styles"])
-    if not 0 <= args.style < n:
-        fail(f"--style {args.style} does not exist: {args.styles} has styles 0 to {n - 1} (see docs/styles.png)")
-    style = data["styles"][args.style]
-    return style["text"], np.asarray(style["offsets"], dtype=np.float64).reshape(-1, 3)
+    from utils import load_style
+    try:
+        return load_style(args.styles, args.style)
+    except (FileNotFoundError, ValueError) as e:
+        fail(str(e))
 
 
 def resample_stroke(points, step):
@@ -320,7 +305,11 @@ def file_prime(path, styles_path):
         fail(f"--prime-file {path} needs a non-empty text and at least one stroke of finite numbers")
     ref = dict(REFERENCE_SCALE)
     if os.path.exists(styles_path):
-        ref.update(load_styles(styles_path).get("reference", {}))
+        from utils import load_styles
+        try:
+            ref.update(load_styles(styles_path).get("reference", {}))
+        except ValueError as e:
+            fail(str(e))
     if not data.get("y_up", False):
         strokes = [s * [1, -1] for s in strokes]              # screen coordinates -> y up, as in the data
     ys = np.concatenate(strokes)[:, 1]
@@ -423,7 +412,7 @@ def generate(args):
 
     import numpy as np
     import torch
-    from dataset import denormalize, normalize
+    from dataset import denormalize, from_its_first_point, prime_strokes
     torch.set_num_threads(args.threads)                 # main() restores the caller's setting
     t_load = time.perf_counter()
     model, ckpt, device = load_checkpoint_model(args)
@@ -463,13 +452,7 @@ def generate(args):
                  f"{args.max_chars_per_line} characters per line); at most {MAX_PAGES}: split it into several runs, or "
                  f"write --out FILE.npz (strokes, no picture, any number of lines)")
 
-    prime = None
-    if prime_offsets is not None:
-        # the first point of a line is the start token (its offset is (0, 0)); feed the points after it
-        prime = torch.as_tensor(normalize(prime_offsets.astype(np.float32), mean.astype(np.float32),
-                                          std.astype(np.float32)), dtype=torch.float32)[1:]
-        if len(prime) == 0:
-            prime = None
+    prime = None if prime_offsets is None else prime_strokes(prime_offsets, mean, std)
     prime_chars = len(prime_text) + 1 if prime is not None else 0             # "prime text " leads every text
     seed = args.seed if args.seed is not None else int.from_bytes(os.urandom(4), "little") % 1_000_000
     generator = torch.Generator(device=device).manual_seed(seed)
@@ -525,7 +508,7 @@ def generate(args):
                     continue
                 T = int(result["lengths"][b])
                 off = strokes[b, :T]
-                saved.append(off)
+                saved.append(off if prime is None else from_its_first_point(off))
                 value = result["eos_prob"][b, :T].numpy() if args.view == "eos" else None
                 start = 0
                 if args.show_prime and prime_offsets is not None:

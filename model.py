@@ -822,11 +822,11 @@ def iter_write_lines(model, texts, alphabet, norm, bias=1.0, generator=None, bat
     """Write many lines with the synthesis model, batched by text length so that a batch's lines end at about the
     same step (generate.py's .npz output, legibility). texts: strings in the model's alphabet (with prime, each one
     already "prime text" + " " + "new text", as sample() wants); norm: (mean, std) of the model's data; prime: (Tp, 3)
-    normalised strokes fed before every line, prime_chars the characters it wrote; the rest as in sample() (retries:
-    stalled lines are written again).
+    normalised strokes fed before every line, prime_chars the characters it wrote (a primed line's offsets start at its
+    own first point); the rest as in sample() (retries: stalled lines are written again).
     Yields one dict per batch: index (positions in texts), raw offsets [(T_i, 3) float64], finished, steps and
     attempts (samplings per line), so that a caller can keep what is done if it is stopped."""
-    from dataset import denormalize
+    from dataset import denormalize, from_its_first_point
     device = model.mdn.weight.device
     was_training = model.training
     model.eval()
@@ -844,7 +844,8 @@ def iter_write_lines(model, texts, alphabet, norm, bias=1.0, generator=None, bat
                                   prime_chars=prime_chars)
             steps = result["lengths"].tolist()
             strokes = denormalize(result["strokes"].cpu().double().numpy(), *norm)
-            yield {"index": idx, "raw": [strokes[b, :n] for b, n in enumerate(steps)], "steps": steps,
+            raw = [strokes[b, :n] if prime is None else from_its_first_point(strokes[b, :n]) for b, n in enumerate(steps)]
+            yield {"index": idx, "raw": raw, "steps": steps,
                    "finished": result["finished"].tolist(), "attempts": result["attempts"].tolist()}
     finally:
         model.train(was_training)
@@ -863,16 +864,19 @@ def write_lines(model, texts, alphabet, norm, **kwargs):
 
 @torch.no_grad()
 def write_and_read(model, recognizer, texts, alphabet, rec_alphabet, norm, rec_norm, bias=1.0, generator=None,
-                   batch_size=64, max_steps_per_char=40, progress=False, retries=0, retry_above=None):
+                   batch_size=64, max_steps_per_char=40, progress=False, retries=0, retry_above=None, prime=None,
+                   prime_chars=0):
     """Legibility (evaluate.py --legibility, train.py --recognizer): write every text with the synthesis model
     (write_lines) and read the lines back with the recognizer. rec_norm: (mean, std) of the recognizer's data.
+    With prime (style priming, as in write_lines) only the new writing is read: texts[i][prime_chars:].
     Returns raw offsets [(T_i, 3) float64], recognised texts, finished flags, step counts and attempts (samplings per
     line), in the order of texts."""
     import numpy as np
     from dataset import normalize
     raw, finished, steps, attempts = write_lines(model, texts, alphabet, norm, bias=bias, generator=generator,
                                                  batch_size=batch_size, max_steps_per_char=max_steps_per_char,
-                                                 progress=progress, retries=retries, retry_above=retry_above)
+                                                 progress=progress, retries=retries, retry_above=retry_above,
+                                                 prime=prime, prime_chars=prime_chars)
     rec_mean, rec_std = (np.asarray(v, np.float32) for v in rec_norm)
     read = read_lines(recognizer, [torch.from_numpy(normalize(r.astype(np.float32), rec_mean, rec_std)) for r in raw],
                       rec_alphabet, batch_size)

@@ -460,6 +460,32 @@ def make_styles(data="data/processed/iam_ondb.npz", out="data/styles.json", prev
     return styles
 
 
+def load_styles(path):
+    """The styles file (make_styles): {"reference": {...}, "styles": [{"text", "offsets", ...}, ...]}. Raises
+    FileNotFoundError or ValueError with a one-line message."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+        styles = data["styles"]
+        assert isinstance(styles, list) and styles
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no styles file at {path}; pass --styles FILE (see README: styles)") from None
+    except (OSError, ValueError, KeyError, TypeError, AssertionError):
+        raise ValueError(f"--styles {path} is not a styles file (JSON with a non-empty 'styles' list)") from None
+    return data
+
+
+def load_style(path, n):
+    """--style N of the styles file at path -> (text, raw offsets (T, 3) float64, first point (0, 0))."""
+    styles = load_styles(path)["styles"]
+    if not 0 <= n < len(styles):
+        raise ValueError(f"--style {n} does not exist: {path} has styles 0 to {len(styles) - 1} (see docs/styles.png)")
+    try:
+        return styles[n]["text"], np.asarray(styles[n]["offsets"], dtype=np.float64).reshape(-1, 3)
+    except (KeyError, TypeError, ValueError):
+        raise ValueError(f"--styles {path}: style {n} is not a text with offsets") from None
+
+
 def draw_styles(styles, path):
     """All styles, numbered as for --style N, with their text, writer and slant: docs/styles.png."""
     plot_lines([(np.asarray(s["offsets"], dtype=np.float64),

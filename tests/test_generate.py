@@ -141,6 +141,7 @@ def test_npz_output_writes_any_number_of_lines_in_batches(files, tmp_path, spy, 
         finished, attempts = f["finished"], f["attempts"]
     assert finished.shape == attempts.shape == (45,) and (attempts == 1).all()
     assert all(1 < len(x) <= 6 * len(t) + 1 and x[-1, 2] == 1 for x, t in zip(lines, texts))  # own cap
+    assert all((x[0, :2] == 0).all() for x in lines)        # a primed line starts at its own first point
     assert f"wrote {out} (45 line(s) = 15 x 3 sample(s)" in capsys.readouterr().out
     assert run(files, "synthesis", tmp_path / "again.npz", *args, "--retries", "0") == 0
     assert all(np.array_equal(a, b) for a, b in zip(lines, load_strokes(tmp_path / "again.npz")[2]))

@@ -172,6 +172,33 @@ def test_legibility_end_to_end(trained, tiny_prepared, tmp_path, capsys):
     assert result["lines"] == 2 and result["real_lines"] == 1
 
 
+def test_legibility_in_a_style(trained, tiny_prepared, tmp_path, capsys, monkeypatch):
+    """--style N: every prompt is written after style N's line and text (as generate.py --style N); only the new
+    writing is read and scored, and the cap counts the prompt's characters only."""
+    import model as model_module
+    ids, texts, lines = load_strokes(tiny_prepared)
+    style = {"text": texts[0], "writer": "w", "line_id": ids[0], "offsets": lines[0].tolist()}
+    (tmp_path / "styles.json").write_text(json.dumps({"styles": [style]}))
+    calls, original = [], model_module.HandwritingModel.sample
+    monkeypatch.setattr(model_module.HandwritingModel, "sample",
+                        lambda self, *a, **kw: calls.append(kw) or original(self, *a, **kw))
+    evaluate.main(["--checkpoint", str(trained / "syn" / "last.pt"), "--legibility", "--data", str(tiny_prepared),
+                   "--recognizer", str(trained / "rec" / "model.pt"), "--max-steps-per-char", "5", "--retries", "0",
+                   "--style", "0", "--styles", str(tmp_path / "styles.json"), "--out", str(tmp_path / "s")])
+    result = json.loads(capsys.readouterr().out)
+    assert result["style"] == 0 and result["lines"] == 5
+    alphabet = Alphabet(torch.load(trained / "syn" / "last.pt", weights_only=True)["alphabet"])
+    prompts = HandwritingDataset(tiny_prepared, "test").texts
+    written = [alphabet.decode([i for i in row.tolist() if i > 0]) for c in calls for row in c["text"]]
+    assert sorted(written) == sorted(f"{texts[0]} {p}" for p in prompts)
+    assert all(c["prime"].shape == (len(lines[0]) - 1, 3) and c["prime_chars"] == len(texts[0]) + 1 for c in calls)
+    rows = [json.loads(line) for line in open(tmp_path / "s" / "legibility.jsonl")]
+    assert sorted(r["text"] for r in rows) == sorted(prompts)
+    assert all(r["steps"] <= 5 * len(r["text"]) + 1 for r in rows)
+    # what is read starts at its own first point, as a real line does (not with the jump from the style's end)
+    assert all((x[0, :2] == 0).all() for x in load_strokes(tmp_path / "s" / "generated.npz")[2])
+
+
 def test_train_checks_legibility_and_selects_best_by_cer(trained, tiny_prepared, tmp_path):
     rec = str(trained / "rec" / "model.pt")
     train.main(["--data", str(tiny_prepared), "--out", str(tmp_path), "--hidden-size", "16", "--mixtures", "2",
@@ -225,6 +252,11 @@ def test_missing_files_give_one_line_errors(trained, tiny_prepared, tmp_path):
         (evaluate.main, ["--checkpoint", rec, "--legibility", "--data", str(tiny_prepared)], "not a handwriting checkpoint"),
         (evaluate.main, ["--checkpoint", syn, "--legibility", "--prompts", str(tmp_path / "none.txt"),
                          "--recognizer", rec, "--data", str(tiny_prepared)], "cannot read --prompts"),
+        (evaluate.main, ["--checkpoint", syn, "--legibility", "--recognizer", rec, "--data", str(tiny_prepared),
+                         "--style", "0", "--styles", str(tmp_path / "none.json")], "no styles file"),
+        (evaluate.main, ["--checkpoint", syn, "--legibility", "--recognizer", rec, "--data", str(tiny_prepared),
+                         "--style", "-1", "--styles", str(ROOT / "data" / "styles.json")], "does not exist"),
+        (evaluate.main, ["--checkpoint", syn, "--data", str(tiny_prepared), "--style", "0"], "is for --legibility"),
     ]
     for main, args, message in in_process:
         with pytest.raises(SystemExit) as e:
