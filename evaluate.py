@@ -118,7 +118,7 @@ def main(argv=None):
 def read_prompts(path):
     """Non-blank lines of a UTF-8 text file, spaces collapsed."""
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:                      # -sig: a byte-order mark is dropped
             return [" ".join(line.split()) for line in f if line.strip()]
     except UnicodeDecodeError:
         raise ValueError(f"--prompts {path} is not UTF-8 text") from None

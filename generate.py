@@ -32,7 +32,8 @@ MAX_CHARS_PER_LINE = 64     # the longest line of IAM-OnDB's transcriptions: lon
 MAX_ROWS = 40               # lines per page, counting every sample (one batch of at most this many lines)
 MAX_PAGES = 10              # pages of one run (a longer text: several runs, or .npz output)
 MAX_FILE_LINES = 100_000    # lines of an .npz strokes file, counting every sample (~2 GB of offsets held in memory)
-MAX_STEPS = 5000            # points per line for --task prediction
+DEFAULT_STEPS = 700         # points per line for --task prediction (IAM-OnDB median: 620)
+MAX_STEPS = 5000            # at most, for --task prediction
 MAX_PRIME_POINTS = 4000     # a priming line longer than this is not a line
 # offsets of lines in IAM-OnDB (raw units): used to bring a --prime-file to the data's scale when the styles file
 # has no "reference" entry. height: 5-95 % range of y over a line; step: median pen-down step length.
@@ -65,8 +66,9 @@ def get_args(argv=None):
                         "(section 4) of --steps points (default: synthesis)")
     g.add_argument("--checkpoint", metavar="PATH",
                    help="checkpoint written by train.py (default: checkpoints/synthesis.pt or checkpoints/prediction.pt by --task)")
-    g.add_argument("--steps", type=int, metavar="N", default=700,
-                   help="points per line for --task prediction (default: 700; IAM-OnDB lines have a median of 620)")
+    g.add_argument("--steps", type=int, metavar="N", default=None,
+                   help=f"points per line for --task prediction (default: {DEFAULT_STEPS}; IAM-OnDB lines have a median "
+                        f"of 620)")
     g.add_argument("--max-chars-per-line", type=int, metavar="N", default=40,
                    help=f"wrap longer lines at word boundaries (characters, 5 to {MAX_CHARS_PER_LINE}; default: 40; "
                         f"IAM-OnDB lines have 1-64, median 29)")
@@ -94,7 +96,7 @@ def get_args(argv=None):
     s.add_argument("--batch-size", type=int, metavar="N", default=256,
                    help="lines sampled together for .npz output (a page is always one batch); larger batches write "
                         "more lines per second, on a GPU most (default: 256)")
-    s.add_argument("--device", default="cpu", metavar="DEV", help="torch device: cpu, cuda, cuda:1, mps (default: cpu)")
+    s.add_argument("--device", default="cpu", metavar="DEV", help="torch device: cpu, cuda, cuda:1, mps, or auto (CUDA when present) (default: cpu)")
     s.add_argument("--threads", type=int, metavar="N", default=1,
                    help="CPU threads for torch (default: 1; sampling runs one small step at a time, where more threads "
                         "gain little and are many times slower when other programs share the cores)")
@@ -147,14 +149,14 @@ def shipped(path):
 ### checks that need no model (fast, before torch is imported)
 
 def check_output(path, formats, flag):
+    if os.path.isdir(path):
+        fail(f"{flag} {path} is a folder; give a file name, e.g. {os.path.join(path, 'out' + formats[0])}")
     ext = os.path.splitext(path)[1].lower()
     if ext not in formats:
         fail(f"{flag} {path}: unsupported extension '{ext or '(none)'}'; use {', '.join(formats)}")
     folder = os.path.dirname(path)
     if folder and not os.path.isdir(folder):
         fail(f"{flag} {path}: the folder {folder} does not exist; create it or choose another path")
-    if os.path.isdir(path):
-        fail(f"{flag} {path} is a folder; give a file name")
     return ext
 
 
@@ -166,7 +168,7 @@ def check_args(args):
     if not 5 <= args.max_chars_per_line <= MAX_CHARS_PER_LINE:
         fail(f"--max-chars-per-line must be between 5 and {MAX_CHARS_PER_LINE} (the longest line the model saw), "
              f"not {args.max_chars_per_line}")
-    if not 1 <= args.steps <= MAX_STEPS:
+    if args.steps is not None and not 1 <= args.steps <= MAX_STEPS:
         fail(f"--steps must be between 1 and {MAX_STEPS}, not {args.steps}")
     if args.retries < 0:
         fail(f"--retries must be >= 0, not {args.retries}")
@@ -193,7 +195,8 @@ def check_args(args):
     args.format = check_output(args.out, FORMATS, "--out")
     args.max_rows = MAX_FILE_LINES if args.format == ".npz" else MAX_ROWS
     if not 1 <= args.num_samples <= args.max_rows:
-        fail(f"--num-samples must be between 1 and {args.max_rows}{' for a page' if args.format != '.npz' else ''}, "
+        fail(f"--num-samples must be between 1 and {args.max_rows}"
+             f"{' for a page (or write --out FILE.npz: strokes, no picture)' if args.format != '.npz' else ''}, "
              f"not {args.num_samples}")
     if args.format == ".npz":
         picture = [f for f, on in (("--view", args.view != "plain"), ("--plot-attention", args.plot_attention),
@@ -208,6 +211,11 @@ def check_args(args):
         check_output(args.save_strokes, (".npz",), "--save-strokes")
     if args.task == "prediction" and (args.text is not None or args.text_file):
         fail("--text/--text-file are for --task synthesis; the prediction network writes without text (see --steps)")
+    if args.show_prime and args.style is None and not args.prime_file:
+        fail("--show-prime draws the priming line: give --style N or --prime-file FILE too")
+    if args.task == "synthesis" and args.steps is not None:
+        fail("--steps is for --task prediction; synthesis writes until its text ends (cap: --max-steps-per-char)")
+    args.steps = args.steps or DEFAULT_STEPS
     if args.task == "synthesis" and args.text is None and not args.text_file:
         fail('nothing to write: give --text "..." or --text-file FILE')
 
@@ -218,9 +226,11 @@ def read_text(args):
         return args.text.replace("\\n", "\n")
     try:
         if args.text_file == "-":
-            return sys.stdin.read()
-        with open(args.text_file, encoding="utf-8") as f:
-            return f.read()
+            text = sys.stdin.read()
+        else:
+            with open(args.text_file, encoding="utf-8") as f:
+                text = f.read()
+        return text.removeprefix("\ufeff")               # the byte-order mark some editors write first
     except UnicodeDecodeError:
         fail(f"--text-file {args.text_file} is not UTF-8 text")
     except OSError as e:
@@ -336,7 +346,8 @@ def load_checkpoint_model(args):
         if args.checkpoint is None:
             fail(f"no trained model at {path}: train one with `python train.py --task {args.task}` "
                  f"(see README) or pass --checkpoint PATH")
-        fail(f"checkpoint {path} does not exist")
+        fail(f"checkpoint {path} is a folder; pass a .pt file in it" if os.path.isdir(path)
+             else f"checkpoint {path} does not exist")
     try:
         model, ckpt = load_model(path, map_location="cpu", expect_task=args.task)
     except (ValueError, FileNotFoundError) as e:   # foreign file, wrong task, weights that do not fit
@@ -403,7 +414,8 @@ def generate(args):
     if args.task == "synthesis":
         raw_text = read_text(args)
         if not raw_text.strip():
-            fail('the text is empty; give some words with --text "..."')
+            fail(f"--text-file {args.text_file} is empty" if args.text is None else
+                 'the text is empty; give some words with --text "..."')
     prime_text, prime_offsets = None, None
     if args.style is not None:
         prime_text, prime_offsets = style_prime(args)
@@ -430,7 +442,7 @@ def generate(args):
             missing = sorted({c for c in prime_text if c not in alphabet.chars and c != " "})
             if missing:
                 fail(f"the priming text uses characters this model lacks: {' '.join(map(repr, missing))}; "
-                     f"choose another --style or edit the prime file's text")
+                     + ("choose another --style" if args.style is not None else "edit the prime file's text"))
     else:
         lines = ["(unconditional)"]
     if args.format == ".npz":                                                 # a strokes file: no blank rows
@@ -441,8 +453,8 @@ def generate(args):
     elif args.num_samples > 1:
         total_rows = (len(lines) + 1) * args.num_samples - 1                   # a blank row between samples
         if total_rows > MAX_ROWS:
-            fail(f"the page would have {total_rows} lines ({len(lines)} lines x {args.num_samples} samples at "
-                 f"{args.max_chars_per_line} characters per line); at most {MAX_ROWS} fit: write fewer samples (one "
+            fail(f"the page would have {total_rows} lines ({len(lines)} line(s) x {args.num_samples} samples at "
+                 f"{args.max_chars_per_line} characters per line, a blank line between samples); at most {MAX_ROWS} fit: write fewer samples (one "
                  f"sample fills as many pages as it needs), or --out FILE.npz (strokes, no picture, any number of lines)")
         pages = [list(enumerate(lines))]
     else:
@@ -534,7 +546,7 @@ def generate(args):
         retried = int((result["attempts"] > 1).sum())
         print(f"wrote {out} ({B // args.num_samples} line(s) x {args.num_samples} sample(s), "
               f"{args.task}, bias {args.bias}, seed {seed}{f', model step {step}' if step is not None else ''}"
-              f"{f'; {retried} stalled line(s) sampled again (--retries)' if retried else ''})")
+              f"{f'; {retried} stalled or lingering line(s) sampled again (--retries)' if retried else ''})")
     t_written = time.perf_counter()
     if args.save_strokes:
         utils.save_strokes(args.save_strokes, saved, saved_texts)
@@ -615,7 +627,7 @@ def write_strokes_file(args, model, ckpt, joined, texts, prime, prime_chars, gen
     step, retried, points = ckpt.get("step"), sum(a > 1 for a in attempts), sum(len(r) for r in raw)
     print(f"wrote {args.out} ({len(texts):,} line(s) = {len(texts) // args.num_samples:,} x {args.num_samples} sample(s), "
           f"{points:,} points, {args.task}, bias {args.bias}, seed {seed}{f', model step {step}' if step is not None else ''}"
-          f"{f'; {retried} stalled line(s) sampled again (--retries)' if retried else ''})")
+          f"{f'; {retried} stalled or lingering line(s) sampled again (--retries)' if retried else ''})")
     print(f"time: {t_sampled - t_load:.2f} s from checkpoint load to sampled lines ({len(texts) / (t_sampled - t_load):.1f} "
           f"lines/s, batches of {args.batch_size}); {time.perf_counter() - t_start:.2f} s in main")
     return 0

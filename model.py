@@ -827,6 +827,8 @@ def iter_write_lines(model, texts, alphabet, norm, bias=1.0, generator=None, bat
     Yields one dict per batch: index (positions in texts), raw offsets [(T_i, 3) float64], finished, steps and
     attempts (samplings per line), so that a caller can keep what is done if it is stopped."""
     from dataset import denormalize, from_its_first_point
+    if not model.synthesis:
+        raise ValueError("write_lines needs a synthesis model; the prediction model writes no text (sample(steps=N))")
     device = model.mdn.weight.device
     was_training = model.training
     model.eval()

@@ -330,7 +330,8 @@ def plot_lines(lines, path, line_height=60, width=1.5):
 def plot_attention(phis, texts, path, prime_chars=0, max_rows=8):
     """The soft window (eq. 46-47): phi over time (x, points) and characters (y), one panel per line.
     phis: list of (T, U + 1) arrays (the last column is the position just past the text); texts: list of str.
-    prime_chars: characters of priming text at the start of every text (a line marks where the new text begins)."""
+    prime_chars: characters of priming text at the start of every text: only its last one is shown (the window is
+    there when the new writing starts), and a line marks where the new text begins."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     n = min(len(phis), max_rows)
@@ -339,12 +340,12 @@ def plot_attention(phis, texts, path, prime_chars=0, max_rows=8):
     for r in range(n):
         phi, text = np.asarray(phis[r]), texts[r]
         ax = fig.add_subplot(n, 1, r + 1)
-        U = phi.shape[1] - 1
-        ax.imshow(phi.T, origin="lower", aspect="auto", cmap="viridis", interpolation="nearest",
-                  extent=(-0.5, phi.shape[0] - 0.5, -0.5, U + 0.5))
-        labels = list(text[:U]) + ["end"]
-        step = max(1, (U + 1) // 40)
-        ax.set_yticks(range(0, U + 1, step))
+        U, lo = phi.shape[1] - 1, max(prime_chars - 1, 0)                  # characters lo..U shown
+        ax.imshow(phi[:, lo:].T, origin="lower", aspect="auto", cmap="viridis", interpolation="nearest",
+                  extent=(-0.5, phi.shape[0] - 0.5, lo - 0.5, U + 0.5))
+        labels = list(text[lo:U]) + ["end"]
+        step = max(1, (U + 1 - lo) // 40)
+        ax.set_yticks(range(lo, U + 1, step))
         ax.set_yticklabels(["\u2423" if c == " " else c for c in labels[::step]], fontsize=6)
         if prime_chars:
             ax.axhline(prime_chars - 0.5, color="white", linewidth=0.8, linestyle="--")

@@ -266,11 +266,20 @@ def test_unfinished_line_is_reported(files, tmp_path, capsys):
     assert "in 1 attempt(s)" in capsys.readouterr().err
 
 
+def test_a_text_file_from_a_windows_editor(files, tmp_path, spy):
+    """A byte-order mark and CRLF line ends (Notepad's UTF-8) are not text to write."""
+    (tmp_path / "bom.txt").write_bytes("\ufeffthe hat\r\nsand\r\n".encode("utf-8"))
+    assert run(files, "synthesis", tmp_path / "b.png", "--text-file", str(tmp_path / "bom.txt")) == 0
+    assert ["".join(CHARS[i - 1] for i in row if i > 0) for row in spy[0]["text"].tolist()] == ["the hat", "sand"]
+
+
 def errors(files, tmp_path):
     d = files["dir"]
     (d / "bad.json").write_text("{not json")
     (d / "shape.json").write_text(json.dumps({"text": "ab", "strokes": "nope"}))
     (d / "foreign.pt").write_text("not a checkpoint")
+    (d / "empty.txt").write_text("\n  \n")
+    (d / "euro.json").write_text(json.dumps({"text": "\u20ac5", "strokes": [s.tolist() for s in loops("ab")]}))
     torch.save({"weights": torch.zeros(3)}, d / "dict.pt")
     syn = ["--checkpoint", files["synthesis"], "--styles", files["styles"]]
     return [
@@ -309,6 +318,15 @@ def errors(files, tmp_path):
         (syn + [], "nothing to write"),
         (["--task", "prediction", "--checkpoint", files["prediction"], "--text", "ab"], "are for --task synthesis"),
         (["--task", "prediction", "--checkpoint", files["prediction"], "--steps", "0"], "--steps must be between"),
+        (syn + ["--text", "ab", "--steps", "50"], "--steps is for --task prediction"),
+        (syn + ["--text", "ab", "--show-prime"], "--show-prime draws the priming line: give --style N"),
+        (syn + ["--text", "ab", "--num-samples", "21"], "41 lines (1 line(s) x 21 samples at 40 characters per line, a "
+                                                          "blank line between samples)"),
+        (syn + ["--text", "ab", "--num-samples", "41"], "for a page (or write --out FILE.npz"),
+        (syn[2:] + ["--text", "ab", "--checkpoint", str(d)], "is a folder; pass a .pt file in it"),
+        (syn + ["--text", "ab", "--out", str(d)], "is a folder; give a file name, e.g."),
+        (syn + ["--text-file", str(d / "empty.txt")], f"--text-file {d / 'empty.txt'} is empty"),
+        (syn + ["--text", "ab", "--prime-file", str(d / "euro.json")], "'\u20ac'; edit the prime file's text"),
     ]
 
 
