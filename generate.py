@@ -320,6 +320,8 @@ def file_prime(path, styles_path):
             ref.update(load_styles(styles_path).get("reference", {}))
         except ValueError as e:
             fail(str(e))
+    if not isinstance(data.get("y_up", False), bool):
+        fail(f"--prime-file {path}: \"y_up\" must be true or false")
     if not data.get("y_up", False):
         strokes = [s * [1, -1] for s in strokes]              # screen coordinates -> y up, as in the data
     ys = np.concatenate(strokes)[:, 1]

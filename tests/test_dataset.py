@@ -64,6 +64,13 @@ def test_load_prepared_missing_file(tmp_path):
         load_prepared(tmp_path / "nope.npz")
 
 
+def test_a_strokes_file_given_as_prepared_data_says_so(tmp_path):
+    from utils import save_strokes
+    save_strokes(tmp_path / "lines.npz", [np.zeros((4, 3))], ["ab"])
+    with pytest.raises(ValueError, match="is a strokes file .*run prepare_data.py for --data; recognizer.py read"):
+        load_prepared(tmp_path / "lines.npz")
+
+
 def test_corrupt_prepared_or_strokes_files_are_one_line_errors(tiny_prepared, tmp_path):
     """A cut-short download or copy, a file that is not an npz, and an npz of pickled objects: each a ValueError of
     one line naming the file (the scripts print it), not a zipfile traceback."""

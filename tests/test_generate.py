@@ -279,6 +279,7 @@ def errors(files, tmp_path):
     (d / "shape.json").write_text(json.dumps({"text": "ab", "strokes": "nope"}))
     (d / "foreign.pt").write_text("not a checkpoint")
     (d / "empty.txt").write_text("\n  \n")
+    (d / "yup.json").write_text(json.dumps({"text": "ab", "strokes": [s.tolist() for s in loops("ab")], "y_up": "yes"}))
     (d / "euro.json").write_text(json.dumps({"text": "\u20ac5", "strokes": [s.tolist() for s in loops("ab")]}))
     torch.save({"weights": torch.zeros(3)}, d / "dict.pt")
     syn = ["--checkpoint", files["synthesis"], "--styles", files["styles"]]
@@ -326,6 +327,7 @@ def errors(files, tmp_path):
         (syn[2:] + ["--text", "ab", "--checkpoint", str(d)], "is a folder; pass a .pt file in it"),
         (syn + ["--text", "ab", "--out", str(d)], "is a folder; give a file name, e.g."),
         (syn + ["--text-file", str(d / "empty.txt")], f"--text-file {d / 'empty.txt'} is empty"),
+        (syn + ["--text", "ab", "--prime-file", str(d / "yup.json")], '"y_up" must be true or false'),
         (syn + ["--text", "ab", "--prime-file", str(d / "euro.json")], "'\u20ac'; edit the prime file's text"),
     ]
 
