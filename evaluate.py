@@ -89,6 +89,8 @@ def main(argv=None):
         dataset = HandwritingDataset(args.data, args.split, max_lines=args.max_lines or None)
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")
+    if not len(dataset):
+        sys.exit(f"error: the {args.split} split of {args.data} has no lines; choose another --split")
     if model.synthesis and checkpoint.get("alphabet") != dataset.alphabet.chars:
         sys.exit(f"error: {args.checkpoint} was trained with another alphabet than {args.data}; "
                  f"evaluate on the data it was trained on")
@@ -129,11 +131,11 @@ def read_prompts(path):
 def legibility(args, device):
     split = args.split or "test"
     try:
-        model, ckpt = load_model(args.checkpoint, map_location=device, expect_task="synthesis")
+        model, ckpt = load_model(args.checkpoint, map_location=device, expect_task="synthesis", task_flag=False)
         if not os.path.isfile(args.recognizer):
             raise FileNotFoundError(f"recognizer {args.recognizer} not found; train one with `python recognizer.py train` "
                                     f"or pass --recognizer PATH")
-        recognizer, rec_ckpt = load_recognizer(args.recognizer, map_location=device)
+        recognizer, rec_ckpt = load_recognizer(args.recognizer, map_location=device, flag="--recognizer")
         real = HandwritingDataset(args.data, split) if args.prompts is None or os.path.exists(args.data) else None
         prompts = read_prompts(args.prompts) if args.prompts else list(real.texts)
         prime_text, prime_offsets = load_style(args.styles, args.style) if args.style is not None else ("", None)

@@ -506,16 +506,17 @@ def replace_rows(result, other, rows):
     return merged
 
 
-def load_model(checkpoint, map_location="cpu", expect_task=None):
+def load_model(checkpoint, map_location="cpu", expect_task=None, task_flag=True):
     """Rebuild a model from a checkpoint dict (see train.py) or path. Raises FileNotFoundError or ValueError
-    with a one-line message for a missing file, a file that is not one of our checkpoints, or the wrong task."""
+    with a one-line message for a missing file, a file that is not one of our checkpoints, or the wrong task (that
+    suggests --task when the caller has that flag: task_flag)."""
     if not isinstance(checkpoint, dict):
         from utils import load_checkpoint
         checkpoint = load_checkpoint(checkpoint, map_location)
     config = ModelConfig.from_dict(checkpoint["model_config"])
     if expect_task and config.task != expect_task:
         raise ValueError(f"this checkpoint is a {config.task} model, not {expect_task}; "
-                         f"pass a {expect_task} checkpoint or --task {config.task}")
+                         f"pass a {expect_task} checkpoint" + (f" or --task {config.task}" if task_flag else ""))
     model = HandwritingModel(config)
     try:
         model.load_state_dict({k: v.float() for k, v in checkpoint["model"].items()})
@@ -885,12 +886,13 @@ def write_and_read(model, recognizer, texts, alphabet, rec_alphabet, norm, rec_n
     return raw, read, finished, steps, attempts
 
 
-def load_recognizer(checkpoint, map_location="cpu"):
-    """Rebuild a Recognizer from a checkpoint dict or path (recognizer.py train). Raises FileNotFoundError or
-    ValueError with a one-line message."""
+def load_recognizer(checkpoint, map_location="cpu", flag="--checkpoint"):
+    """Rebuild a Recognizer from a checkpoint dict or path (recognizer.py train; flag: the flag that gave the path).
+    Raises FileNotFoundError or ValueError with a one-line message."""
     if not isinstance(checkpoint, dict):
         from utils import load_checkpoint
-        checkpoint = load_checkpoint(checkpoint, map_location, config_key="recognizer_config", writer="recognizer.py train")
+        checkpoint = load_checkpoint(checkpoint, map_location, config_key="recognizer_config", writer="recognizer.py train",
+                                     flag=flag)
     model = Recognizer(RecognizerConfig.from_dict(checkpoint["recognizer_config"]))
     try:
         model.load_state_dict({k: v.float() for k, v in checkpoint["model"].items()})

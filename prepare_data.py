@@ -36,7 +36,7 @@ from utils import at_least, atomic_write, plot_lines
 
 VERSION = 1
 DOWNLOAD = ("download lineStrokes-all.tar.gz and ascii-all.tar.gz (free registration) from "
-            "https://fki.tic.heia-fr.ch/databases/iam-on-line-handwriting-database into data/raw/")
+            "https://fki.tic.heia-fr.ch/databases/iam-on-line-handwriting-database into {raw}/")   # .format(raw=...)
 SPLITS = ("train", "valid", "test")              # split codes 0, 1, 2 in the npz
 VALID_FRACTION = TEST_FRACTION = 0.10            # of the kept lines, whole writers at a time
 SPLIT_SEED = "iam-ondb-split-v1"                 # writers are ordered by sha1(seed + writer id)
@@ -69,13 +69,14 @@ class DataError(Exception):
 def find_source(raw, name):
     """('tar', path) for RAW/<name>-all.tar.gz, else ('dir', path) for RAW/<name>/; DataError if neither."""
     if not os.path.isdir(raw):
-        raise DataError(f"raw data folder {raw} not found; {DOWNLOAD}")
+        what = "is a file, not a folder" if os.path.exists(raw) else "not found"
+        raise DataError(f"raw data folder {raw} {what}; " + DOWNLOAD.format(raw=raw))
     archive, folder = os.path.join(raw, f"{name}-all.tar.gz"), os.path.join(raw, name)
     if os.path.isfile(archive):
         return "tar", archive
     if os.path.isdir(folder):
         return "dir", folder
-    raise DataError(f"neither {archive} nor {folder}/ found; {DOWNLOAD}")
+    raise DataError(f"neither {archive} nor {folder}/ found; " + DOWNLOAD.format(raw=raw))
 
 
 def iter_files(source, suffix):
@@ -97,7 +98,8 @@ def iter_files(source, suffix):
             while gz.read(1 << 20):   # to the end: gzip checks its end marker and CRC, so a cut-short download fails
                 pass                  # (tar alone stops silently when the cut falls on a file boundary)
     except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
-        raise DataError(f"cannot read {path} ({e}); the archive looks damaged, {DOWNLOAD}") from None
+        raise DataError(f"cannot read {path} ({e}); the archive looks damaged, "
+                        + DOWNLOAD.format(raw=os.path.dirname(path))) from None
 
 
 def parse_csr(text):
@@ -304,6 +306,8 @@ def main(argv=None):
 def prepare(args):
     """Read, clean, split and write; the summary goes to stdout, progress to stderr."""
     t0 = time.time()
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise DataError(f"--out {args.out} is a file; give a folder (iam_ondb.npz is written into it)")
 
     ### sources and transcriptions
     strokes_src, ascii_src = find_source(args.raw, "lineStrokes"), find_source(args.raw, "ascii")
@@ -350,7 +354,7 @@ def prepare(args):
             pool.close()
             pool.join()
     if not lines:
-        raise DataError(f"no usable text lines found in {args.raw}; {DOWNLOAD}")
+        raise DataError(f"no usable text lines found in {args.raw}; " + DOWNLOAD.format(raw=args.raw))
 
     ### assemble, sorted by line id so every run writes the same bytes
     line_ids = np.array(sorted(lines))
@@ -416,6 +420,10 @@ def prepare(args):
     print(f"lines dropped: {n_drop:,} = " + ", ".join(f"{k} {len(v)}" for k, v in dropped.items()))
     for c in sorted(corrupt):
         print(f"  corrupt, skipped: {c}")
+    for name in SPLITS[1:]:
+        if not meta["lines"][name]:
+            print(f"prepare_data.py: warning: the {name} split is empty (the split lists name none of these lines): "
+                  f"train.py needs a valid split, evaluate.py the one it scores", file=sys.stderr)
     kept = "repeated points kept" if args.keep_repeats else f"{duplicates:,} repeated points removed"
     print(f"points: {len(offsets):,} ({kept}" + (f", {filled:,} missed readings filled in" if args.fill_gaps else "")
           + f"), characters: {meta['characters']:,}")

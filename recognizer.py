@@ -27,7 +27,7 @@ import torch
 from dataset import Alphabet, HandwritingDataset, augment, make_loader, normalize
 from model import Recognizer, RecognizerConfig, ctc_loss, error_rates, load_recognizer, read_lines
 from utils import (at_least, export_weights, finite_float, learning_rate, load_checkpoint, load_strokes, pick_device,
-                   restore_training_state, save_checkpoint, training_state)
+                   restore_training_state, resume_path, save_checkpoint, training_state)
 
 DEFAULT_CHECKPOINT = "checkpoints/recognizer.pt"
 CKPT = dict(config_key="recognizer_config", writer="recognizer.py train")   # what load_checkpoint expects here
@@ -50,7 +50,7 @@ def get_args(argv=None):
     t.add_argument("--hidden-size", type=at_least(1), default=128, help="LSTM cells per direction")
     t.add_argument("--layers", type=at_least(1), default=2, help="bidirectional LSTM layers")
     t.add_argument("--dropout", type=finite_float, default=0.2, help="dropout after the convolutions and between LSTM layers")
-    t.add_argument("--lr", type=at_least(0.0), default=2e-3, help="peak learning rate (Adam)")
+    t.add_argument("--lr", type=at_least(0.0, exclusive=True), default=2e-3, help="peak learning rate (Adam)")
     t.add_argument("--warmup", type=at_least(0), default=100, help="steps of linear learning-rate warm-up")
     t.add_argument("--schedule", choices=["cosine", "constant"], default="cosine",
                    help="after warm-up: cosine decay to lr/20 over --max-steps (or over --epochs when --max-steps is 0), or constant")
@@ -59,7 +59,7 @@ def get_args(argv=None):
     t.add_argument("--epochs", type=at_least(1), default=60, help="passes over the training split (stops at whichever of epochs/max-steps/time-limit comes first)")
     t.add_argument("--max-steps", type=at_least(0), default=5500, help="stop after this many optimiser steps (0 = no limit; 5,500 = 18 epochs, as for the shipped model)")
     t.add_argument("--time-limit", type=at_least(0.0), default=0, help="stop after this many minutes of wall time in this call (a resumed run counts afresh), then evaluate and save (0 = no limit)")
-    t.add_argument("--augment-scale", type=at_least(0.0), default=0.1, help="random size change per line, +- this fraction (0 = off)")
+    t.add_argument("--augment-scale", type=at_least(0.0, below=1.0), default=0.1, help="random size change per line, +- this fraction (0 = off)")
     t.add_argument("--augment-shear", type=at_least(0.0), default=0.15, help="random slant per line: dx += k dy with |k| <= this (0 = off)")
     t.add_argument("--max-points", type=at_least(0), default=0, help="drop training lines longer than this many points (0 = keep all)")
     t.add_argument("--max-lines", type=at_least(0), default=0, help="use only the first N training lines (0 = all; quick runs)")
@@ -101,9 +101,13 @@ def main(argv=None):
 ### evaluate: CER / WER on a split
 
 def evaluate(args):
+    if args.out and (os.path.isdir(args.out) or not os.path.isdir(os.path.dirname(args.out) or ".")):
+        raise ValueError(f"--out {args.out} is a folder or in a folder that does not exist; give a file name, e.g. rows.jsonl")
     device = pick_device(args.device)
     model, ckpt = load_recognizer(args.checkpoint, map_location=device)
     dataset = HandwritingDataset(args.data, args.split, max_lines=args.max_lines or None)
+    if not len(dataset):
+        raise ValueError(f"the {args.split} split of {args.data} has no lines; choose another --split")
     dataset.set_normalization(ckpt["mean"], ckpt["std"])           # the scale the recognizer was trained on
     hyps = read_lines(model.to(device), [dataset[i][0] for i in range(len(dataset))], Alphabet(ckpt["alphabet"]),
                       args.batch_size)
@@ -180,9 +184,7 @@ def train(args):
         raise ValueError(f"{args.data} has an empty train or valid split; re-run prepare_data.py")
     alphabet = train_set.alphabet
     out = args.out
-    resume = os.path.join(out, "last.pt") if args.resume == "auto" else args.resume
-    if args.resume == "auto" and not os.path.exists(resume):
-        resume = None
+    resume = resume_path(out, args.resume)
     ckpt = load_checkpoint(resume, **CKPT, flag="--resume") if resume else None
     if ckpt:
         config = RecognizerConfig.from_dict(ckpt["recognizer_config"])

@@ -27,8 +27,8 @@ from dataset import Alphabet, HandwritingDataset, augment, make_loader, rare_cha
 from model import (GraphedChunk, HandwritingModel, ModelConfig, WeightNoise, error_rates, evaluate_nll, load_recognizer, nll,
                    summarize_nll, teacher_forcing, write_and_read)
 from utils import (DTYPES, WeightAverage, at_least, autocast_dtype, clipped_step, export_weights, finite_float, learning_rate,
-                   load_checkpoint, make_optimizer, pick_device, plot_loss_curve, restore_training_state, save_checkpoint, save_sample_image,
-                   training_state)
+                   load_checkpoint, make_optimizer, pick_device, plot_loss_curve, restore_training_state, resume_path,
+                   save_checkpoint, save_sample_image, training_state)
 
 
 
@@ -36,7 +36,7 @@ def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--task", choices=["prediction", "synthesis"], default="synthesis", help="network to train (paper sections 4 and 5)")
     p.add_argument("--data", default="data/processed", help="folder with iam_ondb.npz from prepare_data.py, or the .npz itself")
-    p.add_argument("--out", default=None, help="run folder for checkpoints, metrics and images (default: runs/TASK)")
+    p.add_argument("--out", default="runs/TASK", help="run folder for checkpoints, metrics and images (TASK: --task)")
     p.add_argument("--resume", default=None, help="checkpoint to resume from (a last.pt); 'auto' = OUT/last.pt if it exists")
     p.add_argument("--init-from", default=None,
                    help="start a new run from this checkpoint's weights and config (any .pt from train.py, e.g. a shipped "
@@ -49,7 +49,7 @@ def get_args(argv=None):
     # optimisation
     p.add_argument("--optimizer", choices=["adam", "rmsprop"], default="adam",
                    help="adam, or the paper's RMSProp variant (centred, decay 0.95, momentum 0.9, eps 1e-4; use --lr 1e-4)")
-    p.add_argument("--lr", type=at_least(0.0), default=1e-3, help="learning rate (paper, RMSProp: 1e-4)")
+    p.add_argument("--lr", type=at_least(0.0, exclusive=True), default=1e-3, help="learning rate (paper, RMSProp: 1e-4)")
     p.add_argument("--schedule", choices=["constant", "cosine"], default="constant",
                    help="learning rate after warm-up: constant (the paper), or cosine decay to lr/20 at --max-steps")
     p.add_argument("--warmup", type=at_least(0), default=0, help="steps of linear learning-rate warm-up (paper: none)")
@@ -71,7 +71,7 @@ def get_args(argv=None):
                         "try 0.999, about the last 1,000 steps): evaluations, samples, best.pt and model.pt use the "
                         "average; metrics.jsonl also gives the training weights' NLL (val_raw_nll_per_line); pass it "
                         "again on --resume")
-    p.add_argument("--augment-scale", type=at_least(0.0), default=0.0,
+    p.add_argument("--augment-scale", type=at_least(0.0, below=1.0), default=0.0,
                    help="data augmentation: random size change per line, +- this fraction (paper: none, 0)")
     p.add_argument("--augment-shear", type=at_least(0.0), default=0.0,
                    help="data augmentation: random slant per line, dx += k dy with |k| <= this (paper: none, 0)")
@@ -158,7 +158,7 @@ def main(argv=None):
         device, dtype = torch.device(args.device), autocast_dtype(args.dtype, args.device)
     except ValueError as e:
         sys.exit(f"error: {e}")
-    out = args.out or os.path.join("runs", args.task)
+    out = os.path.join("runs", args.task) if args.out == "runs/TASK" else args.out
     log = print if master else (lambda *a, **k: None)
 
     ### data
@@ -167,19 +167,21 @@ def main(argv=None):
         valid_set = HandwritingDataset(args.data, "valid", max_lines=args.eval_lines or None)
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")
+    if len(train_set) == 0 and args.max_points and len(HandwritingDataset(args.data, "train", max_lines=1)):
+        sys.exit(f"error: no training line has at most --max-points {args.max_points} points; raise it (0 = no limit)")
     if len(train_set) == 0 or len(valid_set) == 0:
         sys.exit(f"error: {args.data} has an empty train or valid split; re-run prepare_data.py")
 
     ### model and optimiser
-    resume = os.path.join(out, "last.pt") if args.resume == "auto" else args.resume
-    if resume == os.path.join(out, "last.pt") and args.resume == "auto" and not os.path.exists(resume):
-        resume = None
-    ckpt, source = None, resume or args.init_from
-    if source:
-        try:
+    ckpt, source = None, None
+    try:
+        resume = resume_path(out, args.resume)
+        source = resume or args.init_from
+        if source:
             ckpt = load_checkpoint(source, flag="--resume" if resume else "--init-from")
-        except (FileNotFoundError, ValueError) as e:
-            sys.exit(f"error: {e}")
+    except (FileNotFoundError, ValueError) as e:
+        sys.exit(f"error: {e}")
+    if ckpt:
         config = ModelConfig.from_dict(ckpt["model_config"])
         if config.task != args.task:
             sys.exit(f"error: {source} is a {config.task} checkpoint; train on from it with --task {config.task}")
@@ -239,7 +241,7 @@ def main(argv=None):
         if config.task != "synthesis":
             sys.exit("error: --recognizer checks legibility of written text: it needs --task synthesis")
         try:
-            recognizer, rec_ckpt = load_recognizer(args.recognizer, map_location=device)
+            recognizer, rec_ckpt = load_recognizer(args.recognizer, map_location=device, flag="--recognizer")
         except (FileNotFoundError, ValueError) as e:
             sys.exit(f"error: {e}")
         recognizer.to(device)

@@ -619,18 +619,20 @@ def finite_float(text):
     return value
 
 
-def at_least(low):
-    """argparse type for a flag with a floor: at_least(1) takes integers >= 1, at_least(0.0) finite floats >= 0."""
+def at_least(low, below=None, exclusive=False):
+    """argparse type for a flag with a floor: at_least(1) takes integers >= 1, at_least(0.0) finite floats >= 0;
+    exclusive: > low; below: and < below."""
     import argparse
     kind = "an integer" if isinstance(low, int) else "a number"
+    wanted = f"{kind} {'>' if exclusive else '>='} {low}" + (f" and < {below}" if below is not None else "")
 
     def parse(text):
         try:
             value = int(text) if isinstance(low, int) else finite_float(text)
         except (ValueError, argparse.ArgumentTypeError):
-            raise argparse.ArgumentTypeError(f"expected {kind} >= {low}, not {text!r}") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"expected {kind} >= {low}, not {text!r}")
+            raise argparse.ArgumentTypeError(f"expected {wanted}, not {text!r}") from None
+        if value < low or (exclusive and value == low) or (below is not None and value >= below):
+            raise argparse.ArgumentTypeError(f"expected {wanted}, not {text!r}")
         return value
     return parse
 
@@ -716,7 +718,22 @@ def load_checkpoint(path, map_location="cpu", config_key="model_config", writer=
     if not isinstance(checkpoint, dict) or config_key not in checkpoint or "model" not in checkpoint:
         kind = "handwriting" if config_key == "model_config" else config_key.split("_")[0]
         raise ValueError(f"{path} is not a {kind} checkpoint (no {config_key}/model); pass a .pt file written by {writer}")
+    if flag == "--resume" and "optimizer" not in checkpoint:
+        raise ValueError(f"{path} holds weights only (no optimiser state, like model.pt and the shipped files): resume "
+                         f"from a run's last.pt" + (", or train on from these weights with --init-from"
+                                                     if config_key == "model_config" else ""))
     return checkpoint
+
+
+def resume_path(out, resume):
+    """The checkpoint --resume names: None, a path, or 'auto' (OUT/last.pt if it exists). A new run (no --resume) into a
+    folder that holds a run's last.pt is refused, since it would overwrite that run. Raises ValueError."""
+    last = os.path.join(out, "last.pt")
+    if resume == "auto":
+        return last if os.path.exists(last) else None
+    if resume is None and os.path.exists(last):
+        raise ValueError(f"{out} already holds a run ({last}): pass --resume auto to go on with it, or another --out")
+    return resume
 
 
 def plot_loss_curve(metrics_path, png_path):

@@ -165,6 +165,13 @@ def run_script(*args):
                           capture_output=True, text=True, timeout=60)
 
 
+def test_out_that_is_a_file_is_refused_before_parsing(tmp_path):
+    (tmp_path / "afile").write_text("x")
+    r = run_script("--raw", tmp_path / "nowhere", "--out", tmp_path / "afile")
+    assert r.returncode == 1 and "--out " + str(tmp_path / "afile") + " is a file; give a folder" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
 @pytest.mark.parametrize("case", ["no_dir", "no_strokes", "no_ascii", "damaged", "ascii_cut_short"])
 def test_missing_or_damaged_input_gives_one_line(tmp_path, case):
     raw = tmp_path / "raw"

@@ -249,6 +249,13 @@ def test_missing_files_give_one_line_errors(trained, tiny_prepared, tmp_path):
         (recognizer.main, ["read", str(tiny_prepared), "--checkpoint", syn], "not a recognizer checkpoint"),
         (recognizer.main, ["evaluate", "--checkpoint", rec, "--data", str(tmp_path / "nowhere")], "prepare_data.py"),
         (recognizer.main, ["train", "--data", str(tmp_path / "nowhere")], "prepare_data.py"),
+        (recognizer.main, ["train", "--data", str(tiny_prepared), "--out", str(trained / "rec"), *TINY_REC],
+         "already holds a run"),
+        (recognizer.main, ["train", "--data", str(tiny_prepared), "--resume", rec, "--out", str(tmp_path / "r2"),
+                           *TINY_REC], "holds weights only (no optimiser state, like model.pt and the shipped files): "
+                                       "resume from a run's last.pt"),
+        (recognizer.main, ["evaluate", "--checkpoint", rec, "--data", str(tiny_prepared), "--out", str(tmp_path)],
+         "is a folder or in a folder that does not exist"),
         (evaluate.main, ["--checkpoint", rec, "--legibility", "--data", str(tiny_prepared)], "not a handwriting checkpoint"),
         (evaluate.main, ["--checkpoint", syn, "--legibility", "--prompts", str(tmp_path / "none.txt"),
                          "--recognizer", rec, "--data", str(tiny_prepared)], "cannot read --prompts"),

@@ -336,6 +336,11 @@ def test_bad_checkpoints_give_one_line_errors(tiny_prepared, tmp_path):
     junk = tmp_path / "junk.pt"
     junk.write_bytes(b"not a checkpoint")
     data = ["--data", str(tiny_prepared)]
+    with np.load(tiny_prepared) as f:                     # the same data, its test lines moved to train
+        arrays = {k: f[k] for k in f.files}
+    arrays["split"] = np.where(arrays["split"] == 2, 0, arrays["split"]).astype(np.int8)
+    empty = tmp_path / "no_test.npz"
+    np.savez(empty, **arrays)
     cases = [
         (["train.py", "--task", "synthesis", "--resume", str(tmp_path / "p" / "last.pt"), *data], "prediction checkpoint"),
         (["train.py", "--task", "synthesis", "--init-from", str(tmp_path / "p" / "model.pt"), *data], "prediction checkpoint"),
@@ -347,6 +352,18 @@ def test_bad_checkpoints_give_one_line_errors(tiny_prepared, tmp_path):
         (["evaluate.py", "--checkpoint", str(tmp_path / "p" / "model.pt"), "--text-ablation", *data],
          "needs a synthesis checkpoint"),
         (["train.py", "--data", str(tmp_path / "nowhere")], "prepare_data.py"),
+        # a run folder is not overwritten by a new run; a weights-only file cannot be resumed
+        (["train.py", "--task", "prediction", "--out", str(tmp_path / "p"), *data],
+         "already holds a run (" + str(tmp_path / "p" / "last.pt") + "): pass --resume auto to go on with it"),
+        (["train.py", "--task", "prediction", "--resume", str(tmp_path / "p" / "model.pt"), *data],
+         "holds weights only (no optimiser state, like model.pt and the shipped files): resume from a run's last.pt, or "
+         "train on from these weights with --init-from"),
+        (["train.py", "--task", "prediction", "--max-points", "3", *data], "no training line has at most --max-points 3"),
+        (["train.py", "--recognizer", str(tmp_path / "missing.pt"), *data], "or pass --recognizer PATH"),
+        (["evaluate.py", "--checkpoint", str(tmp_path / "p" / "model.pt"), "--legibility", *data],
+         "not synthesis; pass a synthesis checkpoint\n"),
+        (["evaluate.py", "--checkpoint", str(tmp_path / "p" / "model.pt"), "--data", str(empty), "--split", "test"],
+         "the test split of " + str(empty) + " has no lines"),
     ]
     for args, message in cases:
         r = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
@@ -467,7 +484,10 @@ def test_an_unusable_device_is_a_one_line_error_in_every_script(tiny_prepared, t
     ("evaluate", ["--batch-size", "0"], "an integer >= 1"),
     ("evaluate", ["--max-lines", "-5"], "an integer >= 0"),
     ("evaluate", ["--legibility", "--max-steps-per-char", "0"], "an integer >= 1"),
-    ("train", ["--lr", "nan"], "a number >= 0.0"),
+    ("train", ["--lr", "nan"], "a number > 0.0"),
+    ("train", ["--lr", "0"], "a number > 0.0"),
+    ("train", ["--augment-scale", "1"], "a number >= 0.0 and < 1.0"),
+    ("recognizer", ["train", "--augment-scale", "2"], "a number >= 0.0 and < 1.0"),
     ("train", ["--dropout", "inf"], "a finite number"),
     ("train", ["--batch-size", "0"], "an integer >= 1"),
     ("train", ["--tbptt", "-1"], "an integer >= 0"),
