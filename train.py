@@ -31,6 +31,10 @@ from utils import (DTYPES, WeightAverage, at_least, autocast_dtype, clipped_step
                    save_checkpoint, save_sample_image, training_state)
 
 
+# training flags that shape a run: on --resume, those given otherwise than the run's are named
+RESUME_FLAGS = ("data", "optimizer", "lr", "schedule", "warmup", "batch_size", "tbptt", "clip", "dropout", "ema",
+                "weight_noise", "augment_scale", "augment_shear", "rare_chars", "max_points", "max_lines", "dtype")
+
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -214,6 +218,12 @@ def main(argv=None):
         if noise:
             noise.load_state_dict(ckpt["weight_noise"])
         log(f"resumed from {resume} at step {run.step} (epoch {run.epoch}, batch {run.batch_in_epoch})")
+        # the training flags come from this command line, not the checkpoint: name those that changed
+        before = ckpt.get("train_args", {})
+        changed = [f"--{k.replace('_', '-')} {getattr(args, k)} (was {before[k]})" for k in RESUME_FLAGS
+                   if k in before and before[k] != getattr(args, k)]
+        if changed:
+            log("note: flags that differ from the run's: " + ", ".join(changed) + "; pass them again to go on as it was")
         best_by = run.best_by or ckpt.get("train_args", {}).get("select_by", "nll")
         if best_by != args.select_by:   # a CER is not comparable with an NLL: best.pt is replaced at the next evaluation
             log(f"--select-by {args.select_by} (the run chose best.pt by {best_by} so far): best figure reset")

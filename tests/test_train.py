@@ -331,6 +331,16 @@ def test_bfloat16_autocast_trains_and_scores_like_float32(tiny_prepared, tmp_pat
     assert nll["bfloat16"] == pytest.approx(nll["float32"], rel=0.01) and nll["bfloat16"] != nll["float32"]
 
 
+def test_resume_names_the_training_flags_given_otherwise(tiny_prepared, tmp_path, capsys):
+    """The training flags come from the command line on --resume: those that differ from the run's are named."""
+    run_train(tiny_prepared, tmp_path, "--max-steps", "2", "--eval-interval", "2", "--tbptt", "20", task="prediction")
+    capsys.readouterr()
+    run_train(tiny_prepared, tmp_path, "--max-steps", "3", "--eval-interval", "2", "--resume", "auto", "--lr", "0.002",
+              task="prediction")
+    out = capsys.readouterr().out
+    assert "note: flags that differ from the run's: --lr 0.002 (was 0.001), --tbptt 25 (was 20);" in out
+
+
 def test_bad_checkpoints_give_one_line_errors(tiny_prepared, tmp_path):
     run_train(tiny_prepared, tmp_path / "p", "--max-steps", "2", "--eval-interval", "2", task="prediction")
     junk = tmp_path / "junk.pt"
