@@ -31,6 +31,8 @@ def load_prepared(path):
     except (OSError, EOFError, ValueError, zipfile.BadZipFile, zlib.error) as e:   # not an npz, cut short, pickles
         raise ValueError(f"{path} is not a readable prepared file ({type(e).__name__}); run prepare_data.py again") from None
     missing = [k for k in KEYS if k not in data]
+    if len(missing) == len(KEYS):
+        raise ValueError(f"{path} is not prepared data (none of its arrays); pass the folder prepare_data.py wrote")
     if missing and {"offsets", "eos", "line_starts", "texts"} <= data.keys():     # generate.py's lines, say
         raise ValueError(f"{path} is a strokes file (lines without splits), not prepared data: run prepare_data.py for "
                          f"--data; recognizer.py read reads strokes files")

@@ -80,8 +80,9 @@ def main(argv=None):
         sys.exit(f"error: {e}")
     if args.legibility:
         return legibility(args, device)
-    if args.style is not None:
-        sys.exit("error: --style is for --legibility (how legible the model writes in that style)")
+    if args.style is not None or args.prompts:
+        sys.exit(f"error: {'--style' if args.style is not None else '--prompts'} is for --legibility (how legible the "
+                 f"model writes)")
     args.split = args.split or "valid"
     try:
         checkpoint = load_checkpoint(args.checkpoint, map_location=device)

@@ -396,7 +396,7 @@ def main(argv=None):
         export_weights(load_checkpoint(os.path.join(out, "best.pt")), os.path.join(out, "model.pt"))
     if metrics:
         log(f"done ({stop['why']}): {run.step} steps, {run.epoch} epochs, {run.train_time / 60:.1f} min training, "
-            f"val {metrics['val_nll_per_line']:.1f} nats/line (best {args.select_by} {run.best_val:.4g}), {run.bad_steps} skipped steps; "
+            f"val {metrics['val_nll_per_line']:.1f} nats/line (best {args.select_by} {run.best_val:{'.1f' if args.select_by == 'nll' else '.4f'}}), {run.bad_steps} skipped steps; "
             f"checkpoints in {out}")
     if ddp:
         dist.barrier()           # rank 0 may still be writing checkpoints

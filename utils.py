@@ -708,6 +708,8 @@ def load_checkpoint(path, map_location="cpu", config_key="model_config", writer=
     message that says what to do (`writer` names the script that makes such checkpoints, `flag` the flag that gave
     the path)."""
     import torch
+    if os.path.isdir(path):
+        raise FileNotFoundError(f"checkpoint {path} is a folder; pass a .pt file in it (last.pt, best.pt, model.pt)")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint {path} not found; train one with {writer} or pass {flag} PATH")
     try:

@@ -374,6 +374,9 @@ def test_bad_checkpoints_give_one_line_errors(tiny_prepared, tmp_path):
          "not synthesis; pass a synthesis checkpoint\n"),
         (["evaluate.py", "--checkpoint", str(tmp_path / "p" / "model.pt"), "--data", str(empty), "--split", "test"],
          "the test split of " + str(empty) + " has no lines"),
+        (["evaluate.py", "--checkpoint", str(tmp_path / "p"), *data], "is a folder; pass a .pt file in it"),
+        (["evaluate.py", "--prompts", "p.txt", *data], "--prompts is for --legibility"),
+        (["train.py", "--data", str(tmp_path / "p" / "model.pt")], "is not prepared data (none of its arrays)"),
     ]
     for args, message in cases:
         r = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
