@@ -85,8 +85,11 @@ def test_corrupt_prepared_or_strokes_files_are_one_line_errors(tiny_prepared, tm
             with pytest.raises(ValueError) as e:
                 load(tmp_path / f"{name}.npz")
             assert f"{name}.npz is not a" in str(e.value) and "\n" not in str(e.value), (name, load)
-    with pytest.raises(ValueError, match="lacks offsets, eos"):
+    with pytest.raises(ValueError, match="other.npz is not prepared data"):
         load_prepared(tmp_path / "other.npz")
+    np.savez(tmp_path / "old.npz", offsets=np.zeros((3, 2)), eos=np.zeros(3))     # some arrays: another version's
+    with pytest.raises(ValueError, match="lacks line_starts, texts, .*made by another version"):
+        load_prepared(tmp_path / "old.npz")
 
 
 def test_collate_pads_and_masks():
