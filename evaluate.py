@@ -195,7 +195,7 @@ def legibility(args, device):
                  [str(i) for i in keep])
     worst = sorted(rows, key=lambda r: -r["cer"])[:args.worst]
     plot_lines([(raw[r["index"]], f"#{r['index']}  CER {r['cer']:.2f}{'' if r['finished'] else ' (unfinished)'}  "
-                                  f"asked: {r['text']!r}  read: {r['recognised']!r}") for r in worst],
+                                  f"asked: “{r['text']}”  read: “{r['recognised']}”") for r in worst],
                os.path.join(args.out, "worst.png"))
     gen = error_rates([asked[i] for i in keep], [hyps[i] for i in keep])
     rea = error_rates([real.texts[real_index[i]] for i in with_real], [real_hyps[i] for i in with_real]) if with_real else None
