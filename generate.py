@@ -96,7 +96,8 @@ def get_args(argv=None):
     s.add_argument("--batch-size", type=int, metavar="N", default=256,
                    help="lines sampled together for .npz output (a page is always one batch); larger batches write "
                         "more lines per second, on a GPU most (default: 256)")
-    s.add_argument("--device", default="cpu", metavar="DEV", help="torch device: cpu, cuda, cuda:1, mps, or auto (CUDA when present) (default: cpu)")
+    s.add_argument("--device", default="cpu", metavar="DEV",
+                   help="torch device: cpu, cuda, cuda:1, mps, or auto (CUDA when present) (default: cpu)")
     s.add_argument("--threads", type=int, metavar="N", default=1,
                    help="CPU threads for torch (default: 1; sampling runs one small step at a time, where more threads "
                         "gain little and are many times slower when other programs share the cores)")
@@ -456,8 +457,9 @@ def generate(args):
         total_rows = (len(lines) + 1) * args.num_samples - 1                   # a blank row between samples
         if total_rows > MAX_ROWS:
             fail(f"the page would have {total_rows} lines ({len(lines)} line(s) x {args.num_samples} samples at "
-                 f"{args.max_chars_per_line} characters per line, a blank line between samples); at most {MAX_ROWS} fit: write fewer samples (one "
-                 f"sample fills as many pages as it needs), or --out FILE.npz (strokes, no picture, any number of lines)")
+                 f"{args.max_chars_per_line} characters per line, a blank line between samples); at most {MAX_ROWS} "
+                 f"fit: write fewer samples (one sample fills as many pages as it needs), or --out FILE.npz (strokes, "
+                 f"no picture, any number of lines)")
         pages = [list(enumerate(lines))]
     else:
         pages = paginate(lines, MAX_ROWS)
