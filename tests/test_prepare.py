@@ -146,6 +146,10 @@ def test_split_by_writer_and_lists(tmp_path, capsys):
     ids2 = list(map(str, data2["line_ids"]))
     assert data2["split"][ids2.index(moved)] == 2 and data2["split"][ids2.index(lists["test"][0])] == 0
     assert "1 lines not listed went to train" in capsys.readouterr().out
+    # lists that name none of the lines of a split: written, with a warning
+    (tmp_path / "splits" / "valid.txt").write_text("zz-000-01\n")
+    run_prepare(raw, tmp_path / "out3", splits=tmp_path / "splits")
+    assert "warning: the valid split is empty" in capsys.readouterr().err
 
 
 def test_mean_std_and_alphabet_come_from_train(tiny_prepared):
