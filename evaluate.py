@@ -133,9 +133,6 @@ def legibility(args, device):
     split = args.split or "test"
     try:
         model, ckpt = load_model(args.checkpoint, map_location=device, expect_task="synthesis", task_flag=False)
-        if not os.path.isfile(args.recognizer):
-            raise FileNotFoundError(f"recognizer {args.recognizer} not found; train one with `python recognizer.py train` "
-                                    f"or pass --recognizer PATH")
         recognizer, rec_ckpt = load_recognizer(args.recognizer, map_location=device, flag="--recognizer")
         real = HandwritingDataset(args.data, split) if args.prompts is None or os.path.exists(args.data) else None
         prompts = read_prompts(args.prompts) if args.prompts else list(real.texts)

@@ -19,7 +19,7 @@ import sys
 import textwrap
 import time
 
-from utils import finite_float   # numpy only; torch is imported after the fast checks
+from utils import finite_float, load_style, load_styles   # numpy only; torch is imported after the fast checks
 
 HERE = os.path.dirname(os.path.abspath(__file__))   # shipped files are found wherever the command runs from
 DEFAULT_CHECKPOINTS = {"synthesis": "checkpoints/synthesis.pt", "prediction": "checkpoints/prediction.pt"}
@@ -269,7 +269,6 @@ def prepare_lines(text, chars, max_chars, drop_unknown):
 
 def style_prime(args):
     """--style N -> (text, raw offsets (T, 3) with the first point at (0, 0))."""
-    from utils import load_style
     try:
         return load_style(args.styles, args.style)
     except (FileNotFoundError, ValueError) as e:
@@ -316,7 +315,6 @@ def file_prime(path, styles_path):
         fail(f"--prime-file {path} needs a non-empty text and at least one stroke of finite numbers")
     ref = dict(REFERENCE_SCALE)
     if os.path.exists(styles_path):
-        from utils import load_styles
         try:
             ref.update(load_styles(styles_path).get("reference", {}))
         except ValueError as e:
@@ -345,12 +343,11 @@ def file_prime(path, styles_path):
 def load_checkpoint_model(args):
     from model import load_model
     path = args.checkpoint or shipped(DEFAULT_CHECKPOINTS[args.task])
-    if not os.path.isfile(path):
+    if not os.path.exists(path):                     # a folder: load_checkpoint says so
         if args.checkpoint is None:
             fail(f"no trained model at {path}: train one with `python train.py --task {args.task}` "
                  f"(see README) or pass --checkpoint PATH")
-        fail(f"checkpoint {path} is a folder; pass a .pt file in it" if os.path.isdir(path)
-             else f"checkpoint {path} does not exist")
+        fail(f"checkpoint {path} does not exist")
     try:
         model, ckpt = load_model(path, map_location="cpu", expect_task=args.task)
     except (ValueError, FileNotFoundError) as e:   # foreign file, wrong task, weights that do not fit

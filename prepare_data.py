@@ -289,10 +289,7 @@ def get_args(argv=None):
                    "as Graves (2013) did (default: off)")
     p.add_argument("--plot", type=at_least(0), default=0, metavar="N", help="after preparing, draw N prepared lines with "
                    "their text to OUT/lines.png (default: 0 = no plot)")
-    args = p.parse_args(argv)
-    if args.resample < 0 or args.plot < 0 or args.workers < 1:
-        p.error("--resample and --plot must be >= 0, --workers >= 1")
-    return args
+    return p.parse_args(argv)
 
 
 def main(argv=None):

@@ -224,7 +224,7 @@ def main(argv=None):
                    if k in before and before[k] != getattr(args, k)]
         if changed:
             log("note: flags that differ from the run's: " + ", ".join(changed) + "; pass them again to go on as it was")
-        best_by = run.best_by or ckpt.get("train_args", {}).get("select_by", "nll")
+        best_by = run.best_by or before.get("select_by", "nll")
         if best_by != args.select_by:   # a CER is not comparable with an NLL: best.pt is replaced at the next evaluation
             log(f"--select-by {args.select_by} (the run chose best.pt by {best_by} so far): best figure reset")
             run.best_val = math.inf
