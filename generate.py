@@ -466,14 +466,15 @@ def generate(args):
                  f"write --out FILE.npz (strokes, no picture, any number of lines)")
 
     prime = None if prime_offsets is None else prime_strokes(prime_offsets, mean, std)
-    prime_chars = len(prime_text) + 1 if prime is not None else 0             # "prime text " leads every text
+    lead = "" if prime is None else f"{prime_text} "                          # the priming text leads every text
+    prime_chars = len(lead)
     seed = args.seed if args.seed is not None else int.from_bytes(os.urandom(4), "little") % 1_000_000
     generator = torch.Generator(device=device).manual_seed(seed)
     record = args.view in ("eos", "density") or bool(args.plot_attention)
     if args.format == ".npz":
         texts = [ln for _ in range(args.num_samples) for ln in lines if ln]  # sample-major
-        joined = [f"{prime_text} {t}" if prime is not None else t for t in texts]
-        return write_strokes_file(args, model, ckpt, joined, texts, prime, prime_chars, generator, seed, t_start, t_load)
+        return write_strokes_file(args, model, ckpt, [lead + t for t in texts], texts, prime, prime_chars, generator,
+                                  seed, t_start, t_load)
 
     import utils
     saved, saved_texts, t_sampling, steps, n_lines = [], [], 0.0, 0, 0
@@ -488,12 +489,9 @@ def generate(args):
                     where.append(f"line {n + 1}" + (f" of sample {s + 1}" if args.num_samples > 1 else ""))
         B = len(texts)
         t_sample = time.perf_counter()
-        joined = [f"{prime_text} {t}" if prime is not None else t for t in texts]
+        joined = [lead + t for t in texts]
         if args.task == "synthesis":
-            ids = [alphabet.encode(t) for t in joined]
-            text_ids = torch.zeros(B, max(len(i) for i in ids), dtype=torch.long)
-            for b, i in enumerate(ids):
-                text_ids[b, :len(i)] = i
+            text_ids = torch.nn.utils.rnn.pad_sequence([alphabet.encode(t) for t in joined], batch_first=True)
             result = model.sample(text=text_ids.to(device), bias=args.bias, prime=prime, generator=generator,
                                   max_steps_per_char=args.max_steps_per_char, record=record, retries=args.retries,
                                   retry_above=args.retry_above, prime_chars=prime_chars)
