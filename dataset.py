@@ -56,7 +56,10 @@ def denormalize(offsets, mean, std):
 def prime_strokes(offsets, mean, std):
     """A priming line's raw offsets (T, 3), first point (0, 0) -> what sample(prime=) feeds: its normalised points
     after the first (T - 1, 3) float32 (the start token x_0 = 0 takes the first one's place, as in training), or None."""
-    prime = torch.as_tensor(normalize(np.asarray(offsets, np.float32), np.asarray(mean, np.float32),
+    offsets = np.asarray(offsets, np.float32)
+    if offsets.ndim != 2 or offsets.shape[1] != 3:
+        raise ValueError(f"a priming line's offsets must be (T, 3) rows (dx, dy, eos), not {offsets.shape}")
+    prime = torch.as_tensor(normalize(offsets, np.asarray(mean, np.float32),
                                       np.asarray(std, np.float32)))[1:]
     return prime if len(prime) else None
 
@@ -91,6 +94,7 @@ class Alphabet:
         self.index = {c: i + 1 for i, c in enumerate(chars)}
 
     def __len__(self):
+        """The ids, padding included: len(chars) + 1."""
         return len(self.chars) + 1
 
     def unknown(self, text):
@@ -185,7 +189,7 @@ def rare_char_copies(texts, threshold, max_copies=8):
 class BucketBatchSampler(Sampler):
     """Batches of lines of similar length, so little compute goes to padding.
 
-    shuffle=True: a random permutation (seeded by seed and set_epoch) is cut into pools of POOL_BATCHES batches,
+    shuffle=True: a random permutation (seeded by seed; train.py passes seed + epoch) is cut into pools of POOL_BATCHES batches,
     each pool is sorted by length and cut into batches, and the batch order is shuffled. shuffle=False: all lines
     sorted by length (for evaluation). Every index appears exactly once per epoch, or copies[i] times if copies is
     given (drop_last: the last, short batch is left out).
@@ -195,15 +199,11 @@ class BucketBatchSampler(Sampler):
         self.index = np.arange(len(lengths)) if copies is None else np.repeat(np.arange(len(lengths)), copies)
         self.lengths = np.asarray(lengths)[self.index]                   # of the epoch's entries
         self.batch_size, self.shuffle, self.seed, self.drop_last = batch_size, shuffle, seed, drop_last
-        self.epoch = 0
-
-    def set_epoch(self, epoch):
-        self.epoch = epoch
 
     def __iter__(self):
         n, bs = len(self.lengths), self.batch_size
         if self.shuffle:
-            rng = np.random.default_rng([self.seed, self.epoch])
+            rng = np.random.default_rng([self.seed, 0])        # [seed, 0]: the order runs so far were trained on
             order = rng.permutation(n)
             pool = bs * POOL_BATCHES
             order = np.concatenate([p[np.argsort(self.lengths[p], kind="stable")]
@@ -232,7 +232,7 @@ def padding_fraction(lengths, batches):
 def make_loader(dataset, batch_size, shuffle, seed=0, drop_last=False, num_workers=0, copies=None):
     """DataLoader over a HandwritingDataset with length buckets and padding masks (see collate).
 
-    For a new shuffle every epoch call loader.batch_sampler.set_epoch(epoch), or pass seed + epoch. copies: how many
+    For a new shuffle every epoch pass seed + epoch (a new loader per epoch). copies: how many
     times each line goes into an epoch (rare_char_copies), else once.
     """
     sampler = BucketBatchSampler(dataset.lengths, batch_size, shuffle=shuffle, seed=seed, drop_last=drop_last,

@@ -61,7 +61,7 @@ def get_args(argv=None):
                         "times, keeping the best attempt, as generate.py does; 0 = the model's own first attempt")
     g.add_argument("--retry-above", type=at_least(0.0), default=32,
                    help="with --retries, a line that took more than this many points per character counts as stalled, "
-                        "as in generate.py (real lines take about 22; 0 = only lines that reach the cap)")
+                        "as in generate.py (real lines take about 21; 0 = only lines that reach the cap)")
     g.add_argument("--style", type=int, default=None, metavar="N",
                    help="write every prompt in style N of --styles (priming, paper section 5.5, as generate.py --style "
                         "does); only the new writing is read")

@@ -19,7 +19,7 @@ import sys
 import textwrap
 import time
 
-from utils import finite_float, load_style, load_styles   # numpy only; torch is imported after the fast checks
+from utils import MAX_LINE_CHARS, VIEWS, finite_float, load_style, load_styles   # numpy only; torch is imported after the fast checks
 
 HERE = os.path.dirname(os.path.abspath(__file__))   # shipped files are found wherever the command runs from
 DEFAULT_CHECKPOINTS = {"synthesis": "checkpoints/synthesis.pt", "prediction": "checkpoints/prediction.pt"}
@@ -27,8 +27,6 @@ DEFAULT_OUT = os.path.join("samples", "handwriting.png")
 DEFAULT_STYLES = os.path.join("data", "styles.json")
 FORMATS = (".png", ".svg", ".gif", ".npz")   # .npz: a strokes file, no picture
 PLOT_FORMATS = (".png", ".svg", ".pdf")
-VIEWS = ("plain", "strokes", "eos", "density")
-MAX_CHARS_PER_LINE = 64     # the longest line of IAM-OnDB's transcriptions: longer lines are outside what the model saw
 MAX_ROWS = 40               # lines per page, counting every sample (one batch of at most this many lines)
 MAX_PAGES = 10              # pages of one run (a longer text: several runs, or .npz output)
 MAX_FILE_LINES = 100_000    # lines of an .npz strokes file, counting every sample (~2 GB of offsets held in memory)
@@ -70,7 +68,7 @@ def get_args(argv=None):
                    help=f"points per line for --task prediction (default: {DEFAULT_STEPS}; IAM-OnDB lines have a median "
                         f"of 620)")
     g.add_argument("--max-chars-per-line", type=int, metavar="N", default=40,
-                   help=f"wrap longer lines at word boundaries (characters, 5 to {MAX_CHARS_PER_LINE}; default: 40; "
+                   help=f"wrap longer lines at word boundaries (characters, 5 to {MAX_LINE_CHARS}; default: 40; "
                         f"IAM-OnDB lines have 1-64, median 29)")
     g.add_argument("--drop-unknown", action="store_true",
                    help="leave out characters the model's alphabet lacks instead of stopping with an error")
@@ -85,13 +83,13 @@ def get_args(argv=None):
                    help="write the text N times, all sampled together in one batch, one block per sample (default: 1)")
     s.add_argument("--max-steps-per-char", type=int, metavar="N", default=40,
                    help="safety cap for synthesis: a line stops after this many points per character of its text "
-                        "(default: 40; real lines take about 20-25)")
+                        "(default: 40; real lines take about 21)")
     s.add_argument("--retries", type=int, metavar="N", default=2,
                    help="a line whose window stalled (it reached that cap, or took more than --retry-above) is sampled "
                         "again, up to N more times, keeping the best attempt; 0 = keep the first (default: 2)")
     s.add_argument("--retry-above", type=finite_float, metavar="PTS", default=32,
                    help="with --retries, also sample again a line that finished but took more than PTS points per "
-                        "character: a window that lingers writes loops (real lines take about 22); 0 = only lines "
+                        "character: a window that lingers writes loops (real lines take about 21); 0 = only lines "
                         "that reach the cap (default: 32, chosen on the validation split)")
     s.add_argument("--batch-size", type=int, metavar="N", default=256,
                    help="lines sampled together for .npz output (a page is always one batch); larger batches write "
@@ -166,8 +164,8 @@ def check_args(args):
         fail(f"--bias must be >= 0 (0 = unbiased), not {args.bias}")
     if args.batch_size < 1:
         fail(f"--batch-size must be >= 1, not {args.batch_size}")
-    if not 5 <= args.max_chars_per_line <= MAX_CHARS_PER_LINE:
-        fail(f"--max-chars-per-line must be between 5 and {MAX_CHARS_PER_LINE} (the longest line the model saw), "
+    if not 5 <= args.max_chars_per_line <= MAX_LINE_CHARS:
+        fail(f"--max-chars-per-line must be between 5 and {MAX_LINE_CHARS} (the longest line the model saw), "
              f"not {args.max_chars_per_line}")
     if args.steps is not None and not 1 <= args.steps <= MAX_STEPS:
         fail(f"--steps must be between 1 and {MAX_STEPS}, not {args.steps}")
@@ -439,7 +437,7 @@ def generate(args):
             print(f"generate.py: warning: left out {' '.join(repr(c) for c in dropped)} (not in the alphabet)",
                   file=sys.stderr)
         if prime_text is not None:
-            missing = sorted({c for c in prime_text if c not in alphabet.chars and c != " "})
+            missing = sorted({c for c in prime_text if c not in alphabet.chars})
             if missing:
                 fail(f"the priming text uses characters this model lacks: {' '.join(map(repr, missing))}; "
                      + ("choose another --style" if args.style is not None else "edit the prime file's text"))

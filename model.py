@@ -2,7 +2,7 @@
 Graves' handwriting networks (arXiv 1308.0850, sections 4 and 5).
 
 One model class covers both tasks:
-- prediction: 3 stacked LSTMs with skip connections (input -> every layer, every layer -> output) and a
+- prediction: 3 stacked LSTMs (no peepholes, as cuDNN's) with skip connections (input -> every layer, every layer -> output) and a
   mixture density (MDN) head of M bivariate Gaussians plus an end-of-stroke Bernoulli.
 - synthesis: the same stack plus a soft attention window over the one-hot text, computed from layer 1
   and fed to layers 2..L at step t and to layer 1 at step t + 1.
@@ -13,6 +13,8 @@ evaluation and priming; sampling steps one point at a time with `_step`, the sam
 weights merged into one matrix (tested equal to `forward`).
 """
 import math
+import numbers
+import warnings
 from dataclasses import dataclass, asdict, fields
 from typing import NamedTuple, Optional
 
@@ -27,15 +29,18 @@ SAMPLE_BLOCK = 16   # sampling steps between stopping tests (one host sync each)
 
 
 class Config:
-    """Dict round trip for the dataclass configs stored in checkpoints (unknown keys from newer versions ignored)."""
+    """Dict round trip for the dataclass configs stored in checkpoints."""
 
     def to_dict(self):
         return asdict(self)
 
     @classmethod
     def from_dict(cls, d):
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})
+        unknown = sorted(set(d) - {f.name for f in fields(cls)})
+        if unknown:   # a newer version's setting, which this code would silently build without
+            raise ValueError(f"the checkpoint's config has settings this code does not know ({', '.join(unknown)}): "
+                             f"it was written by a newer version; update the code")
+        return cls(**d)
 
 
 @dataclass
@@ -93,7 +98,7 @@ class State(NamedTuple):
 
 class Mixture(NamedTuple):
     """MDN parameters for every step (eq. 18-22), all (B, T, M) except eos_logit (B, T)."""
-    eos_logit: torch.Tensor   # e = sigmoid(eos_logit) is P(pen lifts after this point)
+    eos_logit: torch.Tensor   # e = sigmoid(eos_logit) is P(pen lifts after this point) (eq. 18 with the sign flipped)
     log_pi: torch.Tensor      # log mixture weights
     mu1: torch.Tensor
     mu2: torch.Tensor
@@ -138,8 +143,8 @@ def nll(y, target, mask):
 
 def teacher_forcing(strokes, stroke_mask):
     """Inputs and targets for next-point prediction from a padded batch (B, T, 3).
-    The first point of every line is the start token x_0 = 0 (its offset is (0, 0) by construction);
-    the network predicts points 1..T-1. Returns inputs (B, T-1, 3), targets (B, T-1, 3), mask (B, T-1)."""
+    The first point of every line is the start token x_0 = 0 (its offset is (0, 0) by construction; its pen lift,
+    when the first stroke is a single point, is dropped); the network predicts points 1..T-1. Returns inputs (B, T-1, 3), targets (B, T-1, 3), mask (B, T-1)."""
     inputs = strokes[:, :-1].clone()
     inputs[:, 0] = 0
     return inputs, strokes[:, 1:], stroke_mask[:, 1:]
@@ -269,6 +274,7 @@ class HandwritingModel(nn.Module):
     def _window(window_out, kappa, u, onehot):
         """The soft window (eq. 46-51) from the window layer's output (B, 3K) = (alpha_hat, beta_hat, kappa_hat):
         phi(t, u) = sum_k alpha_k exp(-beta_k (kappa_k - u)^2) for u in 0..U, w_t = sum_{u<U} phi(t, u) c_u.
+        Positions are 0-based (the paper's u is our u + 1); u = U, one past the end, is the stopping test's.
         Returns kappa (B, K), phi (B, U + 1), w (B, A)."""
         alpha, beta, dkappa = torch.exp(window_out).unsqueeze(-1).chunk(3, dim=1)        # (B, K, 1)
         kappa = kappa + dkappa.squeeze(-1)                                        # moves forward only
@@ -311,14 +317,16 @@ class HandwritingModel(nn.Module):
         if prime is given ("prime text" + " " + "new text", as in the paper).
         steps: number of points (prediction), or None for synthesis: stop when the window has moved past the
         last character (phi(t, U) > phi(t, u) for all u < U), each line capped at max_steps_per_char * U + 1 points
-        of its own U (so batching changes no line; a line that reaches its cap is unfinished).
+        of its own U (so batching changes no line; a line that reaches its cap is unfinished); steps given with
+        synthesis caps every line at that many points instead (bench.py's fixed-length timing).
+        Wrong arguments raise TypeError or ValueError naming the argument.
         prime: (Tp, 3) or (B, Tp, 3) normalised real strokes to feed first (style priming), without the line's
         first (0, 0) point: the start token x_0 = 0 takes its place, as in training. prime_chars: the characters at the
         start of every text that the prime wrote ("prime text" and its space); the cap and retry_above count only the
         characters after them, the ones the model writes.
         retries: lines that hit the cap are sampled again (together, the generator going on), up to this many times;
         with retry_above (points per character; None or 0: off), so are finished lines that took more than that: a window that
-        stalls on a character writes loops there (real lines take about 22). A line keeps its first attempt that
+        stalls on a character writes loops there (real lines take about 21). A line keeps its first attempt that
         finished within retry_above, else its best one (finished first, then fewest points per character).
         cuda_graph: on a GPU, replay each block of SAMPLE_BLOCK steps as a CUDA graph (_SamplingGraph): the same
         lines as the eager loop (tested), one 40-character line 0.28 s instead of 1.3-2.3 s on an H100; ignored on CPU.
@@ -328,10 +336,50 @@ class HandwritingModel(nn.Module):
         # on a CPU, inference mode (no autograd bookkeeping at all) takes 10-14 % off a step bound by per-op overhead;
         # a GPU replays graphs recorded under no_grad, as tested there. The results are cloned out of inference mode,
         # so callers may edit them in place.
+        self._check_sample_args(text, steps, bias, prime, generator, batch_size, max_steps_per_char, retries,
+                                retry_above, prime_chars)
         with torch.no_grad(), torch.inference_mode(self.mdn.weight.device.type == "cpu"):
             result = self._sample(text, steps, bias, prime, generator, batch_size, max_steps_per_char, record, retries,
                                   retry_above, cuda_graph, prime_chars)
         return {k: v.clone() if v.is_inference() else v for k, v in result.items()}
+
+    def _check_sample_args(self, text, steps, bias, prime, generator, batch_size, max_steps_per_char, retries,
+                           retry_above, prime_chars):
+        """sample()'s arguments: a TypeError or ValueError that names the wrong one (generate.py checks its flags)."""
+        def whole(name, v, low):
+            if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < low:
+                raise ValueError(f"{name} must be a whole number >= {low}, not {v!r}")
+        if self.mdn.weight.dtype not in (torch.float32, torch.float64):
+            raise ValueError(f"sampling needs float32 weights, not {self.mdn.weight.dtype}: call model.float() "
+                             f"(load_model returns float32 from the float16 files)")
+        if not isinstance(bias, numbers.Real) or not 0 <= bias < math.inf:
+            raise ValueError(f"bias must be a finite number >= 0, not {bias!r}")
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator must be a torch.Generator (torch.Generator().manual_seed(seed)), not "
+                            f"{type(generator).__name__}")
+        if prime is not None and not (isinstance(prime, torch.Tensor) and prime.dim() in (2, 3) and prime.shape[-1] == 3):
+            raise TypeError("prime must be a (Tp, 3) or (B, Tp, 3) tensor of normalised offsets (dataset.prime_strokes)")
+        whole("retries", retries, 0)
+        whole("max_steps_per_char", max_steps_per_char, 1)
+        whole("prime_chars", prime_chars, 0)
+        if retry_above is not None and (not isinstance(retry_above, numbers.Real) or not 0 <= retry_above < math.inf):
+            raise ValueError(f"retry_above must be None or a number of points per character >= 0, not {retry_above!r}")
+        if steps is not None:
+            whole("steps", steps, 1)
+        if not self.synthesis:
+            if text is not None:
+                raise ValueError("the prediction model writes no text: pass steps=N (points) instead of text")
+            if steps is None:
+                raise ValueError("the prediction model needs steps=N: the points to write per line")
+            if batch_size is not None:
+                whole("batch_size", batch_size, 1)
+            return
+        if not (isinstance(text, torch.Tensor) and text.dim() == 2 and text.dtype == torch.long and text.numel()):
+            raise TypeError("the synthesis model needs text: a (B, U) LongTensor of character ids, 0-padded "
+                            "(alphabet.encode(s)[None] for one line; write_lines takes strings)")
+        if prime is not None and prime_chars >= int((text > 0).sum(dim=1).min()):
+            raise ValueError(f"prime_chars ({prime_chars}) must be fewer than every line's characters: each text is "
+                             f"the priming text, a space and the new text")
 
     def _sample(self, text, steps, bias, prime, generator, batch_size, max_steps_per_char, record, retries,
                 retry_above, cuda_graph, prime_chars):
@@ -827,9 +875,28 @@ def iter_write_lines(model, texts, alphabet, norm, bias=1.0, generator=None, bat
     own first point); the rest as in sample() (retries: stalled lines are written again).
     Yields one dict per batch: index (positions in texts), raw offsets [(T_i, 3) float64], finished, steps and
     attempts (samplings per line), so that a caller can keep what is done if it is stopped."""
-    from dataset import denormalize, from_its_first_point
+    from dataset import Alphabet, denormalize, from_its_first_point
+    from utils import MAX_LINE_CHARS
     if not model.synthesis:
         raise ValueError("write_lines needs a synthesis model; the prediction model writes no text (sample(steps=N))")
+    ### the arguments, all checked before any line is sampled
+    if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
+        raise TypeError("texts must be a list of strings, one per line" + (" ([text] for one)" if isinstance(texts, str) else ""))
+    if not isinstance(alphabet, Alphabet) or len(alphabet.chars) != model.config.alphabet_size:
+        raise ValueError(f"alphabet must be the model's: dataset.Alphabet(checkpoint['alphabet']) "
+                         f"({model.config.alphabet_size} characters)")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
+        raise ValueError(f"batch_size must be a whole number >= 1, not {batch_size!r}")
+    for i, t in enumerate(texts):
+        if not t.strip():
+            raise ValueError(f"texts[{i}] is empty: every line needs some characters")
+        if alphabet.unknown(t):
+            raise ValueError(f"texts[{i}] has characters not in the model's alphabet: "
+                             f"{', '.join(map(repr, alphabet.unknown(t)))} (alphabet.writable(text) leaves them out)")
+    long = [i for i, t in enumerate(texts) if len(t) - prime_chars > MAX_LINE_CHARS]
+    if long:
+        warnings.warn(f"{len(long)} text(s) longer than {MAX_LINE_CHARS} characters, the longest line the model saw "
+                      f"(texts[{long[0]}], ...): such lines drift and blur; split them", stacklevel=2)
     device = model.mdn.weight.device
     was_training = model.training
     model.eval()

@@ -5,7 +5,8 @@ checking and benchmarking the fast model in model.py.
 Everything is written the plain way: one `nn.LSTMCell` per layer, all layers stepped together in one
 Python loop over time, the soft window (eq. 46-51) and the mixture density loss (eq. 23-26) as the paper
 writes them, with no log-space tricks. It computes the same function as `HandwritingModel` (same
-clamps, same input ordering, same initial state), so `ReferenceModel.from_model(model)` gives a copy
+clamps, same input ordering, same initial state, and the same departures from the paper: no peepholes, 0-based
+character positions; README, "Where the code differs from the paper"), so `ReferenceModel.from_model(model)` gives a copy
 whose outputs, loss and gradients must match; tests/test_reference.py checks that, and bench.py times it.
 """
 import math
@@ -123,7 +124,7 @@ def reference_nll(y, target, mask):
     s1 = torch.exp(s1_hat.clamp(min=LOG_SIGMA_MIN))                        # eq. 21
     s2 = torch.exp(s2_hat.clamp(min=LOG_SIGMA_MIN))
     rho = torch.tanh(rho_hat).clamp(-RHO_MAX, RHO_MAX)                     # eq. 22
-    e = torch.sigmoid(e_hat.squeeze(-1))                                   # eq. 18
+    e = torch.sigmoid(e_hat.squeeze(-1))                                   # eq. 18, with e_hat's sign flipped
     x1, x2, eos = target[..., :1], target[..., 1:2], target[..., 2]
     z = ((x1 - mu1) / s1) ** 2 + ((x2 - mu2) / s2) ** 2 - 2 * rho * (x1 - mu1) * (x2 - mu2) / (s1 * s2)   # eq. 25
     density = torch.exp(-z / (2 * (1 - rho ** 2))) / (2 * math.pi * s1 * s2 * torch.sqrt(1 - rho ** 2))  # eq. 24

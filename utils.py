@@ -12,6 +12,8 @@ from contextlib import contextmanager
 
 import numpy as np
 
+MAX_LINE_CHARS = 64   # the longest line of IAM-OnDB's transcriptions: longer lines are outside what the models saw
+
 # -----------------------------------------------------------------------------
 # I/O and stroke drawing (data pipeline: prepare_data.py, dataset.py)
 
@@ -36,7 +38,8 @@ def atomic_write(path, write_fn):
 def offsets_to_strokes(offsets):
     """(T, 3) rows (dx, dy, eos) -> list of (n, 2) float arrays of absolute points, one per stroke.
 
-    The first point is taken as the origin; a stroke ends at each row with eos = 1.
+    The pen starts at (0, 0) before the first row (a real line's first row is (0, 0)); a stroke ends at each row
+    with eos = 1.
     """
     if hasattr(offsets, "detach"):                             # torch tensor
         offsets = offsets.detach().cpu().numpy()
@@ -51,11 +54,15 @@ def save_strokes(path, lines, texts, line_ids=None, **per_line):
     file (generate.py --save-strokes and .npz output; recognizer.py read): offsets (P, 2) float32, eos (P,) uint8,
     line_starts (N + 1,), texts (N,), line_ids (N,) (default "1".."N"), and any per_line arrays (N,) given by name."""
     lines = [np.asarray(o, dtype=np.float64).reshape(-1, 3) for o in lines]
+    texts = list(texts)
+    line_ids = [str(n + 1) for n in range(len(lines))] if line_ids is None else list(line_ids)
+    for name, values in {"texts": texts, "line_ids": line_ids, **per_line}.items():
+        if len(values) != len(lines):
+            raise ValueError(f"save_strokes: {len(lines)} lines but {len(values)} {name}; give one per line")
     starts = np.concatenate([[0], np.cumsum([len(o) for o in lines])]).astype(np.int64)
     rows = np.concatenate(lines) if lines else np.zeros((0, 3))
     arrays = {"offsets": rows[:, :2].astype(np.float32), "eos": (rows[:, 2] > 0.5).astype(np.uint8),
-              "line_starts": starts, "texts": np.array(list(texts), dtype=str),
-              "line_ids": np.array(line_ids or [str(n + 1) for n in range(len(lines))], dtype=str),
+              "line_starts": starts, "texts": np.array(texts, dtype=str), "line_ids": np.array(line_ids, dtype=str),
               **{k: np.asarray(v) for k, v in per_line.items()}}
 
     def write(tmp):
@@ -66,7 +73,10 @@ def save_strokes(path, lines, texts, line_ids=None, **per_line):
 
 def load_strokes(path):
     """Read a strokes npz (save_strokes, or prepare_data.py's file, which has the same keys) ->
-    (line ids, texts, [raw offsets (T_i, 3) float32, ...]). Raises ValueError for a file without those keys."""
+    (line ids, texts, [raw offsets (T_i, 3) float32, ...]). Raises FileNotFoundError for a missing file and
+    ValueError for one without those keys."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} not found" + (" (a folder)" if os.path.isdir(path) else ""))
     try:
         with np.load(path, allow_pickle=False) as f:
             offsets, eos, starts = f["offsets"], f["eos"], f["line_starts"]
@@ -88,6 +98,7 @@ def load_strokes(path):
 
 STROKE_COLORS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
                  (140, 86, 75), (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]   # matplotlib tab10
+VIEWS = ("plain", "strokes", "eos", "density")   # plain ink, a colour per stroke, P(pen lift), ink over the density
 PRIME_COLOR = (170, 170, 170)      # priming strokes (--show-prime)
 EOS_LOW, EOS_HIGH = np.array([40, 90, 220.0]), np.array([225, 30, 30.0])   # view 'eos': P(pen lift) 0 -> 1
 
@@ -142,7 +153,13 @@ def layout_page(lines, line_height=100, margin=24, spacing=1.4, max_side=8000):
 
 
 def _point_colors(line, view, color):
-    """(T, 3) uint8 colour per point; the segment from point k-1 to k takes point k's colour."""
+    """(T, 3) uint8 colour per point; the segment from point k-1 to k takes point k's colour. color: (r, g, b), a
+    name or #rrggbb."""
+    if view not in VIEWS:
+        raise ValueError(f"view must be one of {', '.join(VIEWS)}, not {view!r}")
+    if isinstance(color, str):
+        from PIL import ImageColor
+        color = ImageColor.getrgb(color)[:3]    # ValueError for a string that is no colour
     T = len(line.offsets)
     if view == "strokes":
         stroke = np.concatenate([[0], np.cumsum(line.eos[:-1])]).astype(int)   # stroke number of every point
@@ -226,7 +243,7 @@ def heat_rgb(heat):
 
 
 def save_png(page, path, view="plain", color=(0, 0, 0), width=2.0, background=None, title=None):
-    """The page as a PNG (anti-aliased, white background)."""
+    """The page as a PNG (anti-aliased, white background); title is for SVG only."""
     ink = _Ink(page, view, color, width, background)
     ink.draw_all()
     image = ink.image()
@@ -235,7 +252,8 @@ def save_png(page, path, view="plain", color=(0, 0, 0), width=2.0, background=No
 
 def save_gif(page, path, view="plain", color=(0, 0, 0), width=2.0, background=None, title=None,
              frames=100, frame_ms=40, hold_ms=2000):
-    """An animated GIF of the pen writing: all lines at once, `frames` frames, the last held for hold_ms."""
+    """An animated GIF of the pen writing: all lines at once, `frames` frames, the last held for hold_ms (title: SVG
+    only)."""
     from PIL import Image
     ink = _Ink(page, view, color, width, background, ss=2)
     T = max(len(ln.offsets) for ln in page.lines if ln is not None)
@@ -479,8 +497,8 @@ def load_styles(path):
 def load_style(path, n):
     """--style N of the styles file at path -> (text, raw offsets (T, 3) float64, first point (0, 0))."""
     styles = load_styles(path)["styles"]
-    if not 0 <= n < len(styles):
-        raise ValueError(f"--style {n} does not exist: {path} has styles 0 to {len(styles) - 1} (see docs/styles.png)")
+    if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n < len(styles):
+        raise ValueError(f"--style {n!r} does not exist: {path} has styles 0 to {len(styles) - 1} (see docs/styles.png)")
     try:
         return styles[n]["text"], np.asarray(styles[n]["offsets"], dtype=np.float64).reshape(-1, 3)
     except (KeyError, TypeError, ValueError):
@@ -540,7 +558,8 @@ def learning_rate(step, total_steps, lr, warmup=0, schedule="constant"):
 
 def make_optimizer(name, params, lr):
     """'adam' (fused: one kernel per step, and it can skip a step on the device, see clipped_step) or 'rmsprop'
-    (Graves (2013) eq. 38-41; torch adds eps outside the square root)."""
+    (Graves (2013) eq. 38-41's decay, momentum and eps, but torch adds eps outside the square root, and our loss is a
+    mean per point where the paper's is a line's sum: an approximation, not a replica)."""
     import torch
     params = list(params)
     if name == "adam":
@@ -714,7 +733,9 @@ def load_checkpoint(path, map_location="cpu", config_key="model_config", writer=
         raise FileNotFoundError(f"checkpoint {path} not found; train one with {writer} or pass {flag} PATH")
     try:
         checkpoint = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:   # pickle, zip and torch errors all mean the same thing to a user
+    except Exception as e:   # pickle, zip and torch errors all mean the same thing to a user, but for the device
+        if isinstance(e, RuntimeError) and "device" in str(e).lower():
+            raise ValueError(f"cannot load {path} onto {map_location}: {str(e).splitlines()[0]}") from None
         raise ValueError(f"{path} is not a readable PyTorch checkpoint ({type(e).__name__}); "
                          f"pass a .pt file written by {writer}") from None
     if not isinstance(checkpoint, dict) or config_key not in checkpoint or "model" not in checkpoint:

@@ -401,3 +401,72 @@ def test_the_readme_python_example_runs(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     import matplotlib.image
     assert matplotlib.image.imread(out).shape[0] > 50
+
+
+@pytest.mark.parametrize("texts, kwargs, error, words", [
+    ("hi there", {}, TypeError, "list of strings"),
+    (["hi", ""], {}, ValueError, "texts[1] is empty"),
+    (["hi", "a na\u00efve line"], {"batch_size": 1}, ValueError, "texts[1] has characters not in"),
+    (["hi"], {"batch_size": 0}, ValueError, "batch_size"),
+    (["hi"], {"bias": -1.0}, ValueError, "bias"),
+    (["hi"], {"bias": float("nan")}, ValueError, "bias"),
+    (["hi"], {"retries": -1}, ValueError, "retries"),
+    (["hi"], {"retry_above": -5}, ValueError, "retry_above"),
+    (["hi"], {"max_steps_per_char": 2.5}, ValueError, "max_steps_per_char"),
+    (["hi"], {"generator": 0}, TypeError, "torch.Generator"),
+    (["he hat hi"], {"prime": torch.zeros(4, 3), "prime_chars": 20}, ValueError, "prime_chars"),
+    (["he hat hi"], {"prime": np.zeros((4, 3)), "prime_chars": 7}, TypeError, "dataset.prime_strokes"),
+])
+def test_write_lines_checks_its_arguments_before_sampling(files, monkeypatch, texts, kwargs, error, words):
+    """The Python API refuses what generate.py's flags refuse, naming the argument, before any line is sampled."""
+    import re
+    from dataset import Alphabet
+    sampled = []
+    original = model_module.HandwritingModel._sample
+    monkeypatch.setattr(model_module.HandwritingModel, "_sample", lambda *a: sampled.append(1) or original(*a))
+    model, ckpt = model_module.load_model(files["synthesis"])
+    with pytest.raises(error, match=re.escape(words)):
+        model_module.write_lines(model, texts, Alphabet(ckpt["alphabet"]), (ckpt["mean"], ckpt["std"]),
+                                 **{"max_steps_per_char": 6, **kwargs})
+    assert not sampled
+
+
+def test_sample_and_load_refuse_what_they_cannot_use(files):
+    from dataset import Alphabet
+    model, ckpt = model_module.load_model(files["synthesis"])
+    with pytest.raises(ValueError, match="model's"):                         # another alphabet than the model's
+        model_module.write_lines(model, ["hi"], Alphabet(CHARS + "\u00e9"), (ckpt["mean"], ckpt["std"]))
+    with pytest.raises(TypeError, match=r"\(B, U\) LongTensor"):             # 1-D text
+        model.sample(Alphabet(CHARS).encode("hi"))
+    predictor = model_module.load_model(files["prediction"])[0]
+    with pytest.raises(ValueError, match="steps=N"):
+        predictor.sample()
+    with pytest.raises(ValueError, match="float32"):
+        model.half().sample(Alphabet(CHARS).encode("hi")[None])
+    newer = dict(torch.load(files["synthesis"], weights_only=True))
+    newer["model_config"] = {**newer["model_config"], "layer_norm": True}
+    with pytest.raises(ValueError, match="layer_norm.*newer version"):
+        model_module.load_model(newer)
+
+
+def test_write_lines_warns_of_texts_longer_than_any_line_the_model_saw(files):
+    from dataset import Alphabet
+    model, ckpt = model_module.load_model(files["synthesis"])
+    with pytest.warns(UserWarning, match="longer than 64"):
+        model_module.write_lines(model, ["hi " * 22], Alphabet(ckpt["alphabet"]), (ckpt["mean"], ckpt["std"]),
+                                 max_steps_per_char=1)
+
+
+def test_strokes_files_and_pictures_refuse_mismatched_arguments(tmp_path):
+    import utils
+    off = to_offsets(loops("ab"))
+    with pytest.raises(ValueError, match="2 lines but 1 texts"):
+        utils.save_strokes(tmp_path / "a.npz", [off, off], ["a"])
+    utils.save_strokes(tmp_path / "b.npz", [off, off], ["a", "b"], line_ids=np.array(["x", "y"]))
+    assert utils.load_strokes(tmp_path / "b.npz")[0] == ["x", "y"]
+    with pytest.raises(FileNotFoundError):
+        utils.load_strokes(tmp_path / "missing.npz")
+    page = utils.layout_page([utils.PageLine(off)])
+    utils.save_png(page, tmp_path / "navy.png", color="navy")                # a colour name, as --color takes
+    with pytest.raises(ValueError, match="view must be one of"):
+        utils.save_svg(page, tmp_path / "x.svg", view="nope")
