@@ -141,6 +141,18 @@ def nll(y, target, mask):
     return -((log_p + log_e) * mask).sum(dim=1)
 
 
+def chunk_backward(model, inputs, targets, mask, text, state, dtype=torch.float32, cache=True):
+    """One truncated-BPTT chunk, forward and backward, for train.py's eager path and GraphedChunk alike (a new loss
+    term goes here). The objective is the mean nats per point, the scale Adam's lr expects; model may be wrapped
+    (DDP); cache: autocast's weight-cast cache (off inside a CUDA graph). Returns (the chunk's nats, detached; its
+    points; the new state, not yet detached)."""
+    with torch.autocast(inputs.device.type, dtype=dtype, enabled=dtype != torch.float32, cache_enabled=cache):
+        y, state = model(inputs, text, state)
+    loss_sum, points = nll(y, targets, mask).sum(), mask.sum()
+    (loss_sum / points.clamp(min=1)).backward()
+    return loss_sum.detach(), points, state
+
+
 def teacher_forcing(strokes, stroke_mask):
     """Inputs and targets for next-point prediction from a padded batch (B, T, 3).
     The first point of every line is the start token x_0 = 0 (its offset is (0, 0) by construction; its pen lift,
@@ -644,15 +656,12 @@ class GraphedChunk:
             self.loss_sum, self.points = self._forward_backward()
 
     def _forward_backward(self):
-        """The recorded work: forward under autocast, float32 loss (mean nats per point), backward, carry the state."""
-        device = self.inputs.device
-        with torch.autocast(device.type, dtype=self.dtype, enabled=self.dtype != torch.float32, cache_enabled=False):
-            y, new = self.model(self.inputs, self.text, self.state)
-        loss_sum, points = nll(y, self.targets, self.mask).sum(), self.mask.sum()
-        (loss_sum / points.clamp(min=1)).backward()
+        """The recorded work: chunk_backward, then carry the state."""
+        loss_sum, points, new = chunk_backward(self.model, self.inputs, self.targets, self.mask, self.text, self.state,
+                                               self.dtype, cache=False)
         with torch.no_grad():
             self.state.copy_(new)
-        return loss_sum.detach(), points
+        return loss_sum, points
 
     def reset(self, text=None):
         """Start new lines: zero state; text (b, u) ids for synthesis, b <= B and u <= U."""

@@ -24,8 +24,8 @@ import torch
 import torch.distributed as dist
 
 from dataset import Alphabet, HandwritingDataset, augment, make_loader, rare_char_copies
-from model import (GraphedChunk, HandwritingModel, ModelConfig, WeightNoise, error_rates, evaluate_nll, load_recognizer, nll,
-                   summarize_nll, teacher_forcing, write_and_read)
+from model import (GraphedChunk, HandwritingModel, ModelConfig, WeightNoise, chunk_backward, error_rates, evaluate_nll,
+                   load_recognizer, summarize_nll, teacher_forcing, write_and_read)
 from utils import (DTYPES, WeightAverage, at_least, autocast_dtype, clipped_step, export_weights, finite_float, learning_rate,
                    load_checkpoint, make_optimizer, pick_device, plot_loss_curve, restore_training_state, resume_path,
                    save_checkpoint, save_sample_image, training_state)
@@ -461,13 +461,9 @@ def train_batch(model, raw_model, optimizer, batch, args, device, dtype, run, ru
         if graphed:   # forward and backward replayed; .grad belongs to the graph (never zeroed here)
             loss_sum, n = graphed.step(inputs[:, sl], targets[:, sl], tmask[:, sl])
         else:
-            with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-                y, state = model(inputs[:, sl], text, state)
-            n = tmask[:, sl].sum()
-            loss_sum = nll(y, targets[:, sl], tmask[:, sl]).sum()
-            state = state.detach()
             optimizer.zero_grad(set_to_none=True)
-            (loss_sum / n.clamp(min=1)).backward()   # mean nats per point: the scale Adam's lr expects
+            loss_sum, n, state = chunk_backward(model, inputs[:, sl], targets[:, sl], tmask[:, sl], text, state, dtype)
+            state = state.detach()
         if noise:
             noise.restore()                          # mu back, and the gradients of NLL + KL / N
         for group in optimizer.param_groups:        # (a skipped step shifts the schedule of this batch's later chunks)

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import evaluate
+import model
 import train
 import utils
 from model import load_model
@@ -277,7 +278,7 @@ def test_cuda_graph_path_trains_like_the_plain_one(tiny_prepared, tmp_path, extr
 
 
 def test_non_finite_steps_are_skipped_then_stop_the_run(tiny_prepared, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(train, "nll", lambda y, t, m: (y.sum() * float("nan")).expand(y.shape[0]))
+    monkeypatch.setattr(model, "nll", lambda y, t, m: (y.sum() * float("nan")).expand(y.shape[0]))   # chunk_backward's
     with pytest.raises(SystemExit) as e:
         run_train(tiny_prepared, tmp_path, "--max-steps", "50", "--max-bad-steps", "3")
     assert "NaN/Inf" in str(e.value)
