@@ -14,12 +14,13 @@ Errors are one line on stderr and a non-zero exit.
 """
 import argparse
 import json
+import math
 import os
 import sys
 import textwrap
 import time
 
-from utils import MAX_LINE_CHARS, VIEWS, finite_float, load_style, load_styles   # numpy only; torch is imported after the fast checks
+from utils import MAX_LINE_CHARS, VIEWS, at_least, finite_float, load_style, load_styles   # numpy only; torch is imported after the fast checks
 
 HERE = os.path.dirname(os.path.abspath(__file__))   # shipped files are found wherever the command runs from
 DEFAULT_CHECKPOINTS = {"synthesis": "checkpoints/synthesis.pt", "prediction": "checkpoints/prediction.pt"}
@@ -27,6 +28,7 @@ DEFAULT_OUT = os.path.join("samples", "handwriting.png")
 DEFAULT_STYLES = os.path.join("data", "styles.json")
 FORMATS = (".png", ".svg", ".gif", ".npz")   # .npz: a strokes file, no picture
 PLOT_FORMATS = (".png", ".svg", ".pdf")
+MAX_SIDE = 8000             # pixels: a PNG or GIF page is drawn smaller than that (SVG has no limit)
 MAX_ROWS = 40               # lines per page, counting every sample (one batch of at most this many lines)
 MAX_PAGES = 10              # pages of one run (a longer text: several runs, or .npz output)
 MAX_FILE_LINES = 100_000    # lines of an .npz strokes file, counting every sample (~2 GB of offsets held in memory)
@@ -77,7 +79,7 @@ def get_args(argv=None):
                    help="Graves' biased sampling (section 5.4, eq. 61-62): sigma = exp(sigma_hat - b), pi = softmax(pi_hat (1 + b)); "
                         "0 = the network's own distribution (paper's plain sampling), larger = neater and less varied "
                         "(default: 0.75)")
-    s.add_argument("--seed", type=int, metavar="S", default=None,
+    s.add_argument("--seed", type=at_least(0, below=2 ** 63), metavar="S", default=None,
                    help="random seed; the same seed gives the same file (default: a random one, printed)")
     s.add_argument("--num-samples", type=int, metavar="N", default=1,
                    help="write the text N times, all sampled together in one batch, one block per sample (default: 1)")
@@ -124,7 +126,8 @@ def get_args(argv=None):
     o.add_argument("--stroke-width", type=finite_float, metavar="PX", default=2.0, help="ink width in pixels of the output (default: 2.0)")
     o.add_argument("--color", default="black", metavar="C", help="ink colour: a name or #rrggbb (default: black)")
     o.add_argument("--line-height", type=int, metavar="PX", default=100,
-                   help="distance between lines in pixels; sets the size of the picture (default: 100)")
+                   help="distance between lines in pixels, 10 to 1000; sets the size of the picture (PNG and GIF: at most "
+                        "8000 pixels a side; SVG: CSS pixels of 1/96 inch, so 38 = 10 mm) (default: 100)")
     o.add_argument("--save-strokes", metavar="FILE",
                    help="also save the sampled lines as raw offsets (dx, dy, eos) with their texts, in an .npz laid out "
                         "like the prepared data (for `recognizer.py read FILE`; priming strokes not included)")
@@ -183,18 +186,21 @@ def check_args(args):
         fail(f"--line-height must be between 10 and 1000 pixels, not {args.line_height}")
     from PIL import ImageColor
     try:
-        args.rgb = ImageColor.getrgb(args.color)[:3]
+        args.rgb = ImageColor.getrgb(args.color)
     except ValueError:
         fail(f"--color {args.color!r} is not a colour; use a name (black, navy) or #rrggbb")
+    if len(args.rgb) == 4 and args.rgb[3] != 255:
+        fail(f"--color {args.color!r} is see-through; the ink is opaque: use a name or #rrggbb")
+    args.rgb = args.rgb[:3]
     if args.styles == DEFAULT_STYLES:
         args.styles = shipped(DEFAULT_STYLES)
     if args.out is None:
         args.out = DEFAULT_OUT
         os.makedirs(os.path.dirname(DEFAULT_OUT), exist_ok=True)
     args.format = check_output(args.out, FORMATS, "--out")
-    args.max_rows = MAX_FILE_LINES if args.format == ".npz" else MAX_ROWS
-    if not 1 <= args.num_samples <= args.max_rows:
-        fail(f"--num-samples must be between 1 and {args.max_rows}"
+    most = MAX_FILE_LINES if args.format == ".npz" else (MAX_ROWS + 1) // 2      # a page: a blank row between samples
+    if not 1 <= args.num_samples <= most:
+        fail(f"--num-samples must be between 1 and {most}"
              f"{' for a page (or write --out FILE.npz: strokes, no picture)' if args.format != '.npz' else ''}, "
              f"not {args.num_samples}")
     if args.format == ".npz":
@@ -206,6 +212,10 @@ def check_args(args):
         if args.task != "synthesis":
             fail("--plot-attention needs --task synthesis (the prediction network has no window)")
         check_output(args.plot_attention, PLOT_FORMATS, "--plot-attention")
+        pages = {os.path.abspath(page_path(args.out, k, 2)) for k in range(MAX_PAGES)} | {os.path.abspath(args.out)}
+        if os.path.abspath(args.plot_attention) in pages:
+            fail(f"--plot-attention {args.plot_attention} is where the handwriting goes (--out {args.out}); "
+                 f"give it another file")
     if args.save_strokes:
         check_output(args.save_strokes, (".npz",), "--save-strokes")
     if args.task == "prediction" and (args.text is not None or args.text_file):
@@ -238,7 +248,7 @@ def read_text(args):
 
 def prepare_lines(text, chars, max_chars, drop_unknown):
     """Text -> page lines: typographic substitutes, unknown characters checked, spaces collapsed, long lines
-    wrapped at word boundaries. Blank lines are kept ('' = an empty row). Returns (lines, dropped chars)."""
+    wrapped at word boundaries (a longer word stays whole, up to MAX_LINE_CHARS). Blank lines are kept ('' = an empty row). Returns (lines, dropped chars)."""
     known = set(chars)
     for a, b in SUBSTITUTES.items():
         if a not in known and all(c in known for c in b.strip() or b):
@@ -252,7 +262,8 @@ def prepare_lines(text, chars, max_chars, drop_unknown):
     lines = []
     for para in text.replace("\r", "").split("\n"):
         para = " ".join(para.split())
-        lines += textwrap.wrap(para, max_chars, break_on_hyphens=False) if para else [""]
+        wrapped = textwrap.wrap(para, max_chars, break_on_hyphens=False, break_long_words=False)   # long words whole
+        lines += [piece for ln in wrapped for piece in textwrap.wrap(ln, MAX_LINE_CHARS)] if para else [""]
     while lines and not lines[-1]:
         lines.pop()
     while lines and not lines[0]:
@@ -322,7 +333,10 @@ def file_prime(path, styles_path):
     if not data.get("y_up", False):
         strokes = [s * [1, -1] for s in strokes]              # screen coordinates -> y up, as in the data
     ys = np.concatenate(strokes)[:, 1]
-    height = np.percentile(ys, 95) - np.percentile(ys, 5)
+    with np.errstate(over="ignore", invalid="ignore"):
+        height = np.percentile(ys, 95) - np.percentile(ys, 5)
+    if not np.isfinite(height):
+        fail(f"--prime-file {path}: the coordinates are too large (up to {np.abs(ys).max():.3g}); use pixels or mm")
     if height <= 0:
         fail(f"--prime-file {path}: the strokes have no height; is it handwriting?")
     strokes = [resample_stroke(s * (ref["height"] / height), ref["step"]) for s in strokes]
@@ -476,8 +490,8 @@ def generate(args):
 
     import utils
     saved, saved_texts, t_sampling, steps, n_lines = [], [], 0.0, 0, 0
-    for k, page_rows in enumerate(pages):
-        out = page_path(args.out, k, len(pages))
+    sampled = []                                                              # per page: (texts, result, rows, lines)
+    for page_rows in pages:
         ### the batch: one row per line of the page and sample
         texts, where = [], []                                                 # batch rows, sample-major
         for s in range(args.num_samples):
@@ -505,7 +519,7 @@ def generate(args):
                   f"--bias, a shorter line (--max-chars-per-line), another --style or a better-trained checkpoint",
                   file=sys.stderr)
 
-        ### the page
+        ### the page's lines
         strokes = denormalize(result["strokes"].numpy().astype(np.float64), mean, std)
         page_lines, rows, b = [], [], 0
         for s in range(args.num_samples):
@@ -528,7 +542,19 @@ def generate(args):
                 rows.append(b)
                 b += 1
         saved_texts += texts
-        page = utils.layout_page(page_lines, line_height=args.line_height, margin=args.line_height // 3)
+        sampled.append((texts, result, rows, page_lines))
+
+    ### the pages, drawn at one size: rows as far apart as the tallest line of the whole text needs
+    pitch = utils.row_pitch([ln for *_, page_lines in sampled for ln in page_lines])
+    margin = max(args.line_height // 3, math.ceil(args.stroke_width / 2) + 2)          # round caps stay inside
+    for k, (texts, result, rows, page_lines) in enumerate(sampled):
+        out, B = page_path(args.out, k, len(pages)), len(texts)
+        page = utils.layout_page(page_lines, line_height=args.line_height, margin=margin, pitch=pitch,
+                                 max_side=None if args.format == ".svg" else MAX_SIDE)
+        if page.shrunk:
+            print(f"generate.py: warning: {out} would be wider than {MAX_SIDE:,} pixels at --line-height "
+                  f"{args.line_height}; drawn smaller (write .svg, which has no limit, or lower --line-height)",
+                  file=sys.stderr)
         background = None
         if args.view == "density":
             background = density_map(page, result, rows, mean, std, args.bias, (page.height, page.width))
@@ -536,6 +562,7 @@ def generate(args):
                      title=" / ".join(texts[:B // args.num_samples]))
         {".png": utils.save_png, ".svg": utils.save_svg, ".gif": utils.save_gif}[args.format](page, out, **style)
         if args.plot_attention and k == 0:                                   # the first page's lines (the plot shows 8)
+            joined = [lead + t for t in texts]
             utils.plot_attention([result["phi"][b, :max(int(result["lengths"][b]), 1), :len(joined[b]) + 1].numpy()
                                   for b in range(B)],
                                  joined, args.plot_attention, prime_chars=prime_chars)
@@ -635,9 +662,15 @@ def main(argv=None):
     torch = sys.modules.get("torch")                    # called in-process (tests): leave torch as it was
     threads = torch.get_num_threads() if torch else None
     try:
-        return generate(args)
+        code = generate(args)
+        sys.stdout.flush()                              # here, so that a closed pipe is caught below
+        return code
     except GenerateError as e:
         print(f"generate.py: error: {e}", file=sys.stderr)
+        return 1
+    except BrokenPipeError:                             # `generate.py ... | head -1`: the files are written
+        from utils import quiet_broken_pipe
+        quiet_broken_pipe()
         return 1
     except KeyboardInterrupt:
         print("generate.py: interrupted", file=sys.stderr)

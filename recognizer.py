@@ -27,7 +27,7 @@ import torch
 from dataset import Alphabet, HandwritingDataset, augment, make_loader, normalize
 from model import Recognizer, RecognizerConfig, ctc_loss, error_rates, load_recognizer, read_lines
 from utils import (at_least, export_weights, finite_float, learning_rate, load_checkpoint, load_strokes, pick_device,
-                   restore_training_state, resume_path, save_checkpoint, training_state)
+                   quiet_broken_pipe, restore_training_state, resume_path, save_checkpoint, training_state)
 
 DEFAULT_CHECKPOINT = "checkpoints/recognizer.pt"
 CKPT = dict(config_key="recognizer_config", writer="recognizer.py train")   # what load_checkpoint expects here
@@ -94,8 +94,12 @@ def main(argv=None):
     args = get_args(argv)
     try:
         {"train": train, "read": read, "evaluate": evaluate}[args.command](args)
+        sys.stdout.flush()                              # here, so that a closed pipe is caught below
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")
+    except BrokenPipeError:                             # `recognizer.py read ... | head`
+        quiet_broken_pipe()
+        sys.exit(1)
 
 
 ### evaluate: CER / WER on a split

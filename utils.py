@@ -6,6 +6,7 @@ import functools
 import json
 import math
 import os
+import sys
 import zipfile
 import zlib
 from contextlib import contextmanager
@@ -116,22 +117,28 @@ class PageLine:
 
 
 class Page:
-    def __init__(self, lines, width, height, scale):
+    def __init__(self, lines, width, height, scale, shrunk=False):
         self.lines, self.width, self.height, self.scale = lines, width, height, scale   # scale: pixels per raw unit
+        self.shrunk = shrunk                                     # drawn smaller than line_height asked (max_side)
 
 
-def layout_page(lines, line_height=100, margin=24, spacing=1.4, max_side=8000):
-    """Lay out PageLines (None = blank row) one per row, left-aligned, each sitting on its row by its baseline
-    (estimated as the 20th percentile of y: descenders are few points); rows are `spacing` x the tallest 5-95 %
-    y range apart, drawn `line_height` pixels apart.
-    The page is cropped to the ink plus `margin` pixels (and scaled down to at most max_side pixels)."""
-    points = [np.cumsum(ln.offsets[:, :2], axis=0) if ln is not None and len(ln.offsets) else None for ln in lines]
-    ranges = [np.percentile(p[:, 1], [5, 95]) for p in points if p is not None]
-    if not ranges:
+def row_pitch(lines, spacing=1.4):
+    """Raw units between rows for these PageLines (None = blank row): `spacing` x the tallest 5-95 % y range."""
+    points = [np.cumsum(ln.offsets[:, :2], axis=0) for ln in lines if ln is not None and len(ln.offsets)]
+    if not points:
         raise ValueError("nothing to draw")
-    pitch = spacing * max(hi - lo for lo, hi in ranges)
-    if pitch <= 0:
-        pitch = max(np.ptp(p, axis=0).max() for p in points if p is not None) or 1.0
+    pitch = spacing * max(np.subtract(*np.percentile(p[:, 1], [95, 5])) for p in points)
+    return pitch if pitch > 0 else max(np.ptp(p, axis=0).max() for p in points) or 1.0
+
+
+def layout_page(lines, line_height=100, margin=24, spacing=1.4, max_side=8000, pitch=None):
+    """Lay out PageLines (None = blank row) one per row, left-aligned, each sitting on its row by its baseline
+    (estimated as the 20th percentile of y: descenders are few points); rows are `pitch` raw units apart (default
+    row_pitch(lines, spacing); give one pitch to every page of a text for one size of writing), drawn `line_height`
+    pixels apart. The page is cropped to the ink plus `margin` pixels (and scaled down to at most max_side pixels,
+    None: no limit)."""
+    points = [np.cumsum(ln.offsets[:, :2], axis=0) if ln is not None and len(ln.offsets) else None for ln in lines]
+    pitch = pitch or row_pitch(lines, spacing)
     placed = []                                                  # (xy, origin) in raw units, y up
     for row, p in enumerate(points):
         if p is None:
@@ -141,15 +148,16 @@ def layout_page(lines, line_height=100, margin=24, spacing=1.4, max_side=8000):
         placed.append((p + shift, shift))
     ink = np.concatenate([xy for xy, _ in filter(None, placed)])
     (x0, y0), (x1, y1) = ink.min(axis=0), ink.max(axis=0)
-    scale = line_height / pitch
-    scale = min(scale, (max_side - 2 * margin) / max(x1 - x0, 1e-9), (max_side - 2 * margin) / max(y1 - y0, 1e-9))
+    scale = wanted = line_height / pitch
+    if max_side:
+        scale = min(scale, (max_side - 2 * margin) / max(x1 - x0, 1e-9), (max_side - 2 * margin) / max(y1 - y0, 1e-9))
     to_px = lambda q: np.stack([(q[..., 0] - x0) * scale + margin, (y1 - q[..., 1]) * scale + margin], axis=-1)
     for ln, pl in zip(lines, placed):
         if pl is not None:
             ln.xy, ln.origin = to_px(pl[0]), to_px(pl[1])
     width = int(np.ceil((x1 - x0) * scale + 2 * margin))
     height = int(np.ceil((y1 - y0) * scale + 2 * margin))
-    return Page(lines, max(width, 1), max(height, 1), scale)
+    return Page(lines, max(width, 1), max(height, 1), scale, shrunk=scale < wanted)
 
 
 def _point_colors(line, view, color):
@@ -491,6 +499,11 @@ def load_styles(path):
         raise FileNotFoundError(f"no styles file at {path}; pass --styles FILE (see README: styles)") from None
     except (OSError, ValueError, KeyError, TypeError, AssertionError):
         raise ValueError(f"--styles {path} is not a styles file (JSON with a non-empty 'styles' list)") from None
+    ref = data.get("reference", {})
+    if not (isinstance(ref, dict) and all(isinstance(ref.get(k, 1.0), (int, float)) and 0 < ref.get(k, 1.0) < math.inf
+                                          for k in ("height", "step"))):
+        raise ValueError(f"--styles {path}: 'reference' must be {{\"height\": H, \"step\": S}}, positive numbers "
+                         f"(board units)")
     return data
 
 
@@ -500,9 +513,11 @@ def load_style(path, n):
     if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n < len(styles):
         raise ValueError(f"--style {n!r} does not exist: {path} has styles 0 to {len(styles) - 1} (see docs/styles.png)")
     try:
-        return styles[n]["text"], np.asarray(styles[n]["offsets"], dtype=np.float64).reshape(-1, 3)
-    except (KeyError, TypeError, ValueError):
-        raise ValueError(f"--styles {path}: style {n} is not a text with offsets") from None
+        text, offsets = styles[n]["text"], np.asarray(styles[n]["offsets"], dtype=np.float64).reshape(-1, 3)
+        assert isinstance(text, str) and text.strip() and len(offsets) > 1 and np.isfinite(offsets).all()
+        return text, offsets
+    except (KeyError, TypeError, ValueError, AssertionError):
+        raise ValueError(f"--styles {path}: style {n} is not a text with finite offsets") from None
 
 
 def draw_styles(styles, path):
@@ -654,6 +669,12 @@ def at_least(low, below=None, exclusive=False):
             raise argparse.ArgumentTypeError(f"expected {wanted}, not {text!r}")
         return value
     return parse
+
+
+def quiet_broken_pipe():
+    """After a BrokenPipeError (output piped into `head`, which stopped reading): send the rest of stdout to the null
+    device, so that Python's flush at exit adds no traceback. The caller then exits."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 def pick_device(name):

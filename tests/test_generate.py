@@ -282,6 +282,11 @@ def errors(files, tmp_path):
     (d / "yup.json").write_text(json.dumps({"text": "ab", "strokes": [s.tolist() for s in loops("ab")], "y_up": "yes"}))
     (d / "euro.json").write_text(json.dumps({"text": "\u20ac5", "strokes": [s.tolist() for s in loops("ab")]}))
     torch.save({"weights": torch.zeros(3)}, d / "dict.pt")
+    style = {"text": "ab", "offsets": to_offsets(loops("ab")).tolist()}
+    (d / "text5.json").write_text(json.dumps({"styles": [{**style, "text": 5}]}))
+    (d / "nan.json").write_text(json.dumps({"styles": [{**style, "offsets": [[0, 0, 0], [1, float("nan"), 1]]}]}))
+    (d / "ref0.json").write_text(json.dumps({"reference": {"height": 0, "step": 0}, "styles": [style]}))
+    (d / "huge.json").write_text(json.dumps({"text": "ab", "strokes": [[[0, 0], [1, 1e308], [2, -1e308]]]}))
     syn = ["--checkpoint", files["synthesis"], "--styles", files["styles"]]
     return [
         (syn + ["--text", "h\u00e9llo \u20ac"], "not in the model's alphabet: '\u00e9' '\u20ac'"),
@@ -321,8 +326,19 @@ def errors(files, tmp_path):
         (["--task", "prediction", "--checkpoint", files["prediction"], "--steps", "0"], "--steps must be between"),
         (syn + ["--text", "ab", "--steps", "50"], "--steps is for --task prediction"),
         (syn + ["--text", "ab", "--show-prime"], "--show-prime draws the priming line: give --style N"),
-        (syn + ["--text", "ab", "--num-samples", "21"], "41 lines (1 line(s) x 21 samples at 40 characters per line, a "
-                                                          "blank line between samples)"),
+        (syn + ["--text", "ab\ncd", "--num-samples", "15"], "44 lines (2 line(s) x 15 samples at 40 characters per "
+                                                               "line, a blank line between samples)"),
+        (syn + ["--text", "ab", "--num-samples", "21"], "--num-samples must be between 1 and 20 for a page"),
+        (syn + ["--text", "ab", "--style", "0", "--styles", str(d / "text5.json")], "style 0 is not a text with finite"),
+        (syn + ["--text", "ab", "--style", "0", "--styles", str(d / "nan.json")], "style 0 is not a text with finite"),
+        (syn + ["--text", "ab", "--prime-file", files["prime"], "--styles", str(d / "ref0.json")],
+         "'reference' must be"),
+        (syn + ["--text", "ab", "--prime-file", str(d / "huge.json")], "the coordinates are too large"),
+        (syn + ["--text", "ab", "--out", str(tmp_path / "s.png"), "--plot-attention", str(tmp_path / "s.png")],
+         "is where the handwriting goes"),
+        (syn + ["--text", "ab", "--out", str(tmp_path / "s.png"), "--plot-attention", str(tmp_path / "s-2.png")],
+         "is where the handwriting goes"),
+        (syn + ["--text", "ab", "--color", "#ff000080"], "is see-through"),
         (syn + ["--text", "ab", "--num-samples", "41"], "for a page (or write --out FILE.npz"),
         (syn[2:] + ["--text", "ab", "--checkpoint", str(d)], "is a folder; pass a .pt file in it"),
         (syn + ["--text", "ab", "--out", str(d)], "is a folder; give a file name, e.g."),
@@ -351,6 +367,7 @@ def test_missing_default_checkpoint_says_how_to_get_one(files, tmp_path, monkeyp
     (["--text", "ab\u00e9"], 1, "pass --drop-unknown"),
     (["--text", "ab", "--out", "no/such/folder/x.png"], 1, "the folder no/such/folder does not exist"),
     (["--text", "ab", "--view", "fancy"], 2, "invalid choice: 'fancy'"),
+    (["--text", "ab", "--seed", "99999999999999999999"], 2, "expected an integer >= 0 and < 9223372036854775808"),
 ])
 def test_command_line_exit_codes(files, args, code, message):
     proc = subprocess.run([sys.executable, str(ROOT / "generate.py"), "--checkpoint", files["synthesis"], *args],
@@ -470,3 +487,47 @@ def test_strokes_files_and_pictures_refuse_mismatched_arguments(tmp_path):
     utils.save_png(page, tmp_path / "navy.png", color="navy")                # a colour name, as --color takes
     with pytest.raises(ValueError, match="view must be one of"):
         utils.save_svg(page, tmp_path / "x.svg", view="nope")
+
+
+def test_pages_of_one_text_share_one_size_and_no_ink_is_cut(files, tmp_path, monkeypatch, capsys):
+    """Every page of a long text is drawn at the same pixels per board unit (a letter keeps its size at a page
+    break), round caps of thick ink stay inside the picture, and SVG has no pixel limit (PNG warns when it applies)."""
+    import utils
+    pages = []
+    original = utils.layout_page
+    monkeypatch.setattr(utils, "layout_page", lambda *a, **k: pages.append(original(*a, **k)) or pages[-1])
+    text = "\n".join(["ab cd"] * 39 + ["", "", "hat", "sand"])
+    assert run(files, "synthesis", tmp_path / "p.png", "--text", text, "--max-steps-per-char", "3") == 0
+    assert len(pages) == 2 and pages[0].scale == pages[1].scale
+    for k, name in enumerate(["p-1.png", "p-2.png"]):
+        import matplotlib.image
+        assert matplotlib.image.imread(tmp_path / name).shape[:2] == (pages[k].height, pages[k].width)
+    assert run(files, "synthesis", tmp_path / "thick.png", "--line-height", "30", "--stroke-width", "20") == 0
+    import matplotlib.image
+    im = matplotlib.image.imread(tmp_path / "thick.png")[..., :3]
+    border = np.concatenate([im[0], im[-1], im[:, 0], im[:, -1]])
+    assert (border > 0.99).all()                                         # white all round
+    monkeypatch.setattr(generate, "MAX_SIDE", 1000)
+    capsys.readouterr()
+    assert run(files, "synthesis", tmp_path / "big.svg", "--line-height", "1000") == 0
+    assert float(ET.parse(tmp_path / "big.svg").getroot().get("width")) > 1000 and "wider than" not in capsys.readouterr().err
+    assert run(files, "synthesis", tmp_path / "big.png", "--line-height", "1000") == 0
+    assert "big.png would be wider than 1,000 pixels" in capsys.readouterr().err
+    assert max(matplotlib.image.imread(tmp_path / "big.png").shape[:2]) <= 1000
+
+
+def test_a_long_word_stays_whole():
+    lines, _ = generate.prepare_lines("Supercalifragilistic is long", CHARS, 10, False)
+    assert lines == ["Supercalifragilistic", "is long"]
+    lines, _ = generate.prepare_lines("x" * 70, CHARS, 10, False)       # longer than any line the model saw: cut
+    assert [len(ln) for ln in lines] == [64, 6]
+
+
+def test_output_piped_into_head_ends_quietly(files, tmp_path):
+    proc = subprocess.Popen([sys.executable, str(ROOT / "generate.py"), "--checkpoint", files["synthesis"], "--text",
+                             "ab", *FAST, "--out", str(tmp_path / "x.png")], cwd=files["dir"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    proc.stdout.close()                                                   # the reader is gone before anything is written
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 1 and "Traceback" not in err and "Exception" not in err
+    assert (tmp_path / "x.png").exists()
