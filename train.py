@@ -50,6 +50,9 @@ def get_args(argv=None):
     p.add_argument("--layers", type=at_least(1), default=3, help="stacked LSTM layers (paper: 3)")
     p.add_argument("--mixtures", type=at_least(1), default=20, help="M, Gaussians in the mixture density output (paper: 20)")
     p.add_argument("--window-gaussians", type=at_least(1), default=10, help="K, Gaussians in the attention window (paper: 10)")
+    p.add_argument("--kappa-init", type=finite_float, default=-3.0,
+                   help="initial bias of the window's step kappa_hat (log characters per point; -3: exp(-3) = 0.05, "
+                        "a line takes about 21 points per character; the paper gives none)")
     # optimisation
     p.add_argument("--optimizer", choices=["adam", "rmsprop"], default="adam",
                    help="adam, or centred RMSProp with the paper's decay 0.95, momentum 0.9, eps 1e-4 (use --lr 1e-4; "
@@ -194,11 +197,11 @@ def main(argv=None):
             sys.exit(f"error: {source} was trained with another alphabet; use the data it was trained on")
     else:
         config = ModelConfig(task=args.task, hidden_size=args.hidden_size, layers=args.layers, mixtures=args.mixtures,
-                             window_gaussians=args.window_gaussians,
+                             window_gaussians=args.window_gaussians, kappa_init=args.kappa_init,
                              alphabet_size=len(train_set.alphabet.chars) if args.task == "synthesis" else 0)
     config.dropout = args.dropout   # a training setting: the flag wins over a checkpoint's
-    args.hidden_size, args.layers, args.mixtures, args.window_gaussians = (   # as trained: train_args tell the truth
-        config.hidden_size, config.layers, config.mixtures, config.window_gaussians)
+    args.hidden_size, args.layers, args.mixtures, args.window_gaussians, args.kappa_init = (   # as trained: train_args
+        config.hidden_size, config.layers, config.mixtures, config.window_gaussians, config.kappa_init)   # tell the truth
     torch.manual_seed(args.seed)
     model = HandwritingModel(config).to(device)
     noise = None   # learnt sigmas beside the weights; N: points of the training split (the KL is per data point)

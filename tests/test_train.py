@@ -77,6 +77,17 @@ def test_init_from_starts_a_new_run_from_shipped_weights(tiny_prepared, tmp_path
     assert "initialised from the weights" in capsys.readouterr().out
 
 
+def test_kappa_init_sets_the_windows_starting_pace_and_is_kept(tiny_prepared, tmp_path):
+    run_train(tiny_prepared, tmp_path / "a", "--max-steps", "1", "--eval-interval", "1", "--lr", "1e-9", "--kappa-init", "-1.5")
+    ckpt = torch.load(tmp_path / "a" / "last.pt", weights_only=True)
+    K = ckpt["model_config"]["window_gaussians"]
+    assert ckpt["model_config"]["kappa_init"] == ckpt["train_args"]["kappa_init"] == -1.5
+    assert torch.allclose(ckpt["model"]["window.bias"][2 * K:], torch.tensor(-1.5), atol=1e-3)   # lr 1e-9: as set
+    run_train(tiny_prepared, tmp_path / "b", "--init-from", str(tmp_path / "a" / "model.pt"), "--max-steps", "1",
+              "--eval-interval", "1")                # an architecture setting: the checkpoint's, whatever the flag
+    assert torch.load(tmp_path / "b" / "last.pt", weights_only=True)["train_args"]["kappa_init"] == -1.5
+
+
 def test_dropout_is_saved_and_the_flag_wins_over_a_checkpoint(tiny_prepared, tmp_path):
     run_train(tiny_prepared, tmp_path / "a", "--max-steps", "3", "--eval-interval", "3", "--dropout", "0.3")
     assert torch.load(tmp_path / "a" / "model.pt", weights_only=True)["model_config"]["dropout"] == 0.3
