@@ -32,7 +32,6 @@ from model import error_rates, evaluate_nll, load_model, load_recognizer, read_l
 from utils import DTYPES, at_least, autocast_dtype, load_checkpoint, load_style, pick_device, plot_lines, save_strokes
 
 
-
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--checkpoint", default="checkpoints/synthesis.pt", help="checkpoint written by train.py (last.pt, best.pt or a shipped one)")

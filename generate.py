@@ -212,10 +212,6 @@ def check_args(args):
         if args.task != "synthesis":
             fail("--plot-attention needs --task synthesis (the prediction network has no window)")
         check_output(args.plot_attention, PLOT_FORMATS, "--plot-attention")
-        pages = {os.path.abspath(page_path(args.out, k, 2)) for k in range(MAX_PAGES)} | {os.path.abspath(args.out)}
-        if os.path.abspath(args.plot_attention) in pages:
-            fail(f"--plot-attention {args.plot_attention} is where the handwriting goes (--out {args.out}); "
-                 f"give it another file")
     if args.save_strokes:
         check_output(args.save_strokes, (".npz",), "--save-strokes")
     if args.task == "prediction" and (args.text is not None or args.text_file):
@@ -332,13 +328,17 @@ def file_prime(path, styles_path):
         fail(f"--prime-file {path}: \"y_up\" must be true or false")
     if not data.get("y_up", False):
         strokes = [s * [1, -1] for s in strokes]              # screen coordinates -> y up, as in the data
-    ys = np.concatenate(strokes)[:, 1]
+    points = np.concatenate(strokes)
     with np.errstate(over="ignore", invalid="ignore"):
-        height = np.percentile(ys, 95) - np.percentile(ys, 5)
-    if not np.isfinite(height):
-        fail(f"--prime-file {path}: the coordinates are too large (up to {np.abs(ys).max():.3g}); use pixels or mm")
+        height = np.percentile(points[:, 1], 95) - np.percentile(points[:, 1], 5)
+        width = np.ptp(points[:, 0])
+    if not (np.isfinite(height) and np.isfinite(width)):
+        fail(f"--prime-file {path}: the coordinates are too large (up to {np.abs(points).max():.3g}); use pixels or mm")
     if height <= 0:
         fail(f"--prime-file {path}: the strokes have no height; is it handwriting?")
+    if not height / 50 <= width <= 200 * height:                # a line of handwriting is some characters wide
+        fail(f"--prime-file {path}: the strokes are {width / height:.3g} times as wide as high; give one line of "
+             f"handwriting")
     strokes = [resample_stroke(s * (ref["height"] / height), ref["step"]) for s in strokes]
     points = np.concatenate(strokes)
     if len(points) > MAX_PRIME_POINTS:
@@ -476,6 +476,10 @@ def generate(args):
             fail(f"the text would fill {len(pages)} pages of {MAX_ROWS} lines ({len(lines)} lines at "
                  f"{args.max_chars_per_line} characters per line); at most {MAX_PAGES}: split it into several runs, or "
                  f"write --out FILE.npz (strokes, no picture, any number of lines)")
+    if args.plot_attention and os.path.abspath(args.plot_attention) in {
+            os.path.abspath(page_path(args.out, k, len(pages))) for k in range(len(pages))}:
+        fail(f"--plot-attention {args.plot_attention} is where the handwriting goes (--out {args.out}); give it "
+             f"another file")
 
     prime = None if prime_offsets is None else prime_strokes(prime_offsets, mean, std)
     lead = "" if prime is None else f"{prime_text} "                          # the priming text leads every text
@@ -547,14 +551,18 @@ def generate(args):
     ### the pages, drawn at one size: rows as far apart as the tallest line of the whole text needs
     pitch = utils.row_pitch([ln for *_, page_lines in sampled for ln in page_lines])
     margin = max(args.line_height // 3, math.ceil(args.stroke_width / 2) + 2)          # round caps stay inside
-    for k, (texts, result, rows, page_lines) in enumerate(sampled):
+    picture = args.format != ".svg" or args.view == "density"                  # pixels: at most MAX_SIDE a side
+    layout = lambda lines, height, side: utils.layout_page(lines, line_height=height, margin=margin, pitch=pitch,
+                                                           max_side=side)
+    laid = [layout(page_lines, args.line_height, MAX_SIDE if picture else None) for *_, page_lines in sampled]
+    if any(page.shrunk for page in laid):                                    # every page as small as the smallest
+        height = min(page.scale for page in laid) * pitch
+        laid = [layout(page_lines, height, None) for *_, page_lines in sampled]
+        print(f"generate.py: warning: {args.out} would be over {MAX_SIDE:,} pixels a side at --line-height "
+              f"{args.line_height}; drawn at {height:.0f} (lower --line-height, or write .svg, which has no limit)",
+              file=sys.stderr)
+    for k, ((texts, result, rows, page_lines), page) in enumerate(zip(sampled, laid)):
         out, B = page_path(args.out, k, len(pages)), len(texts)
-        page = utils.layout_page(page_lines, line_height=args.line_height, margin=margin, pitch=pitch,
-                                 max_side=None if args.format == ".svg" else MAX_SIDE)
-        if page.shrunk:
-            print(f"generate.py: warning: {out} would be wider than {MAX_SIDE:,} pixels at --line-height "
-                  f"{args.line_height}; drawn smaller (write .svg, which has no limit, or lower --line-height)",
-                  file=sys.stderr)
         background = None
         if args.view == "density":
             background = density_map(page, result, rows, mean, std, args.bias, (page.height, page.width))
@@ -568,7 +576,7 @@ def generate(args):
                                  joined, args.plot_attention, prime_chars=prime_chars)
         step = ckpt.get("step")
         retried = int((result["attempts"] > 1).sum())
-        print(f"wrote {out} ({B // args.num_samples} line(s) x {args.num_samples} sample(s), "
+        utils.say(f"wrote {out} ({B // args.num_samples} line(s) x {args.num_samples} sample(s), "
               f"{args.task}, bias {args.bias}, seed {seed}{f', model step {step}' if step is not None else ''}"
               f"{f'; {retried} stalled or lingering line(s) sampled again (--retries)' if retried else ''})")
     t_written = time.perf_counter()
@@ -577,10 +585,10 @@ def generate(args):
 
     ### report
     if args.plot_attention:
-        print(f"wrote {args.plot_attention} (attention window phi)")
+        utils.say(f"wrote {args.plot_attention} (attention window phi)")
     if args.save_strokes:
-        print(f"wrote {args.save_strokes} (raw offsets of {len(saved)} line(s))")
-    print(f"time: {t_written - t_load:.2f} s from checkpoint load to written file{'s' if len(pages) > 1 else ''} "
+        utils.say(f"wrote {args.save_strokes} (raw offsets of {len(saved)} line(s))")
+    utils.say(f"time: {t_written - t_load:.2f} s from checkpoint load to written file{'s' if len(pages) > 1 else ''} "
           f"(sampling {t_sampling:.2f} s, {steps} steps x {n_lines} lines{f' on {len(pages)} pages' if len(pages) > 1 else ''}); "
           f"{time.perf_counter() - t_start:.2f} s in main")
     return 0
@@ -649,10 +657,10 @@ def write_strokes_file(args, model, ckpt, joined, texts, prime, prime_chars, gen
               f"(--max-steps-per-char) in {args.retries + 1} attempt(s), kept with finished = 0: line id(s) "
               f"{', '.join(unfinished[:10])}{' ...' if len(unfinished) > 10 else ''}", file=sys.stderr)
     step, retried, points = ckpt.get("step"), sum(a > 1 for a in attempts), sum(len(r) for r in raw)
-    print(f"wrote {args.out} ({len(texts):,} line(s) = {len(texts) // args.num_samples:,} x {args.num_samples} sample(s), "
+    utils.say(f"wrote {args.out} ({len(texts):,} line(s) = {len(texts) // args.num_samples:,} x {args.num_samples} sample(s), "
           f"{points:,} points, {args.task}, bias {args.bias}, seed {seed}{f', model step {step}' if step is not None else ''}"
           f"{f'; {retried} stalled or lingering line(s) sampled again (--retries)' if retried else ''})")
-    print(f"time: {t_sampled - t_load:.2f} s from checkpoint load to sampled lines ({len(texts) / (t_sampled - t_load):.1f} "
+    utils.say(f"time: {t_sampled - t_load:.2f} s from checkpoint load to sampled lines ({len(texts) / (t_sampled - t_load):.1f} "
           f"lines/s, batches of {args.batch_size}); {time.perf_counter() - t_start:.2f} s in main")
     return 0
 
@@ -671,7 +679,7 @@ def main(argv=None):
     except BrokenPipeError:                             # `generate.py ... | head -1`: the files are written
         from utils import quiet_broken_pipe
         quiet_broken_pipe()
-        return 1
+        return 0
     except KeyboardInterrupt:
         print("generate.py: interrupted", file=sys.stderr)
         return 130

@@ -364,6 +364,8 @@ class HandwritingModel(nn.Module):
         if self.mdn.weight.dtype not in (torch.float32, torch.float64):
             raise ValueError(f"sampling needs float32 weights, not {self.mdn.weight.dtype}: call model.float() "
                              f"(load_model returns float32 from the float16 files)")
+        if isinstance(bias, torch.Tensor) and bias.dim() == 0:
+            bias = bias.item()
         if not isinstance(bias, numbers.Real) or not 0 <= bias < math.inf:
             raise ValueError(f"bias must be a finite number >= 0, not {bias!r}")
         if generator is not None and not isinstance(generator, torch.Generator):
@@ -371,6 +373,10 @@ class HandwritingModel(nn.Module):
                             f"{type(generator).__name__}")
         if prime is not None and not (isinstance(prime, torch.Tensor) and prime.dim() in (2, 3) and prime.shape[-1] == 3):
             raise TypeError("prime must be a (Tp, 3) or (B, Tp, 3) tensor of normalised offsets (dataset.prime_strokes)")
+        if prime is not None and not (prime.shape[-2] > 0 and bool(torch.isfinite(prime).all())):
+            raise ValueError("prime must hold at least one point, all finite (dataset.prime_strokes)")
+        if prime is None and prime_chars:
+            raise ValueError("prime_chars counts the characters a prime wrote: give prime too, or prime_chars=0")
         whole("retries", retries, 0)
         whole("max_steps_per_char", max_steps_per_char, 1)
         whole("prime_chars", prime_chars, 0)
@@ -389,6 +395,9 @@ class HandwritingModel(nn.Module):
         if not (isinstance(text, torch.Tensor) and text.dim() == 2 and text.dtype == torch.long and text.numel()):
             raise TypeError("the synthesis model needs text: a (B, U) LongTensor of character ids, 0-padded "
                             "(alphabet.encode(s)[None] for one line; write_lines takes strings)")
+        if prime is not None and prime.dim() == 3 and prime.shape[0] not in (1, text.shape[0]):
+            raise ValueError(f"prime has {prime.shape[0]} lines and text {text.shape[0]}: give one prime (Tp, 3) for all, "
+                             f"or one per line")
         if prime is not None and prime_chars >= int((text > 0).sum(dim=1).min()):
             raise ValueError(f"prime_chars ({prime_chars}) must be fewer than every line's characters: each text is "
                              f"the priming text, a space and the new text")
@@ -882,6 +891,7 @@ def iter_write_lines(model, texts, alphabet, norm, bias=1.0, generator=None, bat
     own first point); the rest as in sample() (retries: stalled lines are written again).
     Yields one dict per batch: index (positions in texts), raw offsets [(T_i, 3) float64], finished, steps and
     attempts (samplings per line), so that a caller can keep what is done if it is stopped."""
+    import numpy as np
     from dataset import Alphabet, denormalize, from_its_first_point
     from utils import MAX_LINE_CHARS
     if not model.synthesis:
@@ -894,6 +904,12 @@ def iter_write_lines(model, texts, alphabet, norm, bias=1.0, generator=None, bat
                          f"({model.config.alphabet_size} characters)")
     if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
         raise ValueError(f"batch_size must be a whole number >= 1, not {batch_size!r}")
+    try:
+        mean, std = (np.asarray(v, dtype=np.float64).reshape(2) for v in norm)
+        assert np.isfinite([mean, std]).all() and (std > 0).all()
+    except (TypeError, ValueError, AssertionError):
+        raise ValueError("norm must be (mean, std) of the model's data, two (dx, dy) pairs, std > 0: "
+                         "(checkpoint['mean'], checkpoint['std'])") from None
     for i, t in enumerate(texts):
         if not t.strip():
             raise ValueError(f"texts[{i}] is empty: every line needs some characters")

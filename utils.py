@@ -155,8 +155,8 @@ def layout_page(lines, line_height=100, margin=24, spacing=1.4, max_side=8000, p
     for ln, pl in zip(lines, placed):
         if pl is not None:
             ln.xy, ln.origin = to_px(pl[0]), to_px(pl[1])
-    width = int(np.ceil((x1 - x0) * scale + 2 * margin))
-    height = int(np.ceil((y1 - y0) * scale + 2 * margin))
+    width = int(np.ceil(round((x1 - x0) * scale + 2 * margin, 6)))        # round: max_side, not max_side + 1
+    height = int(np.ceil(round((y1 - y0) * scale + 2 * margin, 6)))
     return Page(lines, max(width, 1), max(height, 1), scale, shrunk=scale < wanted)
 
 
@@ -500,10 +500,11 @@ def load_styles(path):
     except (OSError, ValueError, KeyError, TypeError, AssertionError):
         raise ValueError(f"--styles {path} is not a styles file (JSON with a non-empty 'styles' list)") from None
     ref = data.get("reference", {})
-    if not (isinstance(ref, dict) and all(isinstance(ref.get(k, 1.0), (int, float)) and 0 < ref.get(k, 1.0) < math.inf
-                                          for k in ("height", "step"))):
-        raise ValueError(f"--styles {path}: 'reference' must be {{\"height\": H, \"step\": S}}, positive numbers "
-                         f"(board units)")
+    number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 1 <= v <= 1e5
+    if not (isinstance(ref, dict) and number(ref.get("height", 343.0)) and number(ref.get("step", 19.6))
+            and ref.get("step", 19.6) < ref.get("height", 343.0)):
+        raise ValueError(f"--styles {path}: 'reference' must be {{\"height\": H, \"step\": S}}, board units from 1 to "
+                         f"100,000, the step below the height (IAM-OnDB: 343 and 19.6)")
     return data
 
 
@@ -673,8 +674,17 @@ def at_least(low, below=None, exclusive=False):
 
 def quiet_broken_pipe():
     """After a BrokenPipeError (output piped into `head`, which stopped reading): send the rest of stdout to the null
-    device, so that Python's flush at exit adds no traceback. The caller then exits."""
+    device, so that Python's flush at exit adds no traceback."""
     os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
+def say(text):
+    """print(text) for a script that goes on writing files after it: if the reader of a pipe has gone (`| head -1`,
+    unbuffered output), the rest of stdout is dropped and the work goes on."""
+    try:
+        print(text)
+    except BrokenPipeError:
+        quiet_broken_pipe()
 
 
 def pick_device(name):

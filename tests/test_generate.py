@@ -287,6 +287,7 @@ def errors(files, tmp_path):
     (d / "nan.json").write_text(json.dumps({"styles": [{**style, "offsets": [[0, 0, 0], [1, float("nan"), 1]]}]}))
     (d / "ref0.json").write_text(json.dumps({"reference": {"height": 0, "step": 0}, "styles": [style]}))
     (d / "huge.json").write_text(json.dumps({"text": "ab", "strokes": [[[0, 0], [1, 1e308], [2, -1e308]]]}))
+    (d / "wide.json").write_text(json.dumps({"text": "ab", "strokes": [[[0, 0], [1e200, 1], [2, -1]]]}))
     syn = ["--checkpoint", files["synthesis"], "--styles", files["styles"]]
     return [
         (syn + ["--text", "h\u00e9llo \u20ac"], "not in the model's alphabet: '\u00e9' '\u20ac'"),
@@ -334,10 +335,11 @@ def errors(files, tmp_path):
         (syn + ["--text", "ab", "--prime-file", files["prime"], "--styles", str(d / "ref0.json")],
          "'reference' must be"),
         (syn + ["--text", "ab", "--prime-file", str(d / "huge.json")], "the coordinates are too large"),
+        (syn + ["--text", "ab", "--prime-file", str(d / "wide.json")], "times as wide as high; give one line"),
         (syn + ["--text", "ab", "--out", str(tmp_path / "s.png"), "--plot-attention", str(tmp_path / "s.png")],
          "is where the handwriting goes"),
-        (syn + ["--text", "ab", "--out", str(tmp_path / "s.png"), "--plot-attention", str(tmp_path / "s-2.png")],
-         "is where the handwriting goes"),
+        (syn + ["--text", "\n".join(["ab"] * 41), "--out", str(tmp_path / "s.png"), "--plot-attention",
+                str(tmp_path / "s-2.png")], "is where the handwriting goes"),                  # page 2's file
         (syn + ["--text", "ab", "--color", "#ff000080"], "is see-through"),
         (syn + ["--text", "ab", "--num-samples", "41"], "for a page (or write --out FILE.npz"),
         (syn[2:] + ["--text", "ab", "--checkpoint", str(d)], "is a folder; pass a .pt file in it"),
@@ -512,8 +514,15 @@ def test_pages_of_one_text_share_one_size_and_no_ink_is_cut(files, tmp_path, mon
     assert run(files, "synthesis", tmp_path / "big.svg", "--line-height", "1000") == 0
     assert float(ET.parse(tmp_path / "big.svg").getroot().get("width")) > 1000 and "wider than" not in capsys.readouterr().err
     assert run(files, "synthesis", tmp_path / "big.png", "--line-height", "1000") == 0
-    assert "big.png would be wider than 1,000 pixels" in capsys.readouterr().err
+    assert "big.png would be over 1,000 pixels a side" in capsys.readouterr().err
     assert max(matplotlib.image.imread(tmp_path / "big.png").shape[:2]) <= 1000
+    assert run(files, "synthesis", tmp_path / "one.png", "--plot-attention", str(tmp_path / "one-1.png")) == 0   # 1 page
+    pages.clear()                                                        # shrunk to fit: still one size for all pages
+    assert run(files, "synthesis", tmp_path / "q.png", "--text", text, "--max-steps-per-char", "3",
+               "--line-height", "1000") == 0
+    assert len(pages) == 4 and (pages[0].shrunk or pages[1].shrunk)     # laid out, then again at the smaller scale
+    assert pages[2].scale == pages[3].scale == min(pages[0].scale, pages[1].scale)
+    assert max(max(matplotlib.image.imread(tmp_path / f"q-{k}.png").shape[:2]) for k in (1, 2)) <= 1000
 
 
 def test_a_long_word_stays_whole():
@@ -523,11 +532,16 @@ def test_a_long_word_stays_whole():
     assert [len(ln) for ln in lines] == [64, 6]
 
 
-def test_output_piped_into_head_ends_quietly(files, tmp_path):
+@pytest.mark.parametrize("unbuffered", ["", "1"])
+def test_output_piped_into_head_ends_quietly(files, tmp_path, unbuffered):
+    """`generate.py ... | head -1`: the reader gone, every file is still written, and nothing but warnings is said."""
+    import os
     proc = subprocess.Popen([sys.executable, str(ROOT / "generate.py"), "--checkpoint", files["synthesis"], "--text",
-                             "ab", *FAST, "--out", str(tmp_path / "x.png")], cwd=files["dir"], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE)
+                             "ab", *FAST, "--out", str(tmp_path / "x.png"), "--save-strokes", str(tmp_path / "x.npz")],
+                            cwd=files["dir"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env={**os.environ, "PYTHONUNBUFFERED": unbuffered})
     proc.stdout.close()                                                   # the reader is gone before anything is written
-    err = proc.stderr.read().decode()
-    assert proc.wait(timeout=120) == 1 and "Traceback" not in err and "Exception" not in err
-    assert (tmp_path / "x.png").exists()
+    with proc.stderr:
+        err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 0 and "Traceback" not in err and "Exception" not in err
+    assert (tmp_path / "x.png").exists() and (tmp_path / "x.npz").exists()
