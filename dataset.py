@@ -34,8 +34,9 @@ def load_prepared(path):
     if len(missing) == len(KEYS):
         raise ValueError(f"{path} is not prepared data (none of its arrays); pass the folder prepare_data.py wrote")
     if missing and {"offsets", "eos", "line_starts", "texts"} <= data.keys():     # generate.py's lines, say
-        raise ValueError(f"{path} is a strokes file (lines without splits), not prepared data: run prepare_data.py for "
-                         f"--data; recognizer.py read reads strokes files")
+        raise ValueError(f"{path} is a strokes file (lines without splits, e.g. generate.py's), not prepared data: "
+                         f"--data takes the folder prepare_data.py wrote from IAM-OnDB (training here uses real lines "
+                         f"only); recognizer.py read reads strokes files")
     if missing:
         raise ValueError(f"{path} lacks {', '.join(missing)}: made by another version, run prepare_data.py again")
     data["alphabet"] = str(data["alphabet"])

@@ -23,13 +23,15 @@ import argparse
 import json
 import os
 import sys
+import warnings
 
 import numpy as np
 import torch
 
 from dataset import Alphabet, HandwritingDataset, make_loader, prime_strokes
 from model import error_rates, evaluate_nll, load_model, load_recognizer, read_lines, summarize_nll, write_and_read
-from utils import DTYPES, at_least, autocast_dtype, load_checkpoint, load_style, pick_device, plot_lines, save_strokes
+from utils import (DTYPES, MAX_LINE_CHARS, at_least, autocast_dtype, load_checkpoint, load_style, pick_device, plot_lines,
+                   save_strokes)
 
 
 def get_args(argv=None):
@@ -150,6 +152,10 @@ def legibility(args, device):
     keep = [i for i, t in enumerate(asked) if t]
     if not keep:
         sys.exit("error: no prompt has a character the model can write")
+    long = sum(len(asked[i]) > MAX_LINE_CHARS for i in keep)
+    if long:
+        print(f"evaluate.py: warning: {long} prompt(s) longer than {MAX_LINE_CHARS} characters, the longest line the "
+              f"model saw: expect them less legible", file=sys.stderr)
     if alphabet.unknown(prime_text):
         sys.exit(f"error: style {args.style}'s text uses characters this model lacks; choose another --style")
     # priming: "style text" + " " + prompt, the style's strokes fed first; the cap and retries count the prompt only
@@ -162,10 +168,12 @@ def legibility(args, device):
     generator = torch.Generator(device=device).manual_seed(args.seed)
     rec_alphabet = Alphabet(rec_ckpt["alphabet"])
     rec_mean, rec_std = np.asarray(rec_ckpt["mean"], np.float32), np.asarray(rec_ckpt["std"], np.float32)
-    out = write_and_read(model, recognizer, [lead + asked[i] for i in keep], alphabet, rec_alphabet,
-                         (ckpt["mean"], ckpt["std"]), (rec_mean, rec_std), args.bias, generator, args.batch_size,
-                         args.max_steps_per_char, progress=True, retries=args.retries, retry_above=args.retry_above,
-                         prime=prime, prime_chars=len(lead))
+    with warnings.catch_warnings():                                       # (the long prompts: said above)
+        warnings.simplefilter("ignore", UserWarning)
+        out = write_and_read(model, recognizer, [lead + asked[i] for i in keep], alphabet, rec_alphabet,
+                             (ckpt["mean"], ckpt["std"]), (rec_mean, rec_std), args.bias, generator, args.batch_size,
+                             args.max_steps_per_char, progress=True, retries=args.retries, retry_above=args.retry_above,
+                             prime=prime, prime_chars=len(lead))
     raw, hyps, finished, steps, attempts = (dict(zip(keep, values)) for values in out)
     with_real = [i for i in keep if real_index[i] is not None]
     real_hyps = {}
@@ -188,7 +196,7 @@ def legibility(args, device):
     with open(os.path.join(args.out, "legibility.jsonl"), "w", encoding="utf-8") as f:
         f.writelines(json.dumps(r) + "\n" for r in rows)
     save_strokes(os.path.join(args.out, "generated.npz"), [raw[i] for i in keep], [asked[i] for i in keep],
-                 [str(i) for i in keep])
+                 [str(i) for i in keep], finished=[finished[i] for i in keep], attempts=[attempts[i] for i in keep])
     worst = sorted(rows, key=lambda r: -r["cer"])[:args.worst]
     plot_lines([(raw[r["index"]], f"#{r['index']}  CER {r['cer']:.2f}{'' if r['finished'] else ' (unfinished)'}  "
                                   f"asked: “{r['text']}”  read: “{r['recognised']}”") for r in worst],

@@ -16,6 +16,7 @@ import argparse
 import json
 import math
 import os
+import signal
 import sys
 import textwrap
 import time
@@ -643,6 +644,10 @@ def write_strokes_file(args, model, ckpt, joined, texts, prime, prime_chars, gen
     except KeyboardInterrupt:
         interrupted = True
     t_sampled = time.perf_counter()
+    if interrupted and not done:
+        print(f"generate.py: interrupted before any line was done: nothing written ({args.out} left as it was)",
+              file=sys.stderr)
+        return 130
     rows = sorted(done)
     raw, finished, attempts = ([done[i][k] for i in rows] for k in range(3))
     utils.save_strokes(args.out, raw, [texts[i] if args.task == "synthesis" else "" for i in rows],
@@ -669,6 +674,7 @@ def main(argv=None):
     args = get_args(argv)
     torch = sys.modules.get("torch")                    # called in-process (tests): leave torch as it was
     threads = torch.get_num_threads() if torch else None
+    previous = signal.signal(signal.SIGTERM, stop)     # `timeout`, `kill`, job schedulers: stop as Ctrl-C does
     try:
         code = generate(args)
         sys.stdout.flush()                              # here, so that a closed pipe is caught below
@@ -684,8 +690,14 @@ def main(argv=None):
         print("generate.py: interrupted", file=sys.stderr)
         return 130
     finally:
+        signal.signal(signal.SIGTERM, previous)
         if threads:
             torch.set_num_threads(threads)
+
+
+def stop(signum, frame):
+    """SIGTERM handler: raise KeyboardInterrupt, so that a strokes file keeps the lines done, as with Ctrl-C."""
+    raise KeyboardInterrupt
 
 
 if __name__ == "__main__":

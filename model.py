@@ -794,8 +794,11 @@ class RecognizerConfig(Config):
         strided = self.downsample.bit_length() - 1
         if self.downsample < 1 or 1 << strided != self.downsample or strided > self.conv_layers:
             raise ValueError(f"downsample must be a power of 2 <= 2 ** conv_layers, not {self.downsample}")
-        if self.alphabet_size <= 0 or self.kernel_size % 2 == 0:
-            raise ValueError("a recognizer needs alphabet_size > 0 and an odd kernel_size")
+        if self.alphabet_size <= 0:
+            raise ValueError(f"a recognizer needs an alphabet, not alphabet_size {self.alphabet_size}")
+        if self.kernel_size % 2 == 0:
+            raise ValueError(f"kernel_size (--kernel-size) must be odd, so that a convolution keeps its points centred, "
+                             f"not {self.kernel_size}")
 
 
 class Recognizer(nn.Module):

@@ -70,8 +70,8 @@ def get_args(argv=None):
     t.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
 
     r = sub.add_parser("read", help="print the text of handwritten lines", formatter_class=fmt,
-                       description="FILE is a strokes .npz (prepare_data.py's iam_ondb.npz, or generate.py --save-strokes "
-                                   "output): FILE reads every line in it, FILE:LINE_ID one line (e.g. "
+                       description="FILE is a strokes .npz (prepare_data.py's iam_ondb.npz; generate.py's --out FILE.npz "
+                                   "or --save-strokes; evaluate.py --legibility's generated.npz): FILE reads every line in it, FILE:LINE_ID one line (e.g. "
                                    "data/processed/iam_ondb.npz:a01-000u-01; generate.py numbers its lines 1, 2, ...).")
     r.add_argument("files", nargs="+", metavar="FILE[:LINE_ID]", help="strokes file, optionally with a line id")
     r.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT, help="recognizer checkpoint (model.pt, best.pt or last.pt of a run)")
@@ -133,7 +133,7 @@ def read_spec(spec):
         path, line_id = spec.rsplit(":", 1)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path} not found; give FILE or FILE:LINE_ID, FILE a strokes .npz (prepare_data.py's "
-                                f"iam_ondb.npz, or one written by generate.py --save-strokes)")
+                                f"iam_ondb.npz, generate.py's --out FILE.npz or --save-strokes, evaluate.py's generated.npz)")
     ids, texts, lines = load_strokes(path)
     if line_id is None:
         return ids, texts, lines
@@ -152,17 +152,22 @@ def read(args):
         ids += i
         refs += t
         lines += ln
+    if not lines:
+        raise ValueError(f"no lines in {', '.join(args.files)}")
     mean, std = np.asarray(ckpt["mean"], np.float32), np.asarray(ckpt["std"], np.float32)
     strokes = [torch.from_numpy(normalize(ln, mean, std)) for ln in lines]
     hyps = read_lines(model.to(device), strokes, Alphabet(ckpt["alphabet"]), args.batch_size)
     for line_id, ref, hyp in zip(ids, refs, hyps):
         if args.compare:
-            print(f"{line_id}  CER {error_rates([ref], [hyp])['cer']:.3f}\n  text:       {ref}\n  recognised: {hyp}")
+            cer = f"CER {error_rates([ref], [hyp])['cer']:.3f}" if ref else "no text to compare with"
+            print(f"{line_id}  {cer}\n  text:       {ref}\n  recognised: {hyp}")
         else:
             print(hyp)
-    if args.compare and len(ids) > 1:
-        r = error_rates(refs, hyps)
-        print(f"total: CER {r['cer']:.4f}, WER {r['wer']:.4f} over {r['lines']} lines")
+    with_text = [i for i, ref in enumerate(refs) if ref]     # unconditional scribbles have none
+    if args.compare and len(with_text) > 1:
+        r = error_rates([refs[i] for i in with_text], [hyps[i] for i in with_text])
+        print(f"total: CER {r['cer']:.4f}, WER {r['wer']:.4f} over {r['lines']} lines"
+              + (f" ({len(ids) - len(with_text)} without text left out)" if len(with_text) < len(ids) else ""))
 
 
 ### train

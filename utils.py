@@ -60,6 +60,8 @@ def save_strokes(path, lines, texts, line_ids=None, **per_line):
     for name, values in {"texts": texts, "line_ids": line_ids, **per_line}.items():
         if len(values) != len(lines):
             raise ValueError(f"save_strokes: {len(lines)} lines but {len(values)} {name}; give one per line")
+    if len(set(map(str, line_ids))) != len(line_ids):
+        raise ValueError("save_strokes: line_ids repeat; give every line its own id (merging files: number them anew)")
     starts = np.concatenate([[0], np.cumsum([len(o) for o in lines])]).astype(np.int64)
     rows = np.concatenate(lines) if lines else np.zeros((0, 3))
     arrays = {"offsets": rows[:, :2].astype(np.float32), "eos": (rows[:, 2] > 0.5).astype(np.uint8),

@@ -67,7 +67,7 @@ def test_load_prepared_missing_file(tmp_path):
 def test_a_strokes_file_given_as_prepared_data_says_so(tmp_path):
     from utils import save_strokes
     save_strokes(tmp_path / "lines.npz", [np.zeros((4, 3))], ["ab"])
-    with pytest.raises(ValueError, match="is a strokes file .*run prepare_data.py for --data; recognizer.py read"):
+    with pytest.raises(ValueError, match="is a strokes file .*--data takes the folder prepare_data.py wrote.*recognizer.py read"):
         load_prepared(tmp_path / "lines.npz")
 
 

@@ -6,6 +6,7 @@ Untrained models write scribbles that rarely reach the end of the text, so most 
 import json
 import subprocess
 import sys
+import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -152,13 +153,19 @@ def test_npz_output_writes_any_number_of_lines_in_batches(files, tmp_path, spy, 
 
 
 @pytest.mark.parametrize("task", ["synthesis", "prediction"])
-def test_npz_output_stopped_with_ctrl_c_keeps_the_lines_done(files, tmp_path, monkeypatch, capsys, task):
+@pytest.mark.parametrize("how", ["ctrl-c", "sigterm"])
+def test_npz_output_stopped_with_ctrl_c_keeps_the_lines_done(files, tmp_path, monkeypatch, capsys, task, how):
+    import os
+    import signal
     from utils import load_strokes
     calls, original = [], model_module.HandwritingModel.sample
 
-    def sample(self, *args, **kwargs):                                       # Ctrl-C during the third batch
+    def sample(self, *args, **kwargs):                                       # stopped during the third batch
         calls.append(1)
         if len(calls) == 3:
+            if how == "sigterm":                                              # `timeout`, `kill`
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(5)                                                 # the handler raises here
             raise KeyboardInterrupt
         return original(self, *args, **kwargs)
     monkeypatch.setattr(model_module.HandwritingModel, "sample", sample)
@@ -171,6 +178,9 @@ def test_npz_output_stopped_with_ctrl_c_keeps_the_lines_done(files, tmp_path, mo
     ids, texts, lines = load_strokes(out)
     assert len(ids) == len(set(ids)) == 8 and all(1 <= int(i) <= total for i in ids)
     assert ids == sorted(ids, key=int)
+    calls[:] = [1, 1]                                                        # stopped in the first batch: an earlier
+    assert run(files, task, out, *what, "--batch-size", "4", "--retries", "0") == 130   # file is left alone
+    assert "nothing written" in capsys.readouterr().err and load_strokes(out)[0] == ids
 
 
 def test_npz_output_reports_unfinished_lines_in_one_warning(files, tmp_path, capsys):

@@ -16,7 +16,7 @@ import train
 from dataset import Alphabet, HandwritingDataset, collate
 from model import (Recognizer, RecognizerConfig, ctc_loss, edit_distance, error_rates, greedy_decode, load_model,
                    load_recognizer, read_lines, write_and_read)
-from utils import load_strokes
+from utils import load_strokes, save_strokes
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_REC = ["--conv-channels", "16", "--hidden-size", "16", "--layers", "1", "--batch-size", "8", "--no-progress"]
@@ -131,6 +131,11 @@ def test_read_and_evaluate_commands(trained, tiny_prepared, tmp_path, capsys):
     recognizer.main(["read", str(tmp_path / "g.npz"), f"{tmp_path / 'g.npz'}:2", "--checkpoint", ckpt, "--compare"])
     out = capsys.readouterr().out
     assert out.count("recognised:") == 3 and "text:       sand" in out and "total: CER" in out
+    # lines without text (unconditional scribbles): no CER of their own, left out of the total
+    save_strokes(tmp_path / "blank.npz", g_lines + g_lines, ["", "", "the hat", "sand"])
+    recognizer.main(["read", str(tmp_path / "blank.npz"), "--checkpoint", ckpt, "--compare"])
+    out = capsys.readouterr().out
+    assert out.count("no text to compare with") == 2 and "over 2 lines (2 without text left out)" in out
     recognizer.main(["evaluate", "--checkpoint", ckpt, "--data", str(tiny_prepared), "--split", "test",
                      "--out", str(tmp_path / "rows.jsonl")])
     result = json.loads(capsys.readouterr().out)
@@ -152,6 +157,8 @@ def test_legibility_end_to_end(trained, tiny_prepared, tmp_path, capsys):
     assert all(r["steps"] <= 5 * len(r["text"]) + 1 for r in rows)
     assert (tmp_path / "a" / "worst.png").stat().st_size > 0
     assert len(load_strokes(tmp_path / "a" / "generated.npz")[2]) == 5
+    with np.load(tmp_path / "a" / "generated.npz") as f:                   # as generate.py's strokes files
+        assert list(f["finished"]) == [r["finished"] for r in rows] and list(f["attempts"]) == [r["attempts"] for r in rows]
     # --retries (as generate.py), all lines in one batch: lines finished at the first attempt stay as they were,
     # stalled ones get more tries
     one_batch = [*base, "--batch-size", "8"]
@@ -170,6 +177,10 @@ def test_legibility_end_to_end(trained, tiny_prepared, tmp_path, capsys):
     evaluate.main([*base, "--out", str(tmp_path / "b"), "--prompts", str(tmp_path / "prompts.txt")])
     result = json.loads(capsys.readouterr().out)
     assert result["lines"] == 2 and result["real_lines"] == 1
+    (tmp_path / "long.txt").write_text("the hat " * 9 + "\n", encoding="utf-8")       # 71 characters: one line said
+    evaluate.main([*base, "--out", str(tmp_path / "c"), "--prompts", str(tmp_path / "long.txt")])
+    err = capsys.readouterr().err
+    assert "evaluate.py: warning: 1 prompt(s) longer than 64 characters" in err and "UserWarning" not in err
 
 
 def test_legibility_in_a_style(trained, tiny_prepared, tmp_path, capsys, monkeypatch):
@@ -264,7 +275,11 @@ def test_missing_files_give_one_line_errors(trained, tiny_prepared, tmp_path):
         (evaluate.main, ["--checkpoint", syn, "--legibility", "--recognizer", rec, "--data", str(tiny_prepared),
                          "--style", "-1", "--styles", str(ROOT / "data" / "styles.json")], "does not exist"),
         (evaluate.main, ["--checkpoint", syn, "--data", str(tiny_prepared), "--style", "0"], "is for --legibility"),
+        (recognizer.main, ["read", str(tmp_path / "empty.npz"), "--checkpoint", rec], "no lines in"),
+        (recognizer.main, ["train", "--data", str(tiny_prepared), "--out", str(tmp_path / "k"), "--kernel-size", "4",
+                           *TINY_REC], "kernel_size (--kernel-size) must be odd"),
     ]
+    save_strokes(tmp_path / "empty.npz", [], [])
     for main, args, message in in_process:
         with pytest.raises(SystemExit) as e:
             main(args)
