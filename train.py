@@ -65,7 +65,7 @@ def get_args(argv=None):
     p.add_argument("--tbptt", type=at_least(0), default=0, help="truncated BPTT chunk length in points; 0 = whole lines")
     p.add_argument("--clip", type=at_least(0.0), default=3.0, help="clip the gradient norm to this (0 = off); the paper clipped derivatives instead")
     p.add_argument("--epochs", type=at_least(1), default=50, help="passes over the training split (stops at whichever of epochs/max-steps/time-limit comes first)")
-    p.add_argument("--max-steps", type=at_least(0), default=0, help="stop after this many optimiser steps, checked at the end of a batch (with --tbptt a batch takes several, so a run may pass it by a few) (0 = no limit)")
+    p.add_argument("--max-steps", type=at_least(0), default=0, help="stop after this many optimiser steps, checked at the end of a batch so that resuming is exact (with --tbptt a batch takes several, so a run may pass it by a few) (0 = no limit)")
     p.add_argument("--time-limit", type=at_least(0.0), default=0, help="stop after this many minutes of wall time in this call (a resumed run counts afresh), then evaluate and save (0 = no limit)")
     p.add_argument("--dropout", type=finite_float, default=0.0,
                    help="probability of dropping each layer's output units on their way to the layer above and the "
