@@ -630,17 +630,18 @@ def write_strokes_file(args, model, ckpt, joined, texts, prime, prime_chars, gen
             from model import iter_write_lines
             for batch in iter_write_lines(model, joined, Alphabet(ckpt["alphabet"]), norm, bias=args.bias,
                                           generator=generator, batch_size=args.batch_size,
-                                          max_steps_per_char=args.max_steps_per_char, progress=len(texts) > args.batch_size,
+                                          max_steps_per_char=args.max_steps_per_char, progress=True,
                                           retries=args.retries, retry_above=args.retry_above, prime=prime,
                                           prime_chars=prime_chars):
                 done.update(zip(batch["index"], zip(batch["raw"], batch["finished"], batch["attempts"])))
         else:
-            for a in tqdm(range(0, len(texts), args.batch_size), desc="generating", unit="batch",
-                          disable=None if len(texts) > args.batch_size else True):
-                result = model.sample(steps=args.steps, bias=args.bias, prime=prime, generator=generator,
-                                      batch_size=min(args.batch_size, len(texts) - a))
-                strokes = denormalize(result["strokes"].cpu().double().numpy(), *norm)
-                done.update((a + b, (line, True, 1)) for b, line in enumerate(strokes))
+            with tqdm(total=len(texts), desc="generating", unit="line", disable=None) as bar:
+                for a in range(0, len(texts), args.batch_size):
+                    result = model.sample(steps=args.steps, bias=args.bias, prime=prime, generator=generator,
+                                          batch_size=min(args.batch_size, len(texts) - a))
+                    strokes = denormalize(result["strokes"].cpu().double().numpy(), *norm)
+                    done.update((a + b, (line, True, 1)) for b, line in enumerate(strokes))
+                    bar.update(len(strokes))
     except KeyboardInterrupt:
         interrupted = True
     t_sampled = time.perf_counter()

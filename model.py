@@ -927,12 +927,12 @@ def iter_write_lines(model, texts, alphabet, norm, bias=1.0, generator=None, bat
     was_training = model.training
     model.eval()
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-    batches = range(0, len(order), batch_size)
-    if progress:
+    bar = None
+    if progress:                                  # in lines, shown from the start (a batch can take minutes)
         from tqdm import tqdm
-        batches = tqdm(batches, desc="generating", unit="batch", disable=None)
+        bar = tqdm(total=len(texts), desc="generating", unit="line", disable=None)
     try:
-        for a in batches:
+        for a in range(0, len(order), batch_size):
             idx = order[a:a + batch_size]
             text = nn.utils.rnn.pad_sequence([alphabet.encode(texts[i]) for i in idx], batch_first=True)
             result = model.sample(text=text.to(device), bias=bias, prime=prime, generator=generator,
@@ -941,10 +941,14 @@ def iter_write_lines(model, texts, alphabet, norm, bias=1.0, generator=None, bat
             steps = result["lengths"].tolist()
             strokes = denormalize(result["strokes"].cpu().double().numpy(), *norm)
             raw = [strokes[b, :n] if prime is None else from_its_first_point(strokes[b, :n]) for b, n in enumerate(steps)]
+            if bar is not None:
+                bar.update(len(idx))
             yield {"index": idx, "raw": raw, "steps": steps,
                    "finished": result["finished"].tolist(), "attempts": result["attempts"].tolist()}
     finally:
         model.train(was_training)
+        if bar is not None:
+            bar.close()
 
 
 def write_lines(model, texts, alphabet, norm, **kwargs):
