@@ -437,7 +437,7 @@ def generate(args):
 
     import numpy as np
     import torch
-    from dataset import denormalize, from_its_first_point, prime_strokes
+    from dataset import prime_strokes
     torch.set_num_threads(args.threads)                 # main() restores the caller's setting
     t_load = time.perf_counter()
     model, ckpt, device = load_checkpoint_model(args)
@@ -493,7 +493,19 @@ def generate(args):
         return write_strokes_file(args, model, ckpt, [lead + t for t in texts], texts, prime, prime_chars, generator,
                                   seed, t_start, t_load)
 
+    return write_pages(args, model, ckpt, pages, lead, prime, prime_offsets, generator, record, seed, t_start, t_load)
+
+
+def write_pages(args, model, ckpt, pages, lead, prime, prime_offsets, generator, record, seed, t_start, t_load):
+    """Pictures (.png, .svg, .gif): sample each page's lines as one batch (the lead, "prime text ", before every text),
+    then draw every page at one size, the attention plot and --save-strokes, and say what was written."""
+    import numpy as np
+    import torch
     import utils
+    from dataset import Alphabet, denormalize, from_its_first_point
+    mean, std = np.asarray(ckpt["mean"], dtype=np.float64), np.asarray(ckpt["std"], dtype=np.float64)
+    device, prime_chars = model.mdn.weight.device, len(lead)
+    alphabet = Alphabet(ckpt["alphabet"]) if args.task == "synthesis" else None
     saved, saved_texts, t_sampling, steps, n_lines = [], [], 0.0, 0, 0
     sampled = []                                                              # per page: (texts, result, rows, lines)
     for page_rows in pages:
@@ -578,8 +590,8 @@ def generate(args):
         step = ckpt.get("step")
         retried = int((result["attempts"] > 1).sum())
         utils.say(f"wrote {out} ({B // args.num_samples} line(s) x {args.num_samples} sample(s), "
-              f"{args.task}, bias {args.bias}, seed {seed}{f', model step {step}' if step is not None else ''}"
-              f"{f'; {retried} stalled or lingering line(s) sampled again (--retries)' if retried else ''})")
+                  f"{args.task}, bias {args.bias}, seed {seed}{f', model step {step}' if step is not None else ''}"
+                  f"{f'; {retried} stalled or lingering line(s) sampled again (--retries)' if retried else ''})")
     t_written = time.perf_counter()
     if args.save_strokes:
         utils.save_strokes(args.save_strokes, saved, saved_texts)
@@ -590,8 +602,8 @@ def generate(args):
     if args.save_strokes:
         utils.say(f"wrote {args.save_strokes} (raw offsets of {len(saved)} line(s))")
     utils.say(f"time: {t_written - t_load:.2f} s from checkpoint load to written file{'s' if len(pages) > 1 else ''} "
-          f"(sampling {t_sampling:.2f} s, {steps} steps x {n_lines} lines{f' on {len(pages)} pages' if len(pages) > 1 else ''}); "
-          f"{time.perf_counter() - t_start:.2f} s in main")
+              f"(sampling {t_sampling:.2f} s, {steps} steps x {n_lines} lines{f' on {len(pages)} pages' if len(pages) > 1 else ''}); "
+              f"{time.perf_counter() - t_start:.2f} s in main")
     return 0
 
 
@@ -664,10 +676,10 @@ def write_strokes_file(args, model, ckpt, joined, texts, prime, prime_chars, gen
               f"{', '.join(unfinished[:10])}{' ...' if len(unfinished) > 10 else ''}", file=sys.stderr)
     step, retried, points = ckpt.get("step"), sum(a > 1 for a in attempts), sum(len(r) for r in raw)
     utils.say(f"wrote {args.out} ({len(texts):,} line(s) = {len(texts) // args.num_samples:,} x {args.num_samples} sample(s), "
-          f"{points:,} points, {args.task}, bias {args.bias}, seed {seed}{f', model step {step}' if step is not None else ''}"
-          f"{f'; {retried} stalled or lingering line(s) sampled again (--retries)' if retried else ''})")
+              f"{points:,} points, {args.task}, bias {args.bias}, seed {seed}{f', model step {step}' if step is not None else ''}"
+              f"{f'; {retried} stalled or lingering line(s) sampled again (--retries)' if retried else ''})")
     utils.say(f"time: {t_sampled - t_load:.2f} s from checkpoint load to sampled lines ({len(texts) / (t_sampled - t_load):.1f} "
-          f"lines/s, batches of {args.batch_size}); {time.perf_counter() - t_start:.2f} s in main")
+              f"lines/s, batches of {args.batch_size}); {time.perf_counter() - t_start:.2f} s in main")
     return 0
 
 
