@@ -2,8 +2,8 @@
 Graves' handwriting networks (arXiv 1308.0850, sections 4 and 5).
 
 One model class covers both tasks:
-- prediction: 3 stacked LSTMs (no peepholes, as cuDNN's) with skip connections (input -> every layer, every layer -> output) and a
-  mixture density (MDN) head of M bivariate Gaussians plus an end-of-stroke Bernoulli.
+- prediction: 3 stacked LSTMs (no peepholes, as cuDNN's) with skip connections (input -> every layer, every
+  layer -> output) and a mixture density (MDN) head of M bivariate Gaussians plus an end-of-stroke Bernoulli.
 - synthesis: the same stack plus a soft attention window over the one-hot text, computed from layer 1
   and fed to layers 2..L at step t and to layer 1 at step t + 1.
 
@@ -156,7 +156,8 @@ def chunk_backward(model, inputs, targets, mask, text, state, dtype=torch.float3
 def teacher_forcing(strokes, stroke_mask):
     """Inputs and targets for next-point prediction from a padded batch (B, T, 3).
     The first point of every line is the start token x_0 = 0 (its offset is (0, 0) by construction; its pen lift,
-    when the first stroke is a single point, is dropped); the network predicts points 1..T-1. Returns inputs (B, T-1, 3), targets (B, T-1, 3), mask (B, T-1)."""
+    when the first stroke is a single point, is dropped); the network predicts points 1..T-1.
+    Returns inputs (B, T-1, 3), targets (B, T-1, 3), mask (B, T-1)."""
     inputs = strokes[:, :-1].clone()
     inputs[:, 0] = 0
     return inputs, strokes[:, 1:], stroke_mask[:, 1:]
