@@ -16,8 +16,8 @@ recognizer (recognizer.py); it prints cer_generated, cer_real (the recognizer on
 finished_fraction (lines whose window reached the end of the text within the step cap), lines, bias, steps per
 character and, with --retries, attempts per line, and writes
 OUT/legibility.jsonl (one row per line), OUT/worst.png (the least legible lines) and OUT/generated.npz (the strokes).
-With --style N every prompt is written in that style (priming, as generate.py --style N) and only the new writing
-is read.
+With --style N (or --prime-file FILE, your own handwriting) every prompt is written in that style (priming, as
+generate.py does) and only the new writing is read.
 """
 import argparse
 import json
@@ -30,8 +30,8 @@ import torch
 
 from dataset import Alphabet, HandwritingDataset, make_loader, prime_strokes
 from model import error_rates, evaluate_nll, load_model, load_recognizer, read_lines, summarize_nll, write_and_read
-from utils import (DTYPES, MAX_LINE_CHARS, at_least, autocast_dtype, load_checkpoint, load_style, pick_device, plot_lines,
-                   save_strokes)
+from utils import (DTYPES, MAX_LINE_CHARS, at_least, autocast_dtype, load_checkpoint, load_prime_file, load_style,
+                   pick_device, plot_lines, save_strokes)
 
 
 def get_args(argv=None):
@@ -63,10 +63,14 @@ def get_args(argv=None):
     g.add_argument("--retry-above", type=at_least(0.0), default=32,
                    help="with --retries, a line that took more than this many points per character counts as stalled, "
                         "as in generate.py (real lines take about 21; 0 = only lines that reach the cap)")
-    g.add_argument("--style", type=int, default=None, metavar="N",
-                   help="write every prompt in style N of --styles (priming, paper section 5.5, as generate.py --style "
-                        "does); only the new writing is read")
-    g.add_argument("--styles", default="data/styles.json", help="styles file for --style")
+    prime = g.add_mutually_exclusive_group()
+    prime.add_argument("--style", type=int, default=None, metavar="N",
+                       help="write every prompt in style N of --styles (priming, paper section 5.5, as generate.py "
+                            "--style does); only the new writing is read")
+    prime.add_argument("--prime-file", default=None, metavar="FILE",
+                       help="write every prompt in your own handwriting: a prime file as generate.py --prime-file takes")
+    g.add_argument("--styles", default="data/styles.json", help="styles file for --style (and its reference scale for "
+                                                                  "--prime-file)")
     g.add_argument("--worst", type=at_least(0), default=12, help="lines drawn in OUT/worst.png, highest CER first")
     g.add_argument("--out", default="samples/legibility", help="folder for legibility.jsonl, worst.png and generated.npz")
     return p.parse_args(argv)
@@ -81,9 +85,10 @@ def main(argv=None):
         sys.exit(f"error: {e}")
     if args.legibility:
         return legibility(args, device)
-    if args.style is not None or args.prompts:
-        sys.exit(f"error: {'--style' if args.style is not None else '--prompts'} is for --legibility (how legible the "
-                 f"model writes)")
+    given = [flag for flag, on in (("--style", args.style is not None), ("--prime-file", args.prime_file),
+                                   ("--prompts", args.prompts)) if on]
+    if given:
+        sys.exit(f"error: {given[0]} is for --legibility (how legible the model writes)")
     args.split = args.split or "valid"
     try:
         checkpoint = load_checkpoint(args.checkpoint, map_location=device)
@@ -137,7 +142,11 @@ def legibility(args, device):
         recognizer, rec_ckpt = load_recognizer(args.recognizer, map_location=device, flag="--recognizer")
         real = HandwritingDataset(args.data, split) if args.prompts is None or os.path.exists(args.data) else None
         prompts = read_prompts(args.prompts) if args.prompts else list(real.texts)
-        prime_text, prime_offsets = load_style(args.styles, args.style) if args.style is not None else ("", None)
+        prime_text, prime_offsets = ("", None)
+        if args.style is not None:
+            prime_text, prime_offsets = load_style(args.styles, args.style)
+        elif args.prime_file:
+            prime_text, prime_offsets = load_prime_file(args.prime_file, args.styles)
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")
     prompts = prompts[:args.max_lines or None]
@@ -157,7 +166,9 @@ def legibility(args, device):
         print(f"evaluate.py: warning: {long} prompt(s) longer than {MAX_LINE_CHARS} characters, the longest line the "
               f"model saw: expect them less legible", file=sys.stderr)
     if alphabet.unknown(prime_text):
-        sys.exit(f"error: style {args.style}'s text uses characters this model lacks; choose another --style")
+        sys.exit(f"error: style {args.style}'s text uses characters this model lacks; choose another --style"
+                 if args.style is not None else f"error: --prime-file {args.prime_file}'s text uses characters this "
+                                                f"model lacks: {' '.join(map(repr, alphabet.unknown(prime_text)))}")
     # priming: "style text" + " " + prompt, the style's strokes fed first; the cap and retries count the prompt only
     prime = None if prime_offsets is None else prime_strokes(prime_offsets, ckpt["mean"], ckpt["std"])
     lead = f"{prime_text} " if prime is not None else ""
@@ -204,7 +215,7 @@ def legibility(args, device):
     gen = error_rates([asked[i] for i in keep], [hyps[i] for i in keep])
     rea = error_rates([real.texts[real_index[i]] for i in with_real], [real_hyps[i] for i in with_real]) if with_real else None
     print(json.dumps({"checkpoint": args.checkpoint, "recognizer": args.recognizer, "bias": args.bias, "seed": args.seed,
-                      "style": args.style,
+                      "style": args.style, "prime_file": args.prime_file,
                       "retries": args.retries, "retry_above": args.retry_above if args.retries else None,
                       "lines": len(keep), "cer_generated": gen["cer"], "wer_generated": gen["wer"],
                       "cer_real": rea and rea["cer"], "wer_real": rea and rea["wer"], "real_lines": len(with_real),

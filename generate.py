@@ -13,7 +13,6 @@ any number of them, sampled in batches; e.g. training data for a recogniser).
 Errors are one line on stderr and a non-zero exit.
 """
 import argparse
-import json
 import math
 import os
 import signal
@@ -21,7 +20,7 @@ import sys
 import textwrap
 import time
 
-from utils import MAX_LINE_CHARS, VIEWS, at_least, finite_float, load_style, load_styles   # numpy only; torch is imported after the fast checks
+from utils import MAX_LINE_CHARS, VIEWS, at_least, finite_float, load_prime_file, load_style   # numpy only; torch is imported after the fast checks
 
 HERE = os.path.dirname(os.path.abspath(__file__))   # shipped files are found wherever the command runs from
 DEFAULT_CHECKPOINTS = {"synthesis": "checkpoints/synthesis.pt", "prediction": "checkpoints/prediction.pt"}
@@ -35,10 +34,6 @@ MAX_PAGES = 10              # pages of one run (a longer text: several runs, or 
 MAX_FILE_LINES = 100_000    # lines of an .npz strokes file, counting every sample (~2 GB of offsets held in memory)
 DEFAULT_STEPS = 700         # points per line for --task prediction (IAM-OnDB median: 620)
 MAX_STEPS = 5000            # at most, for --task prediction
-MAX_PRIME_POINTS = 4000     # a priming line longer than this is not a line
-# offsets of lines in IAM-OnDB (raw units): used to bring a --prime-file to the data's scale when the styles file
-# has no "reference" entry. height: 5-95 % range of y over a line; step: median pen-down step length.
-REFERENCE_SCALE = {"height": 343.0, "step": 19.6}
 # typographic characters a user may paste, and their plain equivalents (used only when the model lacks the first)
 SUBSTITUTES = {"\u2018": "'", "\u2019": "'", "\u201c": '"', "\u201d": '"', "\u2013": "-", "\u2014": "-",
                "\u2026": "...", "\u00a0": " ", "\t": " "}
@@ -273,82 +268,16 @@ def prepare_lines(text, chars, max_chars, drop_unknown):
 
 ### priming (paper section 5.5): a real line and its text, fed before the new text
 
-def style_prime(args):
-    """--style N -> (text, raw offsets (T, 3) with the first point at (0, 0))."""
+def read_prime(args):
+    """--style N or --prime-file FILE -> (text, raw offsets (T, 3) with the first point at (0, 0)), or (None, None)."""
     try:
-        return load_style(args.styles, args.style)
+        if args.style is not None:
+            return load_style(args.styles, args.style)
+        if args.prime_file:
+            return load_prime_file(args.prime_file, args.styles)      # brought to the data's scale and spacing
     except (FileNotFoundError, ValueError) as e:
         fail(str(e))
-
-
-def resample_stroke(points, step):
-    """Points (n, 2) along one pen-down stroke -> points spaced `step` apart along its path (ends kept)."""
-    import numpy as np
-    seg = np.linalg.norm(np.diff(points, axis=0), axis=1)
-    length = seg.sum()
-    if len(points) < 2 or length < step:
-        return points[[0, -1]] if len(points) > 1 and length > 0 else points[:1]
-    s = np.concatenate([[0.0], np.cumsum(seg)])
-    keep = np.concatenate([[True], seg > 0])                  # np.interp needs increasing positions
-    at = np.append(np.arange(0.0, length, step), length)
-    return np.stack([np.interp(at, s[keep], points[keep, i]) for i in range(2)], axis=1)
-
-
-def file_prime(path, styles_path):
-    """--prime-file -> (text, raw offsets (T, 3)), brought to the scale and point spacing of IAM-OnDB lines."""
-    import numpy as np
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except FileNotFoundError:
-        fail(f"--prime-file {path} does not exist")
-    except (OSError, UnicodeDecodeError) as e:
-        fail(f"cannot read --prime-file {path}: {getattr(e, 'strerror', None) or e}")
-    except ValueError as e:
-        fail(f"--prime-file {path} is not valid JSON: {e}")
-    bad = (f"--prime-file {path} must hold {{\"text\": \"...\", \"strokes\": [[[x, y], ...], ...]}} "
-           f"(a list of strokes, each a list of [x, y] points)")
-    if not isinstance(data, dict) or not isinstance(data.get("text"), str) or not isinstance(data.get("strokes"), list):
-        fail(bad)
-    try:
-        strokes = [np.asarray(s, dtype=np.float64) for s in data["strokes"]]
-    except (ValueError, TypeError):
-        fail(bad)
-    if not all(s.ndim == 2 and s.shape[1] == 2 for s in strokes if s.size):
-        fail(bad)
-    strokes = [s for s in strokes if len(s)]
-    if not data["text"].strip() or not strokes or not all(np.isfinite(s).all() for s in strokes):
-        fail(f"--prime-file {path} needs a non-empty text and at least one stroke of finite numbers")
-    ref = dict(REFERENCE_SCALE)
-    if os.path.exists(styles_path):
-        try:
-            ref.update(load_styles(styles_path).get("reference", {}))
-        except ValueError as e:
-            fail(str(e))
-    if not isinstance(data.get("y_up", False), bool):
-        fail(f"--prime-file {path}: \"y_up\" must be true or false")
-    if not data.get("y_up", False):
-        strokes = [s * [1, -1] for s in strokes]              # screen coordinates -> y up, as in the data
-    points = np.concatenate(strokes)
-    with np.errstate(over="ignore", invalid="ignore"):
-        height = np.percentile(points[:, 1], 95) - np.percentile(points[:, 1], 5)
-        width = np.ptp(points[:, 0])
-    if not (np.isfinite(height) and np.isfinite(width)):
-        fail(f"--prime-file {path}: the coordinates are too large (up to {np.abs(points).max():.3g}); use pixels or mm")
-    if height <= 0:
-        fail(f"--prime-file {path}: the strokes have no height; is it handwriting?")
-    if not height / 50 <= width <= 200 * height:                # a line of handwriting is some characters wide
-        fail(f"--prime-file {path}: the strokes are {width / height:.3g} times as wide as high; give one line of "
-             f"handwriting")
-    strokes = [resample_stroke(s * (ref["height"] / height), ref["step"]) for s in strokes]
-    points = np.concatenate(strokes)
-    if len(points) > MAX_PRIME_POINTS:
-        fail(f"--prime-file {path} is too long ({len(points)} points after resampling, at most {MAX_PRIME_POINTS}); "
-             f"use one line of handwriting")
-    offsets = np.zeros((len(points), 3))
-    offsets[1:, :2] = np.diff(points, axis=0)
-    offsets[np.cumsum([len(s) for s in strokes]) - 1, 2] = 1
-    return " ".join(data["text"].split()), offsets
+    return None, None
 
 
 ### model
@@ -429,11 +358,7 @@ def generate(args):
         if not raw_text.strip():
             fail(f"--text-file {args.text_file} is empty" if args.text is None else
                  'the text is empty; give some words with --text "..."')
-    prime_text, prime_offsets = None, None
-    if args.style is not None:
-        prime_text, prime_offsets = style_prime(args)
-    elif args.prime_file:
-        prime_text, prime_offsets = file_prime(args.prime_file, args.styles)
+    prime_text, prime_offsets = read_prime(args)
 
     import numpy as np
     import torch

@@ -523,6 +523,82 @@ def load_style(path, n):
         raise ValueError(f"--styles {path}: style {n} is not a text with finite offsets") from None
 
 
+# offsets of lines in IAM-OnDB (raw units): used to bring a --prime-file to the data's scale when the styles file
+# has no "reference" entry. height: 5-95 % range of y over a line; step: median pen-down step length.
+PRIME_REFERENCE = {"height": 343.0, "step": 19.6}
+MAX_PRIME_POINTS = 4000     # a priming line longer than this is not a line
+
+
+def respace_stroke(points, step):
+    """Points (n, 2) along one pen-down stroke -> points spaced `step` apart along its path, interpolated (ends kept):
+    a mouse or tablet samples a line far more sparsely or densely than IAM-OnDB's pen (prepare_data.resample_stroke
+    only drops points)."""
+    seg = np.linalg.norm(np.diff(points, axis=0), axis=1)
+    length = seg.sum()
+    if len(points) < 2 or length < step:
+        return points[[0, -1]] if len(points) > 1 and length > 0 else points[:1]
+    s = np.concatenate([[0.0], np.cumsum(seg)])
+    keep = np.concatenate([[True], seg > 0])                  # np.interp needs increasing positions
+    at = np.append(np.arange(0.0, length, step), length)
+    return np.stack([np.interp(at, s[keep], points[keep, i]) for i in range(2)], axis=1)
+
+
+def load_prime_file(path, styles_path=None):
+    """--prime-file: JSON {"text": ..., "strokes": [[[x, y], ...], ...], "y_up": false} -> (text, raw offsets (T, 3),
+    first point (0, 0)), brought to the scale and point spacing of IAM-OnDB lines (the styles file's "reference" when
+    it has one, else PRIME_REFERENCE). Raises FileNotFoundError or ValueError with a one-line message."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"--prime-file {path} does not exist") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"cannot read --prime-file {path}: {getattr(e, 'strerror', None) or e}") from None
+    except ValueError as e:
+        raise ValueError(f"--prime-file {path} is not valid JSON: {e}") from None
+    bad = (f"--prime-file {path} must hold {{\"text\": \"...\", \"strokes\": [[[x, y], ...], ...]}} "
+           f"(a list of strokes, each a list of [x, y] points)")
+    if not isinstance(data, dict) or not isinstance(data.get("text"), str) or not isinstance(data.get("strokes"), list):
+        raise ValueError(bad)
+    try:
+        strokes = [np.asarray(s, dtype=np.float64) for s in data["strokes"]]
+    except (ValueError, TypeError):
+        raise ValueError(bad) from None
+    if not all(s.ndim == 2 and s.shape[1] == 2 for s in strokes if s.size):
+        raise ValueError(bad)
+    strokes = [s for s in strokes if len(s)]
+    if not data["text"].strip() or not strokes or not all(np.isfinite(s).all() for s in strokes):
+        raise ValueError(f"--prime-file {path} needs a non-empty text and at least one stroke of finite numbers")
+    ref = dict(PRIME_REFERENCE)
+    if styles_path and os.path.exists(styles_path):
+        ref.update(load_styles(styles_path).get("reference", {}))
+    if not isinstance(data.get("y_up", False), bool):
+        raise ValueError(f"--prime-file {path}: \"y_up\" must be true or false")
+    if not data.get("y_up", False):
+        strokes = [s * [1, -1] for s in strokes]              # screen coordinates -> y up, as in the data
+    points = np.concatenate(strokes)
+    with np.errstate(over="ignore", invalid="ignore"):
+        height = np.percentile(points[:, 1], 95) - np.percentile(points[:, 1], 5)
+        width = np.ptp(points[:, 0])
+    if not (np.isfinite(height) and np.isfinite(width)):
+        raise ValueError(f"--prime-file {path}: the coordinates are too large (up to {np.abs(points).max():.3g}); "
+                         f"use pixels or mm")
+    if height <= 0:
+        raise ValueError(f"--prime-file {path}: the strokes have no height; is it handwriting?")
+    if not height / 50 <= width <= 200 * height:                # a line of handwriting is some characters wide
+        raise ValueError(f"--prime-file {path}: the strokes are {width / height:.3g} times as wide as high; give one "
+                         f"line of handwriting")
+    strokes = [respace_stroke(s * (ref["height"] / height), ref["step"]) for s in strokes]
+    points = np.concatenate(strokes)
+    if len(points) > MAX_PRIME_POINTS:
+        raise ValueError(f"--prime-file {path} is too long ({len(points)} points after resampling, at most "
+                         f"{MAX_PRIME_POINTS}); use one line of handwriting")
+    offsets = np.zeros((len(points), 3))
+    offsets[1:, :2] = np.diff(points, axis=0)
+    offsets[np.cumsum([len(s) for s in strokes]) - 1, 2] = 1
+    return " ".join(data["text"].split()), offsets
+
+
 def draw_styles(styles, path):
     """All styles, numbered as for --style N, with their text, writer and slant: docs/styles.png."""
     plot_lines([(np.asarray(s["offsets"], dtype=np.float64),

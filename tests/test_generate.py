@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import generate
+import utils
 import model as model_module
 from model import HandwritingModel, ModelConfig
 
@@ -244,11 +245,11 @@ def test_prediction_primed_with_a_style(files, tmp_path, spy):
 
 def test_prime_file_scale_and_direction_do_not_matter(files):
     """Strokes in screen coordinates at any scale give the same offsets (brought to the reference size)."""
-    a = generate.file_prime(files["prime"], files["styles"])[1]
+    a = utils.load_prime_file(files["prime"], files["styles"])[1]
     big = files["dir"] / "big.json"
     big.write_text(json.dumps({"text": "my notes", "y_up": True,
                                "strokes": [(s * [3, -3] + 500).tolist() for s in loops("my notes")]}))
-    b = generate.file_prime(str(big), files["styles"])[1]
+    b = utils.load_prime_file(str(big), files["styles"])[1]
     assert a.shape == b.shape and np.allclose(a, b, atol=1e-6)
     assert a[0, :2].tolist() == [0, 0] and a[:, 2].sum() == 7                 # one stroke per letter
     height = np.ptp(np.percentile(np.cumsum(a[:, 1]), [5, 95]))
@@ -402,7 +403,6 @@ def test_shipped_styles():
 
 def test_density_map_follows_each_drawn_line_past_blank_rows():
     """density_map pairs page lines with batch rows: a blank row between them must not shift the pairing."""
-    import utils
     g = torch.Generator().manual_seed(0)
     offsets = [torch.randn(n, 3, generator=g).numpy() * [20, 5, 0] + [30, 0, 0] for n in (5, 9)]
     lines = [utils.PageLine(offsets[0]), None, utils.PageLine(offsets[1])]
@@ -487,7 +487,6 @@ def test_write_lines_warns_of_texts_longer_than_any_line_the_model_saw(files):
 
 
 def test_strokes_files_and_pictures_refuse_mismatched_arguments(tmp_path):
-    import utils
     off = to_offsets(loops("ab"))
     with pytest.raises(ValueError, match="2 lines but 1 texts"):
         utils.save_strokes(tmp_path / "a.npz", [off, off], ["a"])
@@ -504,7 +503,6 @@ def test_strokes_files_and_pictures_refuse_mismatched_arguments(tmp_path):
 def test_pages_of_one_text_share_one_size_and_no_ink_is_cut(files, tmp_path, monkeypatch, capsys):
     """Every page of a long text is drawn at the same pixels per board unit (a letter keeps its size at a page
     break), round caps of thick ink stay inside the picture, and SVG has no pixel limit (PNG warns when it applies)."""
-    import utils
     pages = []
     original = utils.layout_page
     monkeypatch.setattr(utils, "layout_page", lambda *a, **k: pages.append(original(*a, **k)) or pages[-1])

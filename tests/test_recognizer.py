@@ -13,10 +13,10 @@ import evaluate
 import generate
 import recognizer
 import train
-from dataset import Alphabet, HandwritingDataset, collate
+from dataset import Alphabet, HandwritingDataset, collate, prime_strokes
 from model import (Recognizer, RecognizerConfig, ctc_loss, edit_distance, error_rates, greedy_decode, load_model,
                    load_recognizer, read_lines, write_and_read)
-from utils import load_strokes, save_strokes
+from utils import load_prime_file, load_strokes, save_strokes
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_REC = ["--conv-channels", "16", "--hidden-size", "16", "--layers", "1", "--batch-size", "8", "--no-progress"]
@@ -208,6 +208,22 @@ def test_legibility_in_a_style(trained, tiny_prepared, tmp_path, capsys, monkeyp
     assert all(r["steps"] <= 5 * len(r["text"]) + 1 for r in rows)
     # what is read starts at its own first point, as a real line does (not with the jump from the style's end)
     assert all((x[0, :2] == 0).all() for x in load_strokes(tmp_path / "s" / "generated.npz")[2])
+    # --prime-file: your own handwriting, primed as generate.py --prime-file primes it
+    points = np.cumsum(lines[0][:, :2], axis=0) * [1, -1]                  # screen coordinates, y down
+    ends = np.flatnonzero(lines[0][:, 2]) + 1
+    prime = {"text": texts[0], "strokes": [s.tolist() for s in np.split(points, ends[:-1])]}
+    (tmp_path / "me.json").write_text(json.dumps(prime))
+    calls.clear()
+    evaluate.main(["--checkpoint", str(trained / "syn" / "last.pt"), "--legibility", "--data", str(tiny_prepared),
+                   "--recognizer", str(trained / "rec" / "model.pt"), "--max-steps-per-char", "5", "--retries", "0",
+                   "--prime-file", str(tmp_path / "me.json"), "--styles", str(tmp_path / "styles.json"),
+                   "--out", str(tmp_path / "p")])
+    result = json.loads(capsys.readouterr().out)
+    assert result["prime_file"] == str(tmp_path / "me.json") and result["style"] is None and result["lines"] == 5
+    ckpt = torch.load(trained / "syn" / "last.pt", weights_only=True)
+    expected = prime_strokes(load_prime_file(str(tmp_path / "me.json"), str(tmp_path / "styles.json"))[1],
+                             ckpt["mean"], ckpt["std"])
+    assert calls and all(torch.allclose(c["prime"], expected) for c in calls)
 
 
 def test_train_checks_legibility_and_selects_best_by_cer(trained, tiny_prepared, tmp_path):
@@ -275,6 +291,10 @@ def test_missing_files_give_one_line_errors(trained, tiny_prepared, tmp_path):
         (evaluate.main, ["--checkpoint", syn, "--legibility", "--recognizer", rec, "--data", str(tiny_prepared),
                          "--style", "-1", "--styles", str(ROOT / "data" / "styles.json")], "does not exist"),
         (evaluate.main, ["--checkpoint", syn, "--data", str(tiny_prepared), "--style", "0"], "is for --legibility"),
+        (evaluate.main, ["--checkpoint", syn, "--data", str(tiny_prepared), "--prime-file", "me.json"],
+         "--prime-file is for --legibility"),
+        (evaluate.main, ["--checkpoint", syn, "--legibility", "--recognizer", rec, "--data", str(tiny_prepared),
+                         "--prime-file", str(tmp_path / "none.json")], "--prime-file"),
         (recognizer.main, ["read", str(tmp_path / "empty.npz"), "--checkpoint", rec], "no lines in"),
         (recognizer.main, ["train", "--data", str(tiny_prepared), "--out", str(tmp_path / "k"), "--kernel-size", "4",
                            *TINY_REC], "kernel_size (--kernel-size) must be odd"),
