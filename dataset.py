@@ -238,7 +238,10 @@ def make_loader(dataset, batch_size, shuffle, seed=0, drop_last=False, num_worke
     """
     sampler = BucketBatchSampler(dataset.lengths, batch_size, shuffle=shuffle, seed=seed, drop_last=drop_last,
                                  copies=copies)
-    return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=num_workers)
+    # its own generator: iterating a DataLoader draws a seed, which from torch's global one would shift dropout's
+    # random numbers and make a resumed run differ from an unbroken one
+    return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=num_workers,
+                      generator=torch.Generator().manual_seed(seed))
 
 
 def augment(strokes, mask, mean, std, generator, scale=0.1, shear=0.15):

@@ -218,7 +218,7 @@ def check_args(args):
         fail("--steps is for --task prediction; synthesis writes until its text ends (cap: --max-steps-per-char)")
     args.steps = args.steps or DEFAULT_STEPS
     if args.task == "synthesis" and args.text is None and not args.text_file:
-        fail('nothing to write: give --text "..." or --text-file FILE')
+        fail('nothing to write: give --text "..." or --text-file FILE (or --task prediction: writing without text)')
 
 
 def read_text(args):

@@ -10,7 +10,7 @@ The network (model.py, section "the recognizer") reads the same normalised (dx, 
 model: strided 1-D convolutions (4x fewer frames than points), a bidirectional LSTM, and per-frame character
 probabilities trained with CTC; it reads by greedy (best path) decoding, with no dictionary or language model.
 `train` writes last.pt / best.pt (lowest validation CER) atomically and resumes exactly; at the end model.pt holds
-best.pt's weights in float16 without optimiser state: the file to ship as checkpoints/recognizer.pt.
+best.pt's weights in float16 without optimiser state (checkpoints/recognizer.pt is such a file).
 CER = total edit distance / total reference characters; WER the same over words.
 """
 import argparse
@@ -249,7 +249,8 @@ def train(args):
         return metrics
 
     stop = {"why": None}
-    signal.signal(signal.SIGINT, lambda *_: stop.update(why="interrupted"))   # finish the batch, save, exit
+    for sig in (signal.SIGINT, signal.SIGTERM):   # Ctrl-C, or `timeout`, `kill`, a job scheduler: finish the batch, save
+        signal.signal(sig, lambda *_: stop.update(why="interrupted"))
     progress = None
     if not args.no_progress:
         from tqdm import tqdm
@@ -317,7 +318,7 @@ def train(args):
     export_weights(load_checkpoint(os.path.join(out, "best.pt"), **CKPT), os.path.join(out, "model.pt"))
     print(f"done ({stop['why']}): {run.step} steps, {run.epoch} epochs, {run.train_time / 60:.1f} min training, "
           f"val CER {metrics['val_cer']:.4f} (best {run.best_cer:.4f}), {run.bad_steps} skipped steps; "
-          f"{out}/model.pt is the file to ship as {DEFAULT_CHECKPOINT}")
+          f"{out}/model.pt holds the best weights (evaluate.py --recognizer {out}/model.pt uses them)")
 
 
 if __name__ == "__main__":

@@ -26,14 +26,14 @@ import torch.distributed as dist
 from dataset import Alphabet, HandwritingDataset, augment, make_loader, rare_char_copies
 from model import (GraphedChunk, HandwritingModel, ModelConfig, WeightNoise, chunk_backward, error_rates, evaluate_nll,
                    load_recognizer, summarize_nll, teacher_forcing, write_and_read)
-from utils import (DTYPES, WeightAverage, at_least, autocast_dtype, clipped_step, export_weights, finite_float, learning_rate,
-                   load_checkpoint, make_optimizer, pick_device, plot_loss_curve, restore_training_state, resume_path,
-                   save_checkpoint, save_sample_image, training_state)
+from utils import (DTYPES, WeightAverage, at_least, atomic_write, autocast_dtype, clipped_step, export_weights, finite_float,
+                   learning_rate, load_checkpoint, make_optimizer, pick_device, plot_loss_curve, restore_training_state,
+                   resume_path, save_checkpoint, save_sample_image, training_state)
 
 
 # training flags that shape a run: on --resume, those given otherwise than the run's are named
-RESUME_FLAGS = ("data", "optimizer", "lr", "schedule", "warmup", "batch_size", "tbptt", "clip", "dropout", "ema",
-                "weight_noise", "augment_scale", "augment_shear", "rare_chars", "max_points", "max_lines", "dtype")
+RESUME_FLAGS = ("data", "optimizer", "lr", "schedule", "warmup", "max_steps", "batch_size", "tbptt", "clip", "dropout",
+                "ema", "augment_scale", "augment_shear", "rare_chars", "max_points", "max_lines", "dtype", "seed")
 
 
 def get_args(argv=None):
@@ -50,7 +50,7 @@ def get_args(argv=None):
     p.add_argument("--layers", type=at_least(1), default=3, help="stacked LSTM layers (paper: 3)")
     p.add_argument("--mixtures", type=at_least(1), default=20, help="M, Gaussians in the mixture density output (paper: 20)")
     p.add_argument("--window-gaussians", type=at_least(1), default=10, help="K, Gaussians in the attention window (paper: 10)")
-    p.add_argument("--kappa-init", type=finite_float, default=-3.0,
+    p.add_argument("--kappa-init", type=at_least(-10.0, below=3.0), default=-3.0,
                    help="initial bias of the window's step kappa_hat (log characters per point; -3: exp(-3) = 0.05, "
                         "a line takes about 21 points per character; the paper gives none)")
     # optimisation
@@ -81,7 +81,7 @@ def get_args(argv=None):
                         "again on --resume")
     p.add_argument("--augment-scale", type=at_least(0.0, below=1.0), default=0.0,
                    help="data augmentation: random size change per line, +- this fraction (paper: none, 0)")
-    p.add_argument("--augment-shear", type=at_least(0.0), default=0.0,
+    p.add_argument("--augment-shear", type=at_least(0.0, below=1.0), default=0.0,
                    help="data augmentation: random slant per line, dx += k dy with |k| <= this (paper: none, 0)")
     p.add_argument("--rare-chars", type=at_least(0), default=0,
                    help="draw lines holding rare characters more often: a line whose rarest character appears n < N "
@@ -147,6 +147,13 @@ class Run:
 
 def main(argv=None):
     args = get_args(argv)
+    try:
+        train(args)
+    except OSError as e:   # a disk that fills up, a folder removed while training: one line, not a traceback
+        sys.exit(f"error: cannot write {e.filename or 'a file'}: {e.strerror or e}")
+
+
+def train(args):
     ### distributed setup (torchrun sets RANK / WORLD_SIZE / LOCAL_RANK)
     ddp = "RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1
     try:
@@ -189,6 +196,14 @@ def main(argv=None):
             ckpt = load_checkpoint(source, flag="--resume" if resume else "--init-from")
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")
+    if master:   # found now, not at the first evaluation, hours later
+        try:
+            os.makedirs(out, exist_ok=True)
+            with open(os.path.join(out, ".write_test"), "w"):
+                pass
+            os.remove(os.path.join(out, ".write_test"))
+        except OSError as e:
+            sys.exit(f"error: cannot write to --out {out} ({e.strerror or e}); pass another --out")
     if ckpt:
         config = ModelConfig.from_dict(ckpt["model_config"])
         if config.task != args.task:
@@ -222,6 +237,17 @@ def main(argv=None):
         if noise:
             noise.load_state_dict(ckpt["weight_noise"])
         log(f"resumed from {resume} at step {run.step} (epoch {run.epoch}, batch {run.batch_in_epoch})")
+        rows_path = os.path.join(out, "metrics.jsonl")
+        if master and os.path.exists(rows_path):   # rows of steps after the checkpoint (a run killed outright) go
+            with open(rows_path) as f:
+                lines = [line for line in f if line.strip()]
+            rows = [line for line in lines if json.loads(line)["step"] <= run.step]
+
+            def write_rows(tmp):
+                with open(tmp, "w") as f:
+                    f.writelines(rows)
+            if len(rows) < len(lines):
+                atomic_write(rows_path, write_rows)
         # the training flags come from this command line, not the checkpoint: name those that changed
         before = ckpt.get("train_args", {})
         changed = [f"--{k.replace('_', '-')} {getattr(args, k)} (was {before[k]})" for k in RESUME_FLAGS
@@ -309,7 +335,6 @@ def main(argv=None):
                     generator, args.batch_size)
                 metrics.update(val_cer=error_rates(legible_texts, read)["cer"], val_finished=sum(finished) / len(finished))
             if master:
-                os.makedirs(out, exist_ok=True)
                 save_sample_image(raw_model, train_set.alphabet, train_set.mean, train_set.std,
                                   os.path.join(out, f"sample_{run.step:06d}.png"), text=args.sample_text, seed=args.seed)
         raw_model.train()
@@ -318,12 +343,12 @@ def main(argv=None):
         key = "val_cer" if args.select_by == "cer" else "val_nll_per_line"
         improved = metrics[key] < run.best_val
         run.best_val = min(run.best_val, metrics[key])
+        checkpoint(os.path.join(out, "last.pt"), metrics)                 # first: a row never runs ahead of last.pt
+        if improved:
+            checkpoint(os.path.join(out, "best.pt"), metrics)
         with open(os.path.join(out, "metrics.jsonl"), "a") as f:
             f.write(json.dumps(metrics) + "\n")
         plot_loss_curve(os.path.join(out, "metrics.jsonl"), os.path.join(out, "loss.png"))
-        checkpoint(os.path.join(out, "last.pt"), metrics)
-        if improved:
-            checkpoint(os.path.join(out, "best.pt"), metrics)
         log(f"step {run.step}: val {metrics['val_nll_per_line']:.1f} nats/line ({metrics['val_nll_per_point']:.3f}/point), "
             + (f"training weights {metrics['val_raw_nll_per_line']:.1f}, " if average else "")
             + f"train {metrics['train_loss']:.3f}/point, {metrics['points_per_s']:.0f} points/s"
@@ -339,9 +364,15 @@ def main(argv=None):
         log(f"CUDA graph of a {args.batch_size} x {args.tbptt}-point chunk recorded in {time.time() - t0:.1f} s"
             if graphed.graph else "--cuda-graph without CUDA: the chunks run eagerly through the same buffers")
 
-    ### Ctrl-C: finish the current batch, save, exit
+    ### Ctrl-C, or SIGTERM (`timeout`, `kill`, job schedulers): finish the current batch, evaluate, save, exit
     stop = {"why": None}
-    signal.signal(signal.SIGINT, lambda *_: stop.update(why="interrupted"))
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.update(why="interrupted"))
+    if args.max_steps and run.step >= args.max_steps:
+        log(f"already at --max-steps {args.max_steps} (step {run.step}): nothing to do; raise --max-steps to train on")
+        if ddp:
+            dist.destroy_process_group()
+        return
 
     ### training loop
     run_loss = RunningLoss()
@@ -372,7 +403,8 @@ def main(argv=None):
                                      epoch=run.epoch, refresh=False)
                 progress.refresh()
             if run.bad_in_row >= args.max_bad_steps:
-                stop["why"] = f"{args.max_bad_steps} NaN/Inf steps in a row; lower --lr or --clip, or use --dtype float32"
+                stop["why"] = (f"{args.max_bad_steps} NaN/Inf steps in a row; lower --lr or --clip"
+                               + (", or use --dtype float32" if args.dtype != "float32" else ""))
             elif args.max_steps and run.step >= args.max_steps:
                 stop["why"] = "max steps"
             elif args.time_limit and time.time() - t_start >= args.time_limit * 60:
@@ -382,7 +414,7 @@ def main(argv=None):
                 dist.all_reduce(flag)
                 if flag.item() and stop["why"] is None:
                     stop["why"] = "stopped on another rank"
-            if stop["why"] or run.step - run.last_eval_step >= args.eval_interval:
+            if stop["why"] or run.step // args.eval_interval > run.last_eval_step // args.eval_interval:   # multiples
                 metrics = evaluate()
                 run_loss = RunningLoss()
             if stop["why"]:
@@ -407,6 +439,8 @@ def main(argv=None):
         dist.destroy_process_group()
     if stop["why"].startswith(str(args.max_bad_steps)):
         sys.exit(f"error: {stop['why']}")
+    if stop["why"] == "interrupted":
+        sys.exit(130)                                   # saved, but not done: a job script can tell
 
 
 class RunningLoss:

@@ -845,8 +845,9 @@ def load_checkpoint(path, map_location="cpu", config_key="model_config", writer=
     except Exception as e:   # pickle, zip and torch errors all mean the same thing to a user, but for the device
         if isinstance(e, RuntimeError) and "device" in str(e).lower():
             raise ValueError(f"cannot load {path} onto {map_location}: {str(e).splitlines()[0]}") from None
-        raise ValueError(f"{path} is not a readable PyTorch checkpoint ({type(e).__name__}); "
-                         f"pass a .pt file written by {writer}") from None
+        raise ValueError(f"{path} cannot be read as a PyTorch checkpoint ({type(e).__name__}): cut short, damaged or not "
+                         f"a .pt file; " + ("resume from the run's best.pt instead, or " if flag == "--resume" else "")
+                         + f"pass a .pt file written by {writer}") from None
     if not isinstance(checkpoint, dict) or config_key not in checkpoint or "model" not in checkpoint:
         kind = "handwriting" if config_key == "model_config" else config_key.split("_")[0]
         raise ValueError(f"{path} is not a {kind} checkpoint (no {config_key}/model); pass a .pt file written by {writer}")
@@ -857,15 +858,26 @@ def load_checkpoint(path, map_location="cpu", config_key="model_config", writer=
     return checkpoint
 
 
+RUN_FILES = ("last.pt", "best.pt", "model.pt", "metrics.jsonl")   # a run folder's files (train.py, recognizer.py train)
+
+
 def resume_path(out, resume):
-    """The checkpoint --resume names: None, a path, or 'auto' (OUT/last.pt if it exists). A new run (no --resume) into a
-    folder that holds a run's last.pt is refused, since it would overwrite that run. Raises ValueError."""
+    """The checkpoint --resume names: None, a path, or 'auto' (OUT/last.pt if it exists). A run that would overwrite
+    another run's files in OUT is refused: a new one where any of them is, or resuming a checkpoint from another
+    folder where OUT/last.pt is. Raises ValueError."""
     last = os.path.join(out, "last.pt")
-    if resume == "auto":
-        return last if os.path.exists(last) else None
-    if resume is None and os.path.exists(last):
-        raise ValueError(f"{out} already holds a run ({last}): pass --resume auto to go on with it, or another --out")
-    return resume
+    if resume == "auto" and os.path.exists(last):
+        return last
+    held = [f for f in RUN_FILES if os.path.exists(os.path.join(out, f))]
+    if resume in (None, "auto") and held:
+        raise ValueError(f"{out} already holds a run ({', '.join(held)}): "
+                         + ("pass --resume auto to go on with it" if "last.pt" in held else
+                            "it has no last.pt to go on from (--resume OUT/best.pt does)") + ", or another --out")
+    if resume not in (None, "auto") and os.path.exists(last) and (
+            os.path.realpath(os.path.dirname(os.path.abspath(resume))) != os.path.realpath(out)):
+        raise ValueError(f"{out} holds another run ({last}), which resuming {resume} there would overwrite: pass the "
+                         f"--out that run was in, or a new one")
+    return None if resume == "auto" else resume
 
 
 def plot_loss_curve(metrics_path, png_path):
@@ -881,15 +893,16 @@ def plot_loss_curve(metrics_path, png_path):
     FigureCanvasAgg(fig)
     axes = fig.subplots(1, 3 if cer else 2)
     ax1, ax2 = axes[:2]
-    ax1.plot(steps, [r["train_loss"] for r in rows], label="train")
-    ax1.plot(steps, [r["val_nll_per_point"] for r in rows], label="validation")
+    dot = "." if len(rows) < 30 else None                       # a run of one or few evaluations still shows them
+    ax1.plot(steps, [r["train_loss"] for r in rows], label="train", marker=dot)
+    ax1.plot(steps, [r["val_nll_per_point"] for r in rows], label="validation", marker=dot)
     ax1.set(xlabel="step", ylabel="nats per point", title="loss")
     ax1.legend()
-    ax2.plot(steps, [r["val_nll_per_line"] for r in rows], color="C1",
+    ax2.plot(steps, [r["val_nll_per_line"] for r in rows], color="C1", marker=dot,
              label="averaged weights (--ema)" if "val_raw_nll_per_line" in rows[-1] else None)
     raw = [(r["step"], r["val_raw_nll_per_line"]) for r in rows if "val_raw_nll_per_line" in r]
     if raw:
-        ax2.plot(*zip(*raw), color="C1", alpha=0.4, label="training weights")
+        ax2.plot(*zip(*raw), color="C1", alpha=0.4, label="training weights", marker=dot)
         ax2.legend()
     ax2.set(xlabel="step", ylabel="nats per line", title="validation NLL (Graves' units)")
     if cer:

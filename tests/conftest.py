@@ -12,7 +12,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-REAL_DATA = ROOT.parent / "shared" / "iam-ondb"       # CI clones the repo with shared/ beside it
+# the real IAM-OnDB archives: where the README puts them (data/raw), else beside the repo (CI clones it with shared/)
+REAL_DATA = next((p for p in (ROOT / "data" / "raw", ROOT.parent / "shared" / "iam-ondb")
+                  if (p / "lineStrokes-all.tar.gz").is_file()), ROOT.parent / "shared" / "iam-ondb")
 
 import prepare_data  # noqa: E402
 

@@ -1,4 +1,4 @@
-"""Integration: prepare the real IAM-OnDB from ../shared/iam-ondb (about 10-20 s on 2 cores)."""
+"""Integration: prepare the real IAM-OnDB from data/raw or ../shared/iam-ondb (about 10-60 s on 2 cores)."""
 import json
 import os
 import time
@@ -13,7 +13,7 @@ from dataset import HandwritingDataset
 @pytest.fixture(scope="module")
 def real(tmp_path_factory):
     if not (REAL_DATA / "lineStrokes-all.tar.gz").is_file():
-        pytest.skip(f"real IAM-OnDB not found at {REAL_DATA}; the integration test needs it")
+        pytest.skip(f"real IAM-OnDB not found in data/raw or {REAL_DATA}; the integration test needs it")
     out = tmp_path_factory.mktemp("real")
     t0 = time.time()
     data = run_prepare(REAL_DATA, out, splits=out / "splits", workers=os.cpu_count() or 1)

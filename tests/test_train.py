@@ -49,10 +49,18 @@ def test_training_lowers_the_loss_and_writes_a_run(tiny_prepared, tmp_path, task
         assert torch.allclose(v, best[k], atol=1e-3, rtol=1e-3)
 
 
-def test_resume_matches_an_unbroken_run(tiny_prepared, tmp_path):
-    run_train(tiny_prepared, tmp_path / "a", "--max-steps", "30", "--eval-interval", "10")
-    run_train(tiny_prepared, tmp_path / "b", "--max-steps", "14", "--eval-interval", "10")
-    rows = run_train(tiny_prepared, tmp_path / "b", "--max-steps", "30", "--eval-interval", "10", "--resume", "auto")
+@pytest.mark.parametrize("extra", [[], ["--dropout", "0.2"]])
+def test_resume_matches_an_unbroken_run(tiny_prepared, tmp_path, extra):
+    """Stopped off the evaluation grid (step 14 of 10, 20, 30) and resumed: the same weights, and evaluations at the
+    same steps (dropout: the stop's extra evaluation draws nothing from torch's global random numbers)."""
+    run_train(tiny_prepared, tmp_path / "a", "--max-steps", "30", "--eval-interval", "10", *extra)
+    run_train(tiny_prepared, tmp_path / "b", "--max-steps", "14", "--eval-interval", "10", *extra)
+    rows = run_train(tiny_prepared, tmp_path / "b", "--max-steps", "30", "--eval-interval", "10", "--resume", "auto",
+                     *extra)
+    with open(tmp_path / "a" / "metrics.jsonl") as f:
+        unbroken = [json.loads(line)["step"] for line in f]
+    resumed = [r["step"] for r in rows]                                   # (a batch is 3-4 steps: 10, 22, 31)
+    assert set(unbroken) <= set(resumed) and len(resumed) == len(unbroken) + 1   # + the stop's own evaluation
     a = torch.load(tmp_path / "a" / "last.pt", weights_only=True)
     b = torch.load(tmp_path / "b" / "last.pt", weights_only=True)
     assert a["step"] == b["step"] == rows[-1]["step"]
@@ -347,10 +355,16 @@ def test_resume_names_the_training_flags_given_otherwise(tiny_prepared, tmp_path
     """The training flags come from the command line on --resume: those that differ from the run's are named."""
     run_train(tiny_prepared, tmp_path, "--max-steps", "2", "--eval-interval", "2", "--tbptt", "20", task="prediction")
     capsys.readouterr()
-    run_train(tiny_prepared, tmp_path, "--max-steps", "3", "--eval-interval", "2", "--resume", "auto", "--lr", "0.002",
+    run_train(tiny_prepared, tmp_path, "--max-steps", "30", "--eval-interval", "2", "--resume", "auto", "--lr", "0.002",
               task="prediction")
     out = capsys.readouterr().out
-    assert "note: flags that differ from the run's: --lr 0.002 (was 0.001), --tbptt 25 (was 20);" in out
+    assert ("note: flags that differ from the run's: --lr 0.002 (was 0.001), --max-steps 30 (was 2), --tbptt 25 "
+            "(was 20);") in out
+    step = torch.load(tmp_path / "last.pt", weights_only=True)["step"]         # a run at its --max-steps: nothing to do
+    before = {f: (tmp_path / f).stat().st_mtime_ns for f in ("last.pt", "best.pt", "metrics.jsonl")}
+    run_train(tiny_prepared, tmp_path, "--max-steps", str(step), "--resume", "auto", task="prediction")
+    assert f"already at --max-steps {step}" in capsys.readouterr().out
+    assert before == {f: (tmp_path / f).stat().st_mtime_ns for f in before}
 
 
 def test_bad_checkpoints_give_one_line_errors(tiny_prepared, tmp_path):
@@ -358,6 +372,10 @@ def test_bad_checkpoints_give_one_line_errors(tiny_prepared, tmp_path):
     junk = tmp_path / "junk.pt"
     junk.write_bytes(b"not a checkpoint")
     data = ["--data", str(tiny_prepared)]
+    (tmp_path / "nolast").mkdir()
+    (tmp_path / "nolast" / "best.pt").write_bytes((tmp_path / "p" / "best.pt").read_bytes())
+    (tmp_path / "q").mkdir()
+    (tmp_path / "q" / "last.pt").write_bytes((tmp_path / "p" / "last.pt").read_bytes())
     with np.load(tiny_prepared) as f:                     # the same data, its test lines moved to train
         arrays = {k: f[k] for k in f.files}
     arrays["split"] = np.where(arrays["split"] == 2, 0, arrays["split"]).astype(np.int8)
@@ -366,8 +384,8 @@ def test_bad_checkpoints_give_one_line_errors(tiny_prepared, tmp_path):
     cases = [
         (["train.py", "--task", "synthesis", "--resume", str(tmp_path / "p" / "last.pt"), *data], "prediction checkpoint"),
         (["train.py", "--task", "synthesis", "--init-from", str(tmp_path / "p" / "model.pt"), *data], "prediction checkpoint"),
-        (["train.py", "--init-from", str(junk), *data], "not a readable PyTorch checkpoint"),
-        (["evaluate.py", "--checkpoint", str(junk), *data], "not a readable PyTorch checkpoint"),
+        (["train.py", "--init-from", str(junk), *data], "cannot be read as a PyTorch checkpoint"),
+        (["evaluate.py", "--checkpoint", str(junk), *data], "cannot be read as a PyTorch checkpoint"),
         (["evaluate.py", "--checkpoint", str(tmp_path / "missing.pt"), *data], "not found"),
         (["train.py", "--resume", str(tmp_path / "missing.pt"), *data], "not found; train one with train.py or pass --resume"),
         (["train.py", "--init-from", str(tmp_path / "missing.pt"), *data], "or pass --init-from PATH"),
@@ -376,7 +394,14 @@ def test_bad_checkpoints_give_one_line_errors(tiny_prepared, tmp_path):
         (["train.py", "--data", str(tmp_path / "nowhere")], "prepare_data.py"),
         # a run folder is not overwritten by a new run; a weights-only file cannot be resumed
         (["train.py", "--task", "prediction", "--out", str(tmp_path / "p"), *data],
-         "already holds a run (" + str(tmp_path / "p" / "last.pt") + "): pass --resume auto to go on with it"),
+         "already holds a run (last.pt, best.pt, model.pt, metrics.jsonl): pass --resume auto to go on with it"),
+        (["train.py", "--task", "prediction", "--out", str(tmp_path / "nolast"), *data],          # best.pt, no last.pt
+         "already holds a run (best.pt): it has no last.pt to go on from (--resume OUT/best.pt does)"),
+        (["train.py", "--task", "prediction", "--out", str(tmp_path / "q"), "--resume", str(tmp_path / "p" / "last.pt"),
+          *data], "holds another run (" + str(tmp_path / "q" / "last.pt") + "), which resuming"),
+        (["train.py", "--task", "prediction", "--out", str(junk), *data], "cannot write to --out " + str(junk)),
+        (["train.py", "--kappa-init", "1000", *data], "expected a number >= -10.0 and < 3.0"),
+        (["train.py", "--augment-shear", "100", *data], "expected a number >= 0.0 and < 1.0"),
         (["train.py", "--task", "prediction", "--resume", str(tmp_path / "p" / "model.pt"), *data],
          "holds weights only (no optimiser state, like model.pt and the shipped files): resume from a run's last.pt, or "
          "train on from these weights with --init-from"),
@@ -414,7 +439,9 @@ def test_torchrun_two_processes_on_cpu(tiny_prepared, tmp_path):
     assert rows[-1]["val_raw_nll_per_line"] != rows[-1]["val_nll_per_line"]   # --ema: both weights scored on 2 ranks
 
 
-def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tiny_prepared, tmp_path):
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tiny_prepared, tmp_path, sig):
+    """Ctrl-C, or SIGTERM (`timeout`, `kill`, a job scheduler), ends the batch, evaluates, saves and exits 130."""
     import signal
     import time
     p = subprocess.Popen([sys.executable, "train.py", "--data", str(tiny_prepared), "--out", str(tmp_path), *TINY,
@@ -424,9 +451,9 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tiny_prepared, tmp_path):
     while time.time() < deadline and "config:" not in (p.stdout.readline() or ""):
         pass
     time.sleep(2)                                   # a few training steps
-    p.send_signal(signal.SIGINT)
+    p.send_signal(getattr(signal, sig))
     out, err = p.communicate(timeout=120)
-    assert p.returncode == 0 and "Traceback" not in err, err[-2000:]
+    assert p.returncode == 130 and "Traceback" not in err, err[-2000:]
     assert "done (interrupted)" in out
     ckpt = torch.load(tmp_path / "last.pt", weights_only=True)
     assert ckpt["step"] > 0 and ckpt["step"] == ckpt["run"]["last_eval_step"]
