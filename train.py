@@ -150,7 +150,7 @@ def main(argv=None):
     try:
         train(args)
     except OSError as e:   # a disk that fills up, a folder removed while training: one line, not a traceback
-        sys.exit(f"error: cannot write {e.filename or 'a file'}: {e.strerror or e}")
+        sys.exit(f"error: {e.strerror or e}" + (f": {e.filename}" if e.filename else ""))
 
 
 def train(args):
@@ -241,7 +241,7 @@ def train(args):
         if master and os.path.exists(rows_path):   # rows of steps after the checkpoint (a run killed outright) go
             with open(rows_path) as f:
                 lines = [line for line in f if line.strip()]
-            rows = [line for line in lines if json.loads(line)["step"] <= run.step]
+            rows = [line for line in lines if row_step(line) <= run.step]
 
             def write_rows(tmp):
                 with open(tmp, "w") as f:
@@ -441,6 +441,14 @@ def train(args):
         sys.exit(f"error: {stop['why']}")
     if stop["why"] == "interrupted":
         sys.exit(130)                                   # saved, but not done: a job script can tell
+
+
+def row_step(line):
+    """The step of a metrics.jsonl row; a row cut short (a run killed while writing it) counts as after every step."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return math.inf
 
 
 class RunningLoss:

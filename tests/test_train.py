@@ -569,3 +569,15 @@ def test_number_flags_keep_their_documented_zero():
     assert bench.get_args(["--sample-batch", "0"]).sample_batch == 0
     assert train.get_args(["--tbptt", "0", "--max-steps", "0", "--eval-lines", "0"]).tbptt == 0
     assert evaluate.get_args(["--max-lines", "0", "--retries", "0", "--retry-above", "0"]).retry_above == 0.0
+
+
+def test_resume_drops_metrics_rows_past_the_checkpoint(tiny_prepared, tmp_path):
+    """A run killed between its metrics row and last.pt (or while writing the row) leaves rows ahead of the checkpoint:
+    on resume they go, so no step has two rows."""
+    run_train(tiny_prepared, tmp_path, "--max-steps", "6", "--eval-interval", "3", task="prediction")
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"step": 99}) + '\n{"step": 10')                  # ahead of last.pt, then cut short
+    rows = run_train(tiny_prepared, tmp_path, "--max-steps", "12", "--eval-interval", "3", "--resume", "auto",
+                     task="prediction")
+    steps = [r["step"] for r in rows]
+    assert 99 not in steps and steps == sorted(set(steps)) and steps[-1] >= 12
