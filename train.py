@@ -237,6 +237,13 @@ def train(args):
         if noise:
             noise.load_state_dict(ckpt["weight_noise"])
         log(f"resumed from {resume} at step {run.step} (epoch {run.epoch}, batch {run.batch_in_epoch})")
+        if (args.max_steps and run.step >= args.max_steps) or run.epoch >= args.epochs:   # files left as they are
+            log(f"already at --max-steps {args.max_steps} (step {run.step}): nothing to do; raise --max-steps to train on"
+                if args.max_steps and run.step >= args.max_steps else
+                f"already at --epochs {args.epochs} (epoch {run.epoch}): nothing to do; raise --epochs to train on")
+            if ddp:
+                dist.destroy_process_group()
+            return
         rows_path = os.path.join(out, "metrics.jsonl")
         if master and os.path.exists(rows_path):   # rows of steps after the checkpoint (a run killed outright) go
             with open(rows_path) as f:
@@ -368,11 +375,6 @@ def train(args):
     stop = {"why": None}
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.update(why="interrupted"))
-    if args.max_steps and run.step >= args.max_steps:
-        log(f"already at --max-steps {args.max_steps} (step {run.step}): nothing to do; raise --max-steps to train on")
-        if ddp:
-            dist.destroy_process_group()
-        return
 
     ### training loop
     run_loss = RunningLoss()

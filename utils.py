@@ -818,7 +818,10 @@ def restore_training_state(checkpoint, model, optimizer, run, device):
 def save_checkpoint(checkpoint, path):
     """torch.save a plain dict atomically: a crash never leaves a half-written checkpoint."""
     import torch
-    atomic_write(path, lambda tmp: torch.save(checkpoint, tmp))
+    try:
+        atomic_write(path, lambda tmp: torch.save(checkpoint, tmp))
+    except RuntimeError as e:   # torch reports a full disk so ("PytorchStreamWriter failed writing file ...")
+        raise OSError(f"cannot write {path} ({str(e).splitlines()[0]})") from None
 
 
 def export_weights(checkpoint, path, dtype="float16"):
@@ -872,11 +875,12 @@ def resume_path(out, resume):
     if resume in (None, "auto") and held:
         raise ValueError(f"{out} already holds a run ({', '.join(held)}): "
                          + ("pass --resume auto to go on with it" if "last.pt" in held else
-                            "it has no last.pt to go on from (--resume OUT/best.pt does)") + ", or another --out")
-    if resume not in (None, "auto") and os.path.exists(last) and (
+                            "it has no last.pt to go on from" + (" (--resume OUT/best.pt does)" if "best.pt" in held
+                                                                 else "")) + ", or another --out")
+    if resume not in (None, "auto") and held and (
             os.path.realpath(os.path.dirname(os.path.abspath(resume))) != os.path.realpath(out)):
-        raise ValueError(f"{out} holds another run ({last}), which resuming {resume} there would overwrite: pass the "
-                         f"--out that run was in, or a new one")
+        raise ValueError(f"{out} holds another run ({', '.join(held)}), which resuming {resume} there would overwrite: "
+                         f"pass the --out that run was in, or a new one")
     return None if resume == "auto" else resume
 
 
@@ -923,10 +927,15 @@ def save_sample_image(model, alphabet, mean, std, path, text="", seed=0, bias=0.
     model.eval()
     if model.synthesis:
         ids = alphabet.encode(text, drop_unknown=True)[None]
+        if not ids.numel():                                      # nothing the model can write: no picture
+            model.train(was_training)
+            return
         result = model.sample(ids, bias=bias, generator=generator)
     else:
         result = model.sample(steps=steps, bias=bias, generator=generator, batch_size=1)
     model.train(was_training)
     n = int(result["lengths"][0])
     offsets = denormalize(result["strokes"][0, :n].cpu().numpy(), mean, std)
+    if not np.isfinite(offsets).all():                          # weights gone NaN: the run's own message says why
+        return
     plot_lines([(offsets, text if model.synthesis else "(unconditional sample)")], path)

@@ -360,10 +360,14 @@ def test_resume_names_the_training_flags_given_otherwise(tiny_prepared, tmp_path
     out = capsys.readouterr().out
     assert ("note: flags that differ from the run's: --lr 0.002 (was 0.001), --max-steps 30 (was 2), --tbptt 25 "
             "(was 20);") in out
-    step = torch.load(tmp_path / "last.pt", weights_only=True)["step"]         # a run at its --max-steps: nothing to do
+    ckpt = torch.load(tmp_path / "last.pt", weights_only=True)              # a run at its --max-steps: nothing to do
+    step, epoch = ckpt["step"], ckpt["run"]["epoch"]
     before = {f: (tmp_path / f).stat().st_mtime_ns for f in ("last.pt", "best.pt", "metrics.jsonl")}
     run_train(tiny_prepared, tmp_path, "--max-steps", str(step), "--resume", "auto", task="prediction")
     assert f"already at --max-steps {step}" in capsys.readouterr().out
+    assert epoch >= 1
+    run_train(tiny_prepared, tmp_path, "--epochs", str(epoch), "--resume", "auto", task="prediction")   # or --epochs
+    assert f"already at --epochs {epoch}" in capsys.readouterr().out
     assert before == {f: (tmp_path / f).stat().st_mtime_ns for f in before}
 
 
@@ -398,7 +402,9 @@ def test_bad_checkpoints_give_one_line_errors(tiny_prepared, tmp_path):
         (["train.py", "--task", "prediction", "--out", str(tmp_path / "nolast"), *data],          # best.pt, no last.pt
          "already holds a run (best.pt): it has no last.pt to go on from (--resume OUT/best.pt does)"),
         (["train.py", "--task", "prediction", "--out", str(tmp_path / "q"), "--resume", str(tmp_path / "p" / "last.pt"),
-          *data], "holds another run (" + str(tmp_path / "q" / "last.pt") + "), which resuming"),
+          *data], "holds another run (last.pt), which resuming"),
+        (["train.py", "--task", "prediction", "--out", str(tmp_path / "nolast"), "--resume",
+          str(tmp_path / "p" / "last.pt"), *data], "holds another run (best.pt), which resuming"),
         (["train.py", "--task", "prediction", "--out", str(junk), *data], "cannot write to --out " + str(junk)),
         (["train.py", "--kappa-init", "1000", *data], "expected a number >= -10.0 and < 3.0"),
         (["train.py", "--augment-shear", "100", *data], "expected a number >= 0.0 and < 1.0"),
@@ -581,3 +587,15 @@ def test_resume_drops_metrics_rows_past_the_checkpoint(tiny_prepared, tmp_path):
                      task="prediction")
     steps = [r["step"] for r in rows]
     assert 99 not in steps and steps == sorted(set(steps)) and steps[-1] >= 12
+
+
+def test_a_full_disk_is_one_line(tiny_prepared, tmp_path, monkeypatch):
+    """torch.save reports a full disk as a RuntimeError: the run ends with one line naming the file, not a traceback."""
+    def full(obj, f):
+        raise RuntimeError("[enforce fail at inline_container.cc:603] . PytorchStreamWriter failed writing file data/0")
+    monkeypatch.setattr(torch, "save", full)
+    with pytest.raises(SystemExit) as e:
+        run_train(tiny_prepared, tmp_path, "--max-steps", "2", "--eval-interval", "2", task="prediction")
+    message = str(e.value)
+    assert message.startswith("error: cannot write ") and "last.pt" in message and "\n" not in message
+    assert not list(tmp_path.glob("*.tmp*"))                                 # no half-written file left
