@@ -30,12 +30,12 @@ import torch
 
 from dataset import Alphabet, HandwritingDataset, make_loader, prime_strokes
 from model import error_rates, evaluate_nll, load_model, load_recognizer, read_lines, summarize_nll, write_and_read
-from utils import (DTYPES, MAX_LINE_CHARS, at_least, autocast_dtype, load_checkpoint, load_prime_file, load_style,
-                   pick_device, plot_lines, save_strokes)
+from utils import (DTYPES, MAX_LINE_CHARS, OneLineParser, at_least, autocast_dtype, load_checkpoint, load_prime_file,
+                   load_style, pick_device, plot_lines, save_strokes)
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = OneLineParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--checkpoint", default="checkpoints/synthesis.pt", help="checkpoint written by train.py (last.pt, best.pt or a shipped one)")
     p.add_argument("--data", default="data/processed", help="folder with iam_ondb.npz, or the .npz itself")
     p.add_argument("--split", choices=["train", "valid", "test"], default=None,

@@ -20,7 +20,8 @@ import sys
 import textwrap
 import time
 
-from utils import MAX_LINE_CHARS, VIEWS, at_least, finite_float, load_prime_file, load_style   # numpy only; torch is imported after the fast checks
+# numpy only; torch is imported after the fast checks
+from utils import MAX_LINE_CHARS, VIEWS, OneLineParser, at_least, finite_float, load_prime_file, load_style
 
 HERE = os.path.dirname(os.path.abspath(__file__))   # shipped files are found wherever the command runs from
 DEFAULT_CHECKPOINTS = {"synthesis": "checkpoints/synthesis.pt", "prediction": "checkpoints/prediction.pt"}
@@ -41,11 +42,6 @@ SUBSTITUTES = {"\u2018": "'", "\u2019": "'", "\u201c": '"', "\u201d": '"', "\u20
 
 class GenerateError(Exception):
     """A problem with the user's input: printed as one line, exit status 1."""
-
-
-class OneLineParser(argparse.ArgumentParser):
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
 def get_args(argv=None):

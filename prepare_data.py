@@ -13,7 +13,6 @@ Each line becomes a sequence of points x_t = (dx, dy, eos) as in Graves (2013), 
 previous point (y pointing up) and eos = 1 on the last point of each stroke (the pen lifts after it). The first
 offset of a line is (0, 0). This is the only code that reads the raw XML.
 """
-import argparse
 import gzip
 import hashlib
 import json
@@ -32,7 +31,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from utils import at_least, atomic_write, plot_lines
+from utils import OneLineParser, at_least, atomic_write, plot_lines
 
 VERSION = 1
 DOWNLOAD = ("download lineStrokes-all.tar.gz and ascii-all.tar.gz (free registration) from "
@@ -269,7 +268,7 @@ def write_split_lists(folder, line_ids, split):
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = OneLineParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--raw", default="data/raw", help="folder holding lineStrokes-all.tar.gz and ascii-all.tar.gz, "
                    "or the unpacked lineStrokes/ and ascii/ (default: data/raw)")
     p.add_argument("--out", default="data/processed", help="output folder for iam_ondb.npz and lines.png "

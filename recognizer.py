@@ -26,8 +26,8 @@ import torch
 
 from dataset import Alphabet, HandwritingDataset, augment, make_loader, normalize
 from model import Recognizer, RecognizerConfig, ctc_loss, error_rates, load_recognizer, read_lines
-from utils import (at_least, export_weights, finite_float, learning_rate, load_checkpoint, load_strokes, pick_device,
-                   quiet_broken_pipe, restore_training_state, resume_path, save_checkpoint, training_state)
+from utils import (OneLineParser, at_least, export_weights, finite_float, learning_rate, load_checkpoint, load_strokes,
+                   pick_device, quiet_broken_pipe, restore_training_state, resume_path, save_checkpoint, training_state)
 
 DEFAULT_CHECKPOINT = "checkpoints/recognizer.pt"
 CKPT = dict(config_key="recognizer_config", writer="recognizer.py train")   # what load_checkpoint expects here
@@ -35,7 +35,7 @@ CKPT = dict(config_key="recognizer_config", writer="recognizer.py train")   # wh
 
 def get_args(argv=None):
     fmt = argparse.ArgumentDefaultsHelpFormatter
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(), formatter_class=fmt)
+    p = OneLineParser(description=__doc__.split("\n\n")[0].strip(), formatter_class=fmt)
     sub = p.add_subparsers(dest="command", required=True, metavar="{train,read,evaluate}")
 
     t = sub.add_parser("train", help="train on the train split, CER on valid every --eval-interval steps", formatter_class=fmt)

@@ -26,9 +26,10 @@ import torch.distributed as dist
 from dataset import Alphabet, HandwritingDataset, augment, make_loader, rare_char_copies
 from model import (GraphedChunk, HandwritingModel, ModelConfig, WeightNoise, chunk_backward, error_rates, evaluate_nll,
                    load_recognizer, summarize_nll, teacher_forcing, write_and_read)
-from utils import (DTYPES, WeightAverage, at_least, atomic_write, autocast_dtype, clipped_step, export_weights, finite_float,
-                   learning_rate, load_checkpoint, make_optimizer, pick_device, plot_loss_curve, restore_training_state,
-                   resume_path, save_checkpoint, save_sample_image, training_state)
+from utils import (DTYPES, OneLineParser, WeightAverage, at_least, atomic_write, autocast_dtype, clipped_step,
+                   export_weights, finite_float, learning_rate, load_checkpoint, make_optimizer, pick_device,
+                   plot_loss_curve, restore_training_state, resume_path, save_checkpoint, save_sample_image,
+                   training_state)
 
 
 # training flags that shape a run: on --resume, those given otherwise than the run's are named
@@ -37,7 +38,7 @@ RESUME_FLAGS = ("data", "optimizer", "lr", "schedule", "warmup", "max_steps", "b
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = OneLineParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--task", choices=["prediction", "synthesis"], default="synthesis", help="network to train (paper sections 4 and 5)")
     p.add_argument("--data", default="data/processed", help="folder with iam_ondb.npz from prepare_data.py, or the .npz itself")
     p.add_argument("--out", default="runs/TASK", help="run folder for checkpoints, metrics and images (TASK: --task)")

@@ -2,6 +2,7 @@
 
 Nothing here does work at import time; matplotlib is imported only when drawing.
 """
+import argparse
 import functools
 import json
 import math
@@ -730,6 +731,13 @@ def finite_float(text):
     if not math.isfinite(value):
         raise argparse.ArgumentTypeError(f"expected a finite number, not {text!r}")
     return value
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse with a one-line error (the usage block left to --help), for every script's flags."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
 def at_least(low, below=None, exclusive=False):

@@ -599,3 +599,18 @@ def test_a_full_disk_is_one_line(tiny_prepared, tmp_path, monkeypatch):
     message = str(e.value)
     assert message.startswith("error: cannot write ") and "last.pt" in message and "\n" not in message
     assert not list(tmp_path.glob("*.tmp*"))                                 # no half-written file left
+
+
+@pytest.mark.parametrize("args, flag", [
+    (["train.py", "--lr", "0"], "--lr"),
+    (["train.py", "--dropout", "1"], "--dropout"),
+    (["evaluate.py", "--split", "nope"], "--split"),
+    (["recognizer.py", "train", "--kernel-size", "x"], "--kernel-size"),
+    (["recognizer.py"], "required"),
+    (["prepare_data.py", "--workers", "0"], "--workers"),
+    (["bench.py", "--task", "nope"], "--task"),
+])
+def test_every_script_gives_one_line_flag_errors(args, flag):
+    """A wrong flag: one line naming it (utils.OneLineParser; the usage block is left to --help), exit status 2."""
+    r = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and flag in r.stderr and r.stderr.count("\n") == 1 and "(see --help)" in r.stderr, r.stderr
