@@ -75,21 +75,26 @@ def save_strokes(path, lines, texts, line_ids=None, **per_line):
     atomic_write(path, write)
 
 
-def load_strokes(path):
+def load_strokes(path, per_line=False):
     """Read a strokes npz (save_strokes, or prepare_data.py's file, which has the same keys) ->
-    (line ids, texts, [raw offsets (T_i, 3) float32, ...]). Raises FileNotFoundError for a missing file and
-    ValueError for one without those keys."""
+    (line ids, texts, [raw offsets (T_i, 3) float32, ...]), and with per_line=True also a dict of the file's other
+    arrays of one value per line (generate.py's finished and attempts, say), so that save_strokes(out, lines, texts,
+    ids, **per_line) writes the same file. Raises FileNotFoundError for a missing file and ValueError for one without
+    those keys."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path} not found" + (" (a folder)" if os.path.isdir(path) else ""))
+    keys = ("offsets", "eos", "line_starts", "texts", "line_ids")
     try:
         with np.load(path, allow_pickle=False) as f:
             offsets, eos, starts = f["offsets"], f["eos"], f["line_starts"]
             texts, ids = [str(t) for t in f["texts"]], [str(t) for t in f["line_ids"]]
+            extra = {k: f[k] for k in f.files if k not in keys and f[k].shape[:1] == (len(ids),)} if per_line else {}
     except (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile, zlib.error) as e:   # also: cut short
         raise ValueError(f"{path} is not a strokes file (npz with offsets, eos, line_starts, texts, line_ids: "
                          f"{type(e).__name__})") from None
     rows = np.column_stack([offsets, eos]).astype(np.float32)
-    return ids, texts, [rows[a:b] for a, b in zip(starts[:-1], starts[1:])]
+    lines = [rows[a:b] for a, b in zip(starts[:-1], starts[1:])]
+    return (ids, texts, lines, extra) if per_line else (ids, texts, lines)
 
 # end of data pipeline helpers
 # -----------------------------------------------------------------------------

@@ -553,3 +553,14 @@ def test_output_piped_into_head_ends_quietly(files, tmp_path, unbuffered):
         err = proc.stderr.read().decode()
     assert proc.wait(timeout=120) == 0 and "Traceback" not in err and "Exception" not in err
     assert (tmp_path / "x.png").exists() and (tmp_path / "x.npz").exists()
+
+
+def test_a_strokes_file_reads_back_whole_for_merging(tmp_path):
+    """load_strokes(per_line=True) gives the per-line arrays too, so that files merge without losing them."""
+    off = to_offsets(loops("ab"))
+    utils.save_strokes(tmp_path / "a.npz", [off, off[:5]], ["ab", "a"], finished=[True, False], attempts=[1, 3])
+    ids, texts, lines, extra = utils.load_strokes(tmp_path / "a.npz", per_line=True)
+    assert sorted(extra) == ["attempts", "finished"] and extra["attempts"].tolist() == [1, 3]
+    utils.save_strokes(tmp_path / "b.npz", lines + lines, texts + texts, [f"{i}" for i in range(4)],
+                       **{k: np.concatenate([v, v]) for k, v in extra.items()})
+    assert utils.load_strokes(tmp_path / "b.npz", per_line=True)[3]["finished"].tolist() == [True, False] * 2
