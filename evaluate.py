@@ -30,8 +30,8 @@ import torch
 
 from dataset import Alphabet, HandwritingDataset, make_loader, prime_strokes
 from model import error_rates, evaluate_nll, load_model, load_recognizer, read_lines, summarize_nll, write_and_read
-from utils import (DTYPES, MAX_LINE_CHARS, OneLineParser, at_least, autocast_dtype, load_checkpoint, load_prime_file,
-                   load_style, pick_device, plot_lines, save_strokes)
+from utils import (DTYPES, MAX_LINE_CHARS, OneLineParser, at_least, autocast_dtype, load_checkpoint, load_prime,
+                   pick_device, plot_lines, save_strokes)
 
 
 def get_args(argv=None):
@@ -142,11 +142,7 @@ def legibility(args, device):
         recognizer, rec_ckpt = load_recognizer(args.recognizer, map_location=device, flag="--recognizer")
         real = HandwritingDataset(args.data, split) if args.prompts is None or os.path.exists(args.data) else None
         prompts = read_prompts(args.prompts) if args.prompts else list(real.texts)
-        prime_text, prime_offsets = ("", None)
-        if args.style is not None:
-            prime_text, prime_offsets = load_style(args.styles, args.style)
-        elif args.prime_file:
-            prime_text, prime_offsets = load_prime_file(args.prime_file, args.styles)
+        prime_text, prime_offsets = load_prime(args.styles, args.style, args.prime_file)
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")
     prompts = prompts[:args.max_lines or None]
@@ -165,6 +161,7 @@ def legibility(args, device):
     if long:
         print(f"evaluate.py: warning: {long} prompt(s) longer than {MAX_LINE_CHARS} characters, the longest line the "
               f"model saw: expect them less legible", file=sys.stderr)
+    prime_text = prime_text or ""
     if alphabet.unknown(prime_text):
         sys.exit(f"error: style {args.style}'s text uses characters this model lacks; choose another --style"
                  if args.style is not None else f"error: --prime-file {args.prime_file}'s text uses characters this "

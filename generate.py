@@ -21,7 +21,7 @@ import textwrap
 import time
 
 # numpy only; torch is imported after the fast checks
-from utils import MAX_LINE_CHARS, VIEWS, OneLineParser, at_least, finite_float, load_prime_file, load_style
+from utils import MAX_LINE_CHARS, VIEWS, OneLineParser, at_least, finite_float, load_prime
 
 HERE = os.path.dirname(os.path.abspath(__file__))   # shipped files are found wherever the command runs from
 DEFAULT_CHECKPOINTS = {"synthesis": "checkpoints/synthesis.pt", "prediction": "checkpoints/prediction.pt"}
@@ -236,7 +236,8 @@ def read_text(args):
 
 def prepare_lines(text, chars, max_chars, drop_unknown):
     """Text -> page lines: typographic substitutes, unknown characters checked, spaces collapsed, long lines
-    wrapped at word boundaries (a longer word stays whole, up to MAX_LINE_CHARS). Blank lines are kept ('' = an empty row). Returns (lines, dropped chars)."""
+    wrapped at word boundaries (a longer word stays whole, up to MAX_LINE_CHARS). Blank lines are kept ('' = an empty
+    row). Returns (lines, dropped chars)."""
     known = set(chars)
     for a, b in SUBSTITUTES.items():
         if a not in known and all(c in known for c in b.strip() or b):
@@ -267,13 +268,9 @@ def prepare_lines(text, chars, max_chars, drop_unknown):
 def read_prime(args):
     """--style N or --prime-file FILE -> (text, raw offsets (T, 3) with the first point at (0, 0)), or (None, None)."""
     try:
-        if args.style is not None:
-            return load_style(args.styles, args.style)
-        if args.prime_file:
-            return load_prime_file(args.prime_file, args.styles)      # brought to the data's scale and spacing
+        return load_prime(args.styles, args.style, args.prime_file)
     except (FileNotFoundError, ValueError) as e:
         fail(str(e))
-    return None, None
 
 
 ### model

@@ -131,6 +131,12 @@ def mixture_log_density(mix, x1, x2):
     return torch.logsumexp(mix.log_pi + log_n, dim=-1)
 
 
+def check_whole(name, value, low):
+    """A whole-number argument of the Python API (not a bool, not a float) >= low, else a ValueError naming it."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+        raise ValueError(f"{name} must be a whole number >= {low}, not {value!r}")
+
+
 def nll(y, target, mask):
     """Negative log-likelihood (eq. 26) of target points (B, T, 3) under outputs y (B, T, 1 + 6M).
     mask (B, T) marks real points. Returns the loss summed over each line's points: (B,), float32."""
@@ -359,9 +365,6 @@ class HandwritingModel(nn.Module):
     def _check_sample_args(self, text, steps, bias, prime, generator, batch_size, max_steps_per_char, retries,
                            retry_above, prime_chars):
         """sample()'s arguments: a TypeError or ValueError that names the wrong one (generate.py checks its flags)."""
-        def whole(name, v, low):
-            if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < low:
-                raise ValueError(f"{name} must be a whole number >= {low}, not {v!r}")
         if self.mdn.weight.dtype not in (torch.float32, torch.float64):
             raise ValueError(f"sampling needs float32 weights, not {self.mdn.weight.dtype}: call model.float() "
                              f"(load_model returns float32 from the float16 files)")
@@ -378,20 +381,20 @@ class HandwritingModel(nn.Module):
             raise ValueError("prime must hold at least one point, all finite (dataset.prime_strokes)")
         if prime is None and prime_chars:
             raise ValueError("prime_chars counts the characters a prime wrote: give prime too, or prime_chars=0")
-        whole("retries", retries, 0)
-        whole("max_steps_per_char", max_steps_per_char, 1)
-        whole("prime_chars", prime_chars, 0)
+        check_whole("retries", retries, 0)
+        check_whole("max_steps_per_char", max_steps_per_char, 1)
+        check_whole("prime_chars", prime_chars, 0)
         if retry_above is not None and (not isinstance(retry_above, numbers.Real) or not 0 <= retry_above < math.inf):
             raise ValueError(f"retry_above must be None or a number of points per character >= 0, not {retry_above!r}")
         if steps is not None:
-            whole("steps", steps, 1)
+            check_whole("steps", steps, 1)
         if not self.synthesis:
             if text is not None:
                 raise ValueError("the prediction model writes no text: pass steps=N (points) instead of text")
             if steps is None:
                 raise ValueError("the prediction model needs steps=N: the points to write per line")
             if batch_size is not None:
-                whole("batch_size", batch_size, 1)
+                check_whole("batch_size", batch_size, 1)
             return
         if not (isinstance(text, torch.Tensor) and text.dim() == 2 and text.dtype == torch.long and text.numel()):
             raise TypeError("the synthesis model needs text: a (B, U) LongTensor of character ids, 0-padded "
@@ -902,12 +905,12 @@ def iter_write_lines(model, texts, alphabet, norm, bias=1.0, generator=None, bat
         raise ValueError("write_lines needs a synthesis model; the prediction model writes no text (sample(steps=N))")
     ### the arguments, all checked before any line is sampled
     if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
-        raise TypeError("texts must be a list of strings, one per line" + (" ([text] for one)" if isinstance(texts, str) else ""))
+        raise TypeError("texts must be a list of strings, one per line"
+                        + (" ([text] for one)" if isinstance(texts, str) else ""))
     if not isinstance(alphabet, Alphabet) or len(alphabet.chars) != model.config.alphabet_size:
         raise ValueError(f"alphabet must be the model's: dataset.Alphabet(checkpoint['alphabet']) "
                          f"({model.config.alphabet_size} characters)")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
-        raise ValueError(f"batch_size must be a whole number >= 1, not {batch_size!r}")
+    check_whole("batch_size", batch_size, 1)
     try:
         mean, std = (np.asarray(v, dtype=np.float64).reshape(2) for v in norm)
         assert np.isfinite([mean, std]).all() and (std > 0).all()
@@ -917,9 +920,10 @@ def iter_write_lines(model, texts, alphabet, norm, bias=1.0, generator=None, bat
     for i, t in enumerate(texts):
         if not t.strip():
             raise ValueError(f"texts[{i}] is empty: every line needs some characters")
-        if alphabet.unknown(t):
+        unknown = alphabet.unknown(t)
+        if unknown:
             raise ValueError(f"texts[{i}] has characters not in the model's alphabet: "
-                             f"{', '.join(map(repr, alphabet.unknown(t)))} (alphabet.writable(text) leaves them out)")
+                             f"{', '.join(map(repr, unknown))} (alphabet.writable(text) leaves them out)")
     long = [i for i, t in enumerate(texts) if len(t) - prime_chars > MAX_LINE_CHARS]
     if long:
         warnings.warn(f"{len(long)} text(s) longer than {MAX_LINE_CHARS} characters, the longest line the model saw "
@@ -940,7 +944,7 @@ def iter_write_lines(model, texts, alphabet, norm, bias=1.0, generator=None, bat
                                   max_steps_per_char=max_steps_per_char, retries=retries, retry_above=retry_above,
                                   prime_chars=prime_chars)
             steps = result["lengths"].tolist()
-            strokes = denormalize(result["strokes"].cpu().double().numpy(), *norm)
+            strokes = denormalize(result["strokes"].cpu().double().numpy(), mean, std)
             raw = [strokes[b, :n] if prime is None else from_its_first_point(strokes[b, :n]) for b, n in enumerate(steps)]
             if bar is not None:
                 bar.update(len(idx))

@@ -508,11 +508,12 @@ def load_styles(path):
     except (OSError, ValueError, KeyError, TypeError, AssertionError):
         raise ValueError(f"--styles {path} is not a styles file (JSON with a non-empty 'styles' list)") from None
     ref = data.get("reference", {})
+    ref = {**PRIME_REFERENCE, **ref} if isinstance(ref, dict) else {}
     number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 1 <= v <= 1e5
-    if not (isinstance(ref, dict) and number(ref.get("height", 343.0)) and number(ref.get("step", 19.6))
-            and ref.get("step", 19.6) < ref.get("height", 343.0)):
+    if not (ref and number(ref["height"]) and number(ref["step"]) and ref["step"] < ref["height"]):
         raise ValueError(f"--styles {path}: 'reference' must be {{\"height\": H, \"step\": S}}, board units from 1 to "
-                         f"100,000, the step below the height (IAM-OnDB: 343 and 19.6)")
+                         f"100,000, the step below the height (IAM-OnDB: {PRIME_REFERENCE['height']:g} and "
+                         f"{PRIME_REFERENCE['step']:g})")
     return data
 
 
@@ -603,6 +604,16 @@ def load_prime_file(path, styles_path=None):
     offsets[1:, :2] = np.diff(points, axis=0)
     offsets[np.cumsum([len(s) for s in strokes]) - 1, 2] = 1
     return " ".join(data["text"].split()), offsets
+
+
+def load_prime(styles_path, style=None, prime_file=None):
+    """--style N or --prime-file FILE (generate.py, evaluate.py) -> (text, raw offsets (T, 3), first point (0, 0)),
+    or (None, None) for neither. Raises FileNotFoundError or ValueError with a one-line message."""
+    if style is not None:
+        return load_style(styles_path, style)
+    if prime_file:
+        return load_prime_file(prime_file, styles_path)              # brought to the data's scale and spacing
+    return None, None
 
 
 def draw_styles(styles, path):
