@@ -18,11 +18,15 @@ KEYS = ("offsets", "eos", "line_starts", "texts", "line_ids", "writer_ids", "spl
 POOL_BATCHES = 50                                 # bucketing sorts by length inside random pools of 50 batches
 
 
+def prepared_file(path):
+    """The npz that --data names: the file itself, or iam_ondb.npz in the folder prepare_data.py wrote to."""
+    path = Path(path)
+    return path / "iam_ondb.npz" if path.is_dir() else path
+
+
 def load_prepared(path):
     """The arrays of prepare_data.py's npz (path to it or to its folder) as a dict; alphabet -> str, meta -> dict."""
-    path = Path(path)
-    if path.is_dir():                             # the folder prepare_data.py wrote to
-        path = path / "iam_ondb.npz"
+    path = prepared_file(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: run prepare_data.py first")
     try:

@@ -30,8 +30,8 @@ import torch
 
 from dataset import Alphabet, HandwritingDataset, make_loader, prime_strokes
 from model import error_rates, evaluate_nll, load_model, load_recognizer, read_lines, summarize_nll, write_and_read
-from utils import (DTYPES, MAX_LINE_CHARS, OneLineParser, at_least, autocast_dtype, load_checkpoint, load_prime,
-                   pick_device, plot_lines, save_strokes)
+from utils import (DTYPES, MAX_LINE_CHARS, OneLineParser, at_least, autocast_dtype, checkpoint_norm, load_checkpoint,
+                   load_prime, pick_device, plot_lines, save_strokes)
 
 
 def get_args(argv=None):
@@ -175,7 +175,7 @@ def legibility(args, device):
     ### generate with one seeded generator, then read back on the recognizer's scale
     generator = torch.Generator(device=device).manual_seed(args.seed)
     rec_alphabet = Alphabet(rec_ckpt["alphabet"])
-    rec_mean, rec_std = np.asarray(rec_ckpt["mean"], np.float32), np.asarray(rec_ckpt["std"], np.float32)
+    rec_mean, rec_std = checkpoint_norm(rec_ckpt, np.float32)
     with warnings.catch_warnings():                                       # (the long prompts: said above)
         warnings.simplefilter("ignore", UserWarning)
         out = write_and_read(model, recognizer, [lead + asked[i] for i in keep], alphabet, rec_alphabet,

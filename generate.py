@@ -21,7 +21,8 @@ import textwrap
 import time
 
 # numpy only; torch is imported after the fast checks
-from utils import MAX_LINE_CHARS, VIEWS, OneLineParser, at_least, finite_float, load_prime
+from utils import (MAX_LINE_CHARS, VIEWS, OneLineParser, at_least, checkpoint_norm, finite_float, ink_rgb,
+                   load_prime)
 
 HERE = os.path.dirname(os.path.abspath(__file__))   # shipped files are found wherever the command runs from
 DEFAULT_CHECKPOINTS = {"synthesis": "checkpoints/synthesis.pt", "prediction": "checkpoints/prediction.pt"}
@@ -176,14 +177,10 @@ def check_args(args):
         fail(f"--threads must be >= 1, not {args.threads}")
     if not 10 <= args.line_height <= 1000:
         fail(f"--line-height must be between 10 and 1000 pixels, not {args.line_height}")
-    from PIL import ImageColor
     try:
-        args.rgb = ImageColor.getrgb(args.color)
-    except ValueError:
-        fail(f"--color {args.color!r} is not a colour; use a name (black, navy) or #rrggbb")
-    if len(args.rgb) == 4 and args.rgb[3] != 255:
-        fail(f"--color {args.color!r} is see-through; the ink is opaque: use a name or #rrggbb")
-    args.rgb = args.rgb[:3]
+        args.rgb = ink_rgb(args.color)
+    except ValueError as e:
+        fail(f"--color {e}")
     if args.styles == DEFAULT_STYLES:
         args.styles = shipped(DEFAULT_STYLES)
     if args.out is None:
@@ -353,13 +350,12 @@ def generate(args):
                  'the text is empty; give some words with --text "..."')
     prime_text, prime_offsets = read_prime(args)
 
-    import numpy as np
     import torch
     from dataset import prime_strokes
     torch.set_num_threads(args.threads)                 # main() restores the caller's setting
     t_load = time.perf_counter()
     model, ckpt, device = load_checkpoint_model(args)
-    mean, std = np.asarray(ckpt["mean"], dtype=np.float64), np.asarray(ckpt["std"], dtype=np.float64)
+    mean, std = checkpoint_norm(ckpt)
 
     ### the lines, and the pages they fill (a strokes file: one list)
     if args.task == "synthesis":
@@ -421,7 +417,7 @@ def write_pages(args, model, ckpt, pages, lead, prime, prime_offsets, generator,
     import torch
     import utils
     from dataset import Alphabet, denormalize, from_its_first_point
-    mean, std = np.asarray(ckpt["mean"], dtype=np.float64), np.asarray(ckpt["std"], dtype=np.float64)
+    mean, std = checkpoint_norm(ckpt)
     device, prime_chars = model.mdn.weight.device, len(lead)
     alphabet = Alphabet(ckpt["alphabet"]) if args.task == "synthesis" else None
     saved, saved_texts, t_sampling, steps, n_lines = [], [], 0.0, 0, 0
@@ -549,11 +545,10 @@ def write_strokes_file(args, model, ckpt, joined, texts, prime, prime_chars, gen
     """--out FILE.npz: sample every line, --batch-size at a time, and save their raw offsets with their texts
     (utils.save_strokes, plus `finished` and `attempts` per line). The lines are texts, sample-major, with ids 1..N.
     Stopped with Ctrl-C, it saves the lines done so far (their ids say which) and returns 130."""
-    import numpy as np
     from tqdm import tqdm
     import utils
     from dataset import Alphabet, denormalize
-    norm = [np.asarray(ckpt[k], dtype=np.float64) for k in ("mean", "std")]
+    norm = checkpoint_norm(ckpt)
     done, interrupted = {}, False                                             # line index -> (offsets, finished, attempts)
     try:
         if args.task == "synthesis":

@@ -26,8 +26,8 @@ import torch
 
 from dataset import Alphabet, HandwritingDataset, augment, make_loader, normalize
 from model import Recognizer, RecognizerConfig, ctc_loss, error_rates, load_recognizer, read_lines
-from utils import (OneLineParser, at_least, export_weights, finite_float, learning_rate, load_checkpoint, load_strokes,
-                   pick_device, quiet_broken_pipe, restore_training_state, resume_path, save_checkpoint, training_state)
+from utils import (OneLineParser, at_least, checkpoint_norm, export_weights, finite_float, learning_rate, load_checkpoint,
+                   load_strokes, pick_device, quiet_broken_pipe, restore_training_state, resume_path, save_checkpoint, training_state)
 
 DEFAULT_CHECKPOINT = "checkpoints/recognizer.pt"
 CKPT = dict(config_key="recognizer_config", writer="recognizer.py train")   # what load_checkpoint expects here
@@ -154,7 +154,7 @@ def read(args):
         lines += ln
     if not lines:
         raise ValueError(f"no lines in {', '.join(args.files)}")
-    mean, std = np.asarray(ckpt["mean"], np.float32), np.asarray(ckpt["std"], np.float32)
+    mean, std = checkpoint_norm(ckpt, np.float32)
     strokes = [torch.from_numpy(normalize(ln, mean, std)) for ln in lines]
     hyps = read_lines(model.to(device), strokes, Alphabet(ckpt["alphabet"]), args.batch_size)
     for line_id, ref, hyp in zip(ids, refs, hyps):

@@ -23,7 +23,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from dataset import Alphabet, HandwritingDataset, augment, make_loader, rare_char_copies
+from dataset import Alphabet, HandwritingDataset, augment, make_loader, prepared_file, rare_char_copies
 from model import (GraphedChunk, HandwritingModel, ModelConfig, WeightNoise, chunk_backward, error_rates, evaluate_nll,
                    load_recognizer, summarize_nll, teacher_forcing, write_and_read)
 from utils import (DTYPES, OneLineParser, WeightAverage, at_least, atomic_write, autocast_dtype, clipped_step,
@@ -35,6 +35,8 @@ from utils import (DTYPES, OneLineParser, WeightAverage, at_least, atomic_write,
 # training flags that shape a run: on --resume, those given otherwise than the run's are named
 RESUME_FLAGS = ("data", "optimizer", "lr", "schedule", "warmup", "max_steps", "batch_size", "tbptt", "clip", "dropout",
                 "ema", "augment_scale", "augment_shear", "rare_chars", "max_points", "max_lines", "dtype", "seed")
+# the model's size: a checkpoint's config holds it, so on --resume and --init-from these flags may not ask for another
+MODEL_FLAGS = ("hidden_size", "layers", "mixtures", "window_gaussians", "kappa_init")
 
 
 def get_args(argv=None):
@@ -211,6 +213,13 @@ def train(args):
             sys.exit(f"error: {source} is a {config.task} checkpoint; train on from it with --task {config.task}")
         if ckpt.get("alphabet", train_set.alphabet.chars) != train_set.alphabet.chars:
             sys.exit(f"error: {source} was trained with another alphabet; use the data it was trained on")
+        defaults = vars(get_args([]))   # a flag left at its default asks for nothing
+        asked = [f"--{k.replace('_', '-')} {getattr(args, k)} (it has {getattr(config, k)})" for k in MODEL_FLAGS
+                 if getattr(args, k) != defaults[k] and getattr(args, k) != getattr(config, k)]
+        if asked:
+            sys.exit(f"error: {source}'s model cannot be resized: " + ", ".join(asked) + "; drop "
+                     + ("the flag" if len(asked) == 1 else "these flags")
+                     + (", or pass --out NEW_FOLDER to train a new model" if resume else " to fine-tune it"))
     else:
         config = ModelConfig(task=args.task, hidden_size=args.hidden_size, layers=args.layers, mixtures=args.mixtures,
                              window_gaussians=args.window_gaussians, kappa_init=args.kappa_init,
@@ -258,8 +267,10 @@ def train(args):
                 atomic_write(rows_path, write_rows)
         # the training flags come from this command line, not the checkpoint: name those that changed
         before = ckpt.get("train_args", {})
+        def same(k, was, now):   # --data DIR and --data DIR/iam_ondb.npz name the same file
+            return os.path.realpath(prepared_file(was)) == os.path.realpath(prepared_file(now)) if k == "data" else was == now
         changed = [f"--{k.replace('_', '-')} {getattr(args, k)} (was {before[k]})" for k in RESUME_FLAGS
-                   if k in before and before[k] != getattr(args, k)]
+                   if k in before and not same(k, before[k], getattr(args, k))]
         if changed:
             log("note: flags that differ from the run's: " + ", ".join(changed) + "; pass them again to go on as it was")
         best_by = run.best_by or before.get("select_by", "nll")
@@ -269,7 +280,7 @@ def train(args):
     elif ckpt:   # --init-from: weights only (float16 files are cast back), a new optimiser and run
         model.load_state_dict({k: v.float() for k, v in ckpt["model"].items()})
         log(f"initialised from the weights of {args.init_from} (trained {ckpt.get('step', '?')} steps there; "
-            "its model config is used, the model-size flags are ignored)")
+            "its model config is used)")
     run.best_by = args.select_by
     raw_model = model
     average = None   # --ema: the averaged weights; a checkpoint's "model" holds them, "train_weights" the optimiser's

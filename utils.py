@@ -168,14 +168,27 @@ def layout_page(lines, line_height=100, margin=24, spacing=1.4, max_side=8000, p
     return Page(lines, max(width, 1), max(height, 1), scale, shrunk=scale < wanted)
 
 
+def ink_rgb(color):
+    """(r, g, b) of an ink colour: a name (black, navy), #rrggbb, or (r, g, b) itself. ValueError for a string that is no
+    colour or a see-through one (the ink is opaque)."""
+    if not isinstance(color, str):
+        return tuple(color)
+    from PIL import ImageColor
+    try:
+        rgb = ImageColor.getrgb(color)
+    except ValueError:
+        raise ValueError(f"{color!r} is not a colour; use a name (black, navy) or #rrggbb") from None
+    if len(rgb) == 4 and rgb[3] != 255:
+        raise ValueError(f"{color!r} is see-through; the ink is opaque: use a name or #rrggbb")
+    return rgb[:3]
+
+
 def _point_colors(line, view, color):
     """(T, 3) uint8 colour per point; the segment from point k-1 to k takes point k's colour. color: (r, g, b), a
     name or #rrggbb."""
     if view not in VIEWS:
         raise ValueError(f"view must be one of {', '.join(VIEWS)}, not {view!r}")
-    if isinstance(color, str):
-        from PIL import ImageColor
-        color = ImageColor.getrgb(color)[:3]    # ValueError for a string that is no colour
+    color = ink_rgb(color)
     T = len(line.offsets)
     if view == "strokes":
         stroke = np.concatenate([[0], np.cumsum(line.eos[:-1])]).astype(int)   # stroke number of every point
@@ -855,6 +868,11 @@ def export_weights(checkpoint, path, dtype="float16"):
     keep = ("model_config", "recognizer_config", "alphabet", "mean", "std", "step", "metrics", "train_args")
     weights = {k: v.to(getattr(torch, dtype)) for k, v in checkpoint["model"].items()}
     save_checkpoint({"model": weights, **{k: checkpoint[k] for k in keep if k in checkpoint}}, path)
+
+
+def checkpoint_norm(checkpoint, dtype=np.float64):
+    """(mean, std): the normalisation of the offsets a checkpoint's model reads and writes, as numpy arrays (3,)."""
+    return tuple(np.asarray(checkpoint[k], dtype=dtype) for k in ("mean", "std"))
 
 
 def load_checkpoint(path, map_location="cpu", config_key="model_config", writer="train.py", flag="--checkpoint"):

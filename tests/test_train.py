@@ -73,8 +73,8 @@ def test_resume_matches_an_unbroken_run(tiny_prepared, tmp_path, extra):
 def test_init_from_starts_a_new_run_from_shipped_weights(tiny_prepared, tmp_path, capsys):
     run_train(tiny_prepared, tmp_path / "a", "--max-steps", "20", "--eval-interval", "20", "--lr", "3e-3")
     first = json.loads(open(tmp_path / "a" / "metrics.jsonl").readlines()[-1])["val_nll_per_line"]
-    # the float16 weights-only file, and a different --hidden-size that the checkpoint's config overrides
-    rows = run_train(tiny_prepared, tmp_path / "b", "--init-from", str(tmp_path / "a" / "model.pt"), "--hidden-size", "8",
+    # the float16 weights-only file; the model-size flags at their values (TINY's) or defaults
+    rows = run_train(tiny_prepared, tmp_path / "b", "--init-from", str(tmp_path / "a" / "model.pt"), "--mixtures", "20",
                      "--max-steps", "1", "--eval-interval", "1", "--lr", "1e-9")
     scratch = run_train(tiny_prepared, tmp_path / "c", "--max-steps", "1", "--eval-interval", "1", "--lr", "1e-9")
     assert rows[0]["step"] == scratch[0]["step"] < 20                   # counters start afresh
@@ -355,8 +355,8 @@ def test_resume_names_the_training_flags_given_otherwise(tiny_prepared, tmp_path
     """The training flags come from the command line on --resume: those that differ from the run's are named."""
     run_train(tiny_prepared, tmp_path, "--max-steps", "2", "--eval-interval", "2", "--tbptt", "20", task="prediction")
     capsys.readouterr()
-    run_train(tiny_prepared, tmp_path, "--max-steps", "30", "--eval-interval", "2", "--resume", "auto", "--lr", "0.002",
-              task="prediction")
+    run_train(tiny_prepared.parent, tmp_path, "--max-steps", "30", "--eval-interval", "2", "--resume", "auto",
+              "--lr", "0.002", task="prediction")                        # --data its folder: the same data, not named
     out = capsys.readouterr().out
     assert ("note: flags that differ from the run's: --lr 0.002 (was 0.001), --max-steps 30 (was 2), --tbptt 25 "
             "(was 20);") in out
@@ -406,6 +406,12 @@ def test_bad_checkpoints_give_one_line_errors(tiny_prepared, tmp_path):
         (["train.py", "--task", "prediction", "--out", str(tmp_path / "nolast"), "--resume",
           str(tmp_path / "p" / "last.pt"), *data], "holds another run (best.pt), which resuming"),
         (["train.py", "--task", "prediction", "--out", str(junk), *data], "cannot write to --out " + str(junk)),
+        # a checkpoint keeps its size: a size flag that asks for another is refused, not ignored
+        (["train.py", "--task", "prediction", "--init-from", str(tmp_path / "p" / "model.pt"), "--hidden-size", "8",
+          "--layers", "3", *data], "model cannot be resized: --hidden-size 8 (it has 16); drop the flag to fine-tune it\n"),
+        (["train.py", "--task", "prediction", "--out", str(tmp_path / "p"), "--resume", "auto", "--layers", "2",
+          "--mixtures", "5", *data], "--layers 2 (it has 3), --mixtures 5 (it has 2); drop these flags, or pass --out "
+         "NEW_FOLDER to train a new model\n"),
         (["train.py", "--kappa-init", "1000", *data], "expected a number >= -10.0 and < 3.0"),
         (["train.py", "--augment-shear", "100", *data], "expected a number >= 0.0 and < 1.0"),
         (["train.py", "--task", "prediction", "--resume", str(tmp_path / "p" / "model.pt"), *data],
