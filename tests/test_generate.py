@@ -4,6 +4,7 @@ Untrained models write scribbles that rarely reach the end of the text, so most 
 --max-steps-per-char to stay fast; the checks are about files, batching, priming and error messages.
 """
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -564,3 +565,27 @@ def test_a_strokes_file_reads_back_whole_for_merging(tmp_path):
     utils.save_strokes(tmp_path / "b.npz", lines + lines, texts + texts, [f"{i}" for i in range(4)],
                        **{k: np.concatenate([v, v]) for k, v in extra.items()})
     assert utils.load_strokes(tmp_path / "b.npz", per_line=True)[3]["finished"].tolist() == [True, False] * 2
+
+
+
+@pytest.mark.skipif(not shutil.which("node"), reason="needs node to run docs/capture.html's script")
+def test_capture_page_saves_a_prime_file_of_the_line_written_on_it(tmp_path):
+    """docs/capture.html (write your own prime file in a browser), its script run in node with a fake DOM
+    (tests/capture_dom.js): the example line written with pointer events is saved as a file that --prime-file reads
+    as that line; it refuses to save without ink or text, and Undo takes back a stroke."""
+    html = (ROOT / "docs" / "capture.html").read_text()
+    (tmp_path / "capture.js").write_text(html.split("<script>")[1].split("</script>")[0])
+    example = ROOT / "docs" / "prime_example.json"
+    r = subprocess.run(["node", ROOT / "tests" / "capture_dom.js", tmp_path / "capture.js", example],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["said"][0] == "bad: Write a line of handwriting first."
+    assert out["said"][1] == "bad: Type what you wrote first."
+    assert out["said"][2].startswith(": Saved prime.json (23 strokes)") and len(out["saved"]) == 1
+    assert json.loads(out["pure"]) == {"text": "a b", "strokes": [[[1.3, 2]]]}   # 0.1 px, no empty strokes
+    (tmp_path / "prime.json").write_text(json.dumps(out["saved"][0]))
+    text, offsets = utils.load_prime_file(tmp_path / "prime.json")
+    want_text, want = utils.load_prime_file(example)
+    assert text == want_text
+    np.testing.assert_array_equal(offsets, want)
