@@ -21,7 +21,7 @@ import textwrap
 import time
 
 # numpy only; torch is imported after the fast checks
-from utils import (MAX_LINE_CHARS, VIEWS, OneLineParser, at_least, checkpoint_norm, finite_float, ink_rgb,
+from utils import (ALIGNS, MAX_LINE_CHARS, VIEWS, OneLineParser, at_least, checkpoint_norm, finite_float, ink_rgb,
                    load_prime)
 
 HERE = os.path.dirname(os.path.abspath(__file__))   # shipped files are found wherever the command runs from
@@ -121,6 +121,8 @@ def get_args(argv=None):
     o.add_argument("--line-height", type=int, metavar="PX", default=100,
                    help="distance between lines in pixels, 10 to 1000; sets the size of the picture (PNG and GIF: at most "
                         "8000 pixels a side; SVG: CSS pixels of 1/96 inch, so 38 = 10 mm) (default: 100)")
+    o.add_argument("--align", choices=ALIGNS, default="left",
+                   help="lines on the page: left-aligned, centred (cards, titles) or right-aligned (default: left)")
     o.add_argument("--save-strokes", metavar="FILE",
                    help="also save the sampled lines as raw offsets (dx, dy, eos) with their texts, in an .npz laid out "
                         "like the prepared data (for `recognizer.py read FILE`; priming strokes not included)")
@@ -480,7 +482,7 @@ def write_pages(args, model, ckpt, pages, lead, prime, prime_offsets, generator,
     margin = max(args.line_height // 3, math.ceil(args.stroke_width / 2) + 2)          # round caps stay inside
     picture = args.format != ".svg" or args.view == "density"                  # pixels: at most MAX_SIDE a side
     layout = lambda lines, height, side: utils.layout_page(lines, line_height=height, margin=margin, pitch=pitch,
-                                                           max_side=side)
+                                                           max_side=side, align=args.align)
     laid = [layout(page_lines, args.line_height, MAX_SIDE if picture else None) for *_, page_lines in sampled]
     if any(page.shrunk for page in laid):                                    # every page as small as the smallest
         height = min(page.scale for page in laid) * pitch

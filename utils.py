@@ -139,20 +139,27 @@ def row_pitch(lines, spacing=1.4):
     return pitch if pitch > 0 else max(np.ptp(p, axis=0).max() for p in points) or 1.0
 
 
-def layout_page(lines, line_height=100, margin=24, spacing=1.4, max_side=8000, pitch=None):
-    """Lay out PageLines (None = blank row) one per row, left-aligned, each sitting on its row by its baseline
-    (estimated as the 20th percentile of y: descenders are few points); rows are `pitch` raw units apart (default
-    row_pitch(lines, spacing); give one pitch to every page of a text for one size of writing), drawn `line_height`
-    pixels apart. The page is cropped to the ink plus `margin` pixels (and scaled down to at most max_side pixels,
-    None: no limit)."""
+ALIGNS = {"left": 0.0, "center": 0.5, "right": 1.0}   # layout_page's align: the share of a row's spare width put before it
+
+
+def layout_page(lines, line_height=100, margin=24, spacing=1.4, max_side=8000, pitch=None, align="left"):
+    """Lay out PageLines (None = blank row) one per row, aligned to the left, centre or right of the widest (align),
+    each sitting on its row by its baseline (estimated as the 20th percentile of y: descenders are few points); rows
+    are `pitch` raw units apart (default row_pitch(lines, spacing); give one pitch to every page of a text for one size
+    of writing), drawn `line_height` pixels apart. The page is cropped to the ink plus `margin` pixels (and scaled down
+    to at most max_side pixels, None: no limit)."""
+    if align not in ALIGNS:
+        raise ValueError(f"align must be one of {', '.join(ALIGNS)}, not {align!r}")
     points = [np.cumsum(ln.offsets[:, :2], axis=0) if ln is not None and len(ln.offsets) else None for ln in lines]
     pitch = pitch or row_pitch(lines, spacing)
+    widest = max((np.ptp(p[:, 0]) for p in points if p is not None), default=0.0)
     placed = []                                                  # (xy, origin) in raw units, y up
     for row, p in enumerate(points):
         if p is None:
             placed.append(None)
             continue
-        shift = np.array([-p[:, 0].min(), -np.percentile(p[:, 1], 20) - row * pitch])
+        shift = np.array([-p[:, 0].min() + ALIGNS[align] * (widest - np.ptp(p[:, 0])),
+                          -np.percentile(p[:, 1], 20) - row * pitch])
         placed.append((p + shift, shift))
     ink = np.concatenate([xy for xy, _ in filter(None, placed)])
     (x0, y0), (x1, y1) = ink.min(axis=0), ink.max(axis=0)

@@ -417,6 +417,32 @@ def test_density_map_follows_each_drawn_line_past_blank_rows():
         assert heat[max(y0 - 3, 0):y1 + 4, max(x0 - 3, 0):x1 + 4].sum() > 0
 
 
+def test_align_centres_or_right_aligns_each_row_on_the_widest(files, tmp_path, monkeypatch):
+    """--align center / right: every row's ink has the same middle / right edge as the widest row's, at the same
+    height and scale as left-aligned; blank rows stay blank."""
+    g = torch.Generator().manual_seed(0)
+    lines = [torch.randn(n, 3, generator=g).numpy() * [20, 5, 0] + [30, 0, 0] for n in (5, 12, 8)]
+    pages = {a: utils.layout_page([utils.PageLine(lines[0]), None, utils.PageLine(lines[1]), utils.PageLine(lines[2])],
+                                  align=a) for a in utils.ALIGNS}
+    for align, page in pages.items():
+        ink = [ln.xy for ln in page.lines if ln is not None]
+        left, right = [xy[:, 0].min() for xy in ink], [xy[:, 0].max() for xy in ink]
+        edge = {"left": left, "center": [(a + b) / 2 for a, b in zip(left, right)], "right": right}[align]
+        assert np.ptp(edge) < 1e-6 and page.lines[1] is None, align
+        assert (page.width, page.height, page.scale) == (pages["left"].width, pages["left"].height, pages["left"].scale)
+        for ln, base in zip(page.lines, pages["left"].lines):   # moved sideways only
+            if ln is not None:
+                np.testing.assert_allclose(ln.xy - ln.xy[0], base.xy - base.xy[0], atol=1e-9)
+                assert ln.xy[0, 1] == pytest.approx(base.xy[0, 1])
+    with pytest.raises(ValueError, match="align must be one of left, center, right"):
+        utils.layout_page([utils.PageLine(lines[0])], align="middle")
+    laid = []
+    original = utils.layout_page
+    monkeypatch.setattr(utils, "layout_page", lambda *a, **k: laid.append(k["align"]) or original(*a, **k))
+    assert run(files, "synthesis", tmp_path / "card.svg", "--text", "ab\nabab", "--align", "center") == 0
+    assert laid == ["center"] and (tmp_path / "card.svg").exists()
+
+
 def test_the_readme_python_example_runs(tmp_path):
     """README, Generating handwriting, *From Python*: the block as written, with the shipped model, from the repo root
     (the picture goes to tmp_path)."""
