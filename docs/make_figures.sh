@@ -18,6 +18,7 @@ g --text-file docs/sentences.txt --max-chars-per-line 48 --bias 1 --seed 1 --out
 for b in 0 0.5 1 2; do
   g --text-file <(head -4 docs/sentences.txt) --max-chars-per-line 48 --bias "$b" --seed 4 --out "$out/bias_$b.png"
 done
+g --text "Happy birthday, Anna\nwith love from\nall of us" --align center --bias 1 --seed 4 --out "$out/card.png"
 g --text "Three versions" --num-samples 3 --bias 0.75 --seed 7 --out "$out/samples.png"
 g --text "the quick brown fox" --style 3 --bias 1 --seed 4 --show-prime --out "$out/style.png"
 g --prime-file docs/prime_example.json --text "is a concern for us all" --bias 1 --seed 2 --show-prime \
