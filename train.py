@@ -48,14 +48,16 @@ def get_args(argv=None):
     p.add_argument("--init-from", default=None,
                    help="start a new run from this checkpoint's weights and config (any .pt from train.py, e.g. a shipped "
                         "model); fresh optimiser and counters; --resume wins when both apply")
-    # model (paper defaults)
-    p.add_argument("--hidden-size", type=at_least(1), default=400, help="LSTM cells per layer (paper: 400)")
-    p.add_argument("--layers", type=at_least(1), default=3, help="stacked LSTM layers (paper: 3)")
-    p.add_argument("--mixtures", type=at_least(1), default=20, help="M, Gaussians in the mixture density output (paper: 20)")
-    p.add_argument("--window-gaussians", type=at_least(1), default=10, help="K, Gaussians in the attention window (paper: 10)")
-    p.add_argument("--kappa-init", type=at_least(-10.0, below=3.0), default=-3.0,
-                   help="initial bias of the window's step kappa_hat (log characters per point; -3: exp(-3) = 0.05, "
-                        "a line takes about 21 points per character; the paper gives none)")
+    # model: defaults are ModelConfig's (the paper's); with --resume or --init-from the checkpoint's, which a typed
+    # flag may not contradict (SUPPRESS: a flag not typed is absent from args, so only typed ones are checked)
+    size = lambda flag, kind, what: p.add_argument(flag, type=kind, default=argparse.SUPPRESS, help=what + (
+        f" (default: {getattr(ModelConfig, flag[2:].replace('-', '_'))}; with --resume or --init-from the checkpoint's)"))
+    size("--hidden-size", at_least(1), "LSTM cells per layer (paper: 400)")
+    size("--layers", at_least(1), "stacked LSTM layers (paper: 3)")
+    size("--mixtures", at_least(1), "M, Gaussians in the mixture density output (paper: 20)")
+    size("--window-gaussians", at_least(1), "K, Gaussians in the attention window (paper: 10)")
+    size("--kappa-init", at_least(-10.0, below=3.0), "initial bias of the window's step kappa_hat (log characters per "
+         "point; -3: exp(-3) = 0.05, a line takes about 21 points per character; the paper gives none)")
     # optimisation
     p.add_argument("--optimizer", choices=["adam", "rmsprop"], default="adam",
                    help="adam, or centred RMSProp with the paper's decay 0.95, momentum 0.9, eps 1e-4 (use --lr 1e-4; "
@@ -199,7 +201,28 @@ def train(args):
             ckpt = load_checkpoint(source, flag="--resume" if resume else "--init-from")
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")
-    if master:   # found now, not at the first evaluation, hours later
+    typed = {k: getattr(args, k) for k in MODEL_FLAGS if hasattr(args, k)}   # model-size flags on the command line
+    if ckpt:
+        config = ModelConfig.from_dict(ckpt["model_config"])
+        if config.task != args.task:
+            sys.exit(f"error: {source} is a {config.task} checkpoint; train on from it with --task {config.task}")
+        if ckpt.get("alphabet", train_set.alphabet.chars) != train_set.alphabet.chars:
+            sys.exit(f"error: {source} was trained with another alphabet; use the data it was trained on")
+        window = ("window_gaussians", "kappa_init")   # a prediction network has no window: nothing to contradict
+        asked = [f"--{k.replace('_', '-')} {v} (it has {getattr(config, k)})" for k, v in typed.items()
+                 if v != getattr(config, k) and (config.task == "synthesis" or k not in window)]
+        if asked:
+            sys.exit(f"error: {source}'s model cannot be resized: " + ", ".join(asked) + "; drop "
+                     + ("the flag" if len(asked) == 1 else "these flags")
+                     + (" to go on with that run, or train a new model (another --out, no --resume)" if resume
+                        else " to fine-tune it"))
+    else:
+        config = ModelConfig(task=args.task, **typed,
+                             alphabet_size=len(train_set.alphabet.chars) if args.task == "synthesis" else 0)
+    config.dropout = args.dropout   # a training setting: the flag wins over a checkpoint's
+    for k in MODEL_FLAGS:                 # as trained, for train_args: tell the truth
+        setattr(args, k, getattr(config, k))
+    if master:   # found now, not at the first evaluation, hours later (and after the checks: no empty folder)
         try:
             os.makedirs(out, exist_ok=True)
             with open(os.path.join(out, ".write_test"), "w"):
@@ -207,26 +230,6 @@ def train(args):
             os.remove(os.path.join(out, ".write_test"))
         except OSError as e:
             sys.exit(f"error: cannot write to --out {out} ({e.strerror or e}); pass another --out")
-    if ckpt:
-        config = ModelConfig.from_dict(ckpt["model_config"])
-        if config.task != args.task:
-            sys.exit(f"error: {source} is a {config.task} checkpoint; train on from it with --task {config.task}")
-        if ckpt.get("alphabet", train_set.alphabet.chars) != train_set.alphabet.chars:
-            sys.exit(f"error: {source} was trained with another alphabet; use the data it was trained on")
-        defaults = vars(get_args([]))   # a flag left at its default asks for nothing
-        asked = [f"--{k.replace('_', '-')} {getattr(args, k)} (it has {getattr(config, k)})" for k in MODEL_FLAGS
-                 if getattr(args, k) != defaults[k] and getattr(args, k) != getattr(config, k)]
-        if asked:
-            sys.exit(f"error: {source}'s model cannot be resized: " + ", ".join(asked) + "; drop "
-                     + ("the flag" if len(asked) == 1 else "these flags")
-                     + (", or pass --out NEW_FOLDER to train a new model" if resume else " to fine-tune it"))
-    else:
-        config = ModelConfig(task=args.task, hidden_size=args.hidden_size, layers=args.layers, mixtures=args.mixtures,
-                             window_gaussians=args.window_gaussians, kappa_init=args.kappa_init,
-                             alphabet_size=len(train_set.alphabet.chars) if args.task == "synthesis" else 0)
-    config.dropout = args.dropout   # a training setting: the flag wins over a checkpoint's
-    args.hidden_size, args.layers, args.mixtures, args.window_gaussians, args.kappa_init = (   # as trained: train_args
-        config.hidden_size, config.layers, config.mixtures, config.window_gaussians, config.kappa_init)   # tell the truth
     torch.manual_seed(args.seed)
     model = HandwritingModel(config).to(device)
     noise = None   # learnt sigmas beside the weights; N: points of the training split (the KL is per data point)

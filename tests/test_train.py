@@ -73,8 +73,8 @@ def test_resume_matches_an_unbroken_run(tiny_prepared, tmp_path, extra):
 def test_init_from_starts_a_new_run_from_shipped_weights(tiny_prepared, tmp_path, capsys):
     run_train(tiny_prepared, tmp_path / "a", "--max-steps", "20", "--eval-interval", "20", "--lr", "3e-3")
     first = json.loads(open(tmp_path / "a" / "metrics.jsonl").readlines()[-1])["val_nll_per_line"]
-    # the float16 weights-only file; the model-size flags at their values (TINY's) or defaults
-    rows = run_train(tiny_prepared, tmp_path / "b", "--init-from", str(tmp_path / "a" / "model.pt"), "--mixtures", "20",
+    # the float16 weights-only file; TINY's model-size flags, the checkpoint's own, may be typed
+    rows = run_train(tiny_prepared, tmp_path / "b", "--init-from", str(tmp_path / "a" / "model.pt"), "--mixtures", "2",
                      "--max-steps", "1", "--eval-interval", "1", "--lr", "1e-9")
     scratch = run_train(tiny_prepared, tmp_path / "c", "--max-steps", "1", "--eval-interval", "1", "--lr", "1e-9")
     assert rows[0]["step"] == scratch[0]["step"] < 20                   # counters start afresh
@@ -406,12 +406,16 @@ def test_bad_checkpoints_give_one_line_errors(tiny_prepared, tmp_path):
         (["train.py", "--task", "prediction", "--out", str(tmp_path / "nolast"), "--resume",
           str(tmp_path / "p" / "last.pt"), *data], "holds another run (best.pt), which resuming"),
         (["train.py", "--task", "prediction", "--out", str(junk), *data], "cannot write to --out " + str(junk)),
-        # a checkpoint keeps its size: a size flag that asks for another is refused, not ignored
+        # a checkpoint keeps its size: a typed size flag that asks for another, even the default, is refused (and
+        # leaves no --out folder behind); a prediction network has no window to contradict
         (["train.py", "--task", "prediction", "--init-from", str(tmp_path / "p" / "model.pt"), "--hidden-size", "8",
-          "--layers", "3", *data], "model cannot be resized: --hidden-size 8 (it has 16); drop the flag to fine-tune it\n"),
+          "--layers", "3", "--window-gaussians", "7", "--out", str(tmp_path / "refused"), *data],
+         "model cannot be resized: --hidden-size 8 (it has 16); drop the flag to fine-tune it\n"),
+        (["train.py", "--task", "prediction", "--init-from", str(tmp_path / "p" / "model.pt"), "--hidden-size=400",
+          *data], "model cannot be resized: --hidden-size 400 (it has 16)"),
         (["train.py", "--task", "prediction", "--out", str(tmp_path / "p"), "--resume", "auto", "--layers", "2",
-          "--mixtures", "5", *data], "--layers 2 (it has 3), --mixtures 5 (it has 2); drop these flags, or pass --out "
-         "NEW_FOLDER to train a new model\n"),
+          "--mixtures", "5", *data], "--layers 2 (it has 3), --mixtures 5 (it has 2); drop these flags to go on with "
+         "that run, or train a new model (another --out, no --resume)\n"),
         (["train.py", "--kappa-init", "1000", *data], "expected a number >= -10.0 and < 3.0"),
         (["train.py", "--augment-shear", "100", *data], "expected a number >= 0.0 and < 1.0"),
         (["train.py", "--task", "prediction", "--resume", str(tmp_path / "p" / "model.pt"), *data],
@@ -430,6 +434,7 @@ def test_bad_checkpoints_give_one_line_errors(tiny_prepared, tmp_path):
     for args, message in cases:
         r = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
         assert r.returncode != 0 and message in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)
+    assert not (tmp_path / "refused").exists()
 
 
 def test_torchrun_two_processes_on_cpu(tiny_prepared, tmp_path):
