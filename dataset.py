@@ -89,6 +89,11 @@ def _affine(offsets, mean, std, inverse):
     return out
 
 
+# typographic characters a user may type or paste (phone keyboards type curly quotes), and their plain forms
+SUBSTITUTES = {"\u2018": "'", "\u2019": "'", "\u201c": '"', "\u201d": '"', "\u2013": "-", "\u2014": "-",
+               "\u2026": "...", "\u00a0": " ", "\t": " "}
+
+
 class Alphabet:
     """Characters <-> ids: id 0 is padding, ids 1..n are the characters of `chars` in order."""
 
@@ -105,6 +110,14 @@ class Alphabet:
     def unknown(self, text):
         """Characters of `text` not in the alphabet, each once, in order of appearance."""
         return list(dict.fromkeys(c for c in text if c not in self.index))
+
+    def plain(self, text):
+        """`text` with the typographic characters this alphabet lacks (SUBSTITUTES) in their plain forms, where it has
+        those."""
+        for a, b in SUBSTITUTES.items():
+            if a not in self.index and all(c in self.index for c in b.strip() or b):
+                text = text.replace(a, b)
+        return text
 
     def writable(self, text):
         """`text` as a model with this alphabet writes it: unknown characters left out, runs of spaces made one."""

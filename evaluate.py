@@ -161,7 +161,7 @@ def legibility(args, device):
     if long:
         print(f"evaluate.py: warning: {long} prompt(s) longer than {MAX_LINE_CHARS} characters, the longest line the "
               f"model saw: expect them less legible", file=sys.stderr)
-    prime_text = prime_text or ""
+    prime_text = alphabet.plain(prime_text or "")
     if alphabet.unknown(prime_text):
         sys.exit(f"error: style {args.style}'s text uses characters this model lacks; choose another --style"
                  if args.style is not None else f"error: --prime-file {args.prime_file}'s text uses characters this "

@@ -36,9 +36,6 @@ MAX_PAGES = 10              # pages of one run (a longer text: several runs, or 
 MAX_FILE_LINES = 100_000    # lines of an .npz strokes file, counting every sample (~2 GB of offsets held in memory)
 DEFAULT_STEPS = 700         # points per line for --task prediction (IAM-OnDB median: 620)
 MAX_STEPS = 5000            # at most, for --task prediction
-# typographic characters a user may paste, and their plain equivalents (used only when the model lacks the first)
-SUBSTITUTES = {"\u2018": "'", "\u2019": "'", "\u201c": '"', "\u201d": '"', "\u2013": "-", "\u2014": "-",
-               "\u2026": "...", "\u00a0": " ", "\t": " "}
 
 
 class GenerateError(Exception):
@@ -195,7 +192,8 @@ def check_args(args):
              f"{' for a page (or write --out FILE.npz: strokes, no picture)' if args.format != '.npz' else ''}, "
              f"not {args.num_samples}")
     if args.format == ".npz":
-        picture = [f for f, on in (("--view", args.view != "plain"), ("--plot-attention", args.plot_attention),
+        picture = [f for f, on in (("--view", args.view != "plain"), ("--align", args.align != "left"),
+                                   ("--plot-attention", args.plot_attention),
                                    ("--show-prime", args.show_prime), ("--save-strokes", args.save_strokes)) if on]
         if picture:
             fail(f"{picture[0]} is for pictures; --out {args.out} writes only the strokes (use .png, .svg or .gif)")
@@ -237,10 +235,8 @@ def prepare_lines(text, chars, max_chars, drop_unknown):
     """Text -> page lines: typographic substitutes, unknown characters checked, spaces collapsed, long lines
     wrapped at word boundaries (a longer word stays whole, up to MAX_LINE_CHARS). Blank lines are kept ('' = an empty
     row). Returns (lines, dropped chars)."""
-    known = set(chars)
-    for a, b in SUBSTITUTES.items():
-        if a not in known and all(c in known for c in b.strip() or b):
-            text = text.replace(a, b)
+    from dataset import Alphabet
+    known, text = set(chars), Alphabet(chars).plain(text)
     unknown = list(dict.fromkeys(c for c in text if c not in known and c not in "\n\r "))   # in order of appearance
     if unknown and not drop_unknown:
         shown = " ".join(repr(c) for c in unknown)
@@ -368,10 +364,12 @@ def generate(args):
             print(f"generate.py: warning: left out {' '.join(repr(c) for c in dropped)} (not in the alphabet)",
                   file=sys.stderr)
         if prime_text is not None:
+            prime_text = alphabet.plain(prime_text)                           # curly quotes from a phone's keyboard
             missing = sorted({c for c in prime_text if c not in alphabet.chars})
             if missing:
                 fail(f"the priming text uses characters this model lacks: {' '.join(map(repr, missing))}; "
-                     + ("choose another --style" if args.style is not None else "edit the prime file's text"))
+                     + ("choose another --style" if args.style is not None
+                        else "edit the prime file's \"text\", or write the line again without them"))
     else:
         lines = ["(unconditional)"]
     if args.format == ".npz":                                                 # a strokes file: no blank rows

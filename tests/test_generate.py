@@ -229,12 +229,15 @@ def test_wrapping_and_cleaning():
     assert lines == ["nave caf"] and dropped == ["\u00ef", "\u00e9"]
 
 
-@pytest.mark.parametrize("prime", ["style", "file"])
+@pytest.mark.parametrize("prime", ["style", "file", "curly"])
 def test_priming_joins_the_texts(files, tmp_path, spy, prime):
-    how = ["--style", "1"] if prime == "style" else ["--prime-file", files["prime"]]
+    """The priming text leads the new one; a prime file's curly quote (a phone's keyboard) is written plain."""
+    curly = tmp_path / "curly.json"
+    curly.write_text(json.dumps({**json.loads(Path(files["prime"]).read_text()), "text": "my notes\u2019"}))
+    how = {"style": ["--style", "1"], "file": ["--prime-file", files["prime"]], "curly": ["--prime-file", str(curly)]}[prime]
     assert run(files, "synthesis", tmp_path / "p.png", "--text", "new words", "--show-prime", *how) == 0
     alphabet_text = "".join(CHARS[i - 1] for i in spy[0]["text"][0] if i > 0)
-    assert alphabet_text == ("a sand lane" if prime == "style" else "my notes") + " new words"
+    assert alphabet_text == {"style": "a sand lane", "file": "my notes", "curly": "my notes'"}[prime] + " new words"
     assert spy[0]["prime"].ndim == 2 and spy[0]["prime"].shape[1] == 3
     assert spy[0]["prime_chars"] == len(alphabet_text) - len("new words")   # the cap counts the new words only
 
@@ -311,6 +314,7 @@ def errors(files, tmp_path):
         (syn + ["--text", " ".join(["words"] * 3000)], "at most 10: split it into several runs, or write --out FILE.npz"),
         (syn + ["--text", "ab", "--out", str(tmp_path / "x.npz"), "--view", "eos"], "--view is for pictures"),
         (syn + ["--text", "ab", "--out", str(tmp_path / "x.npz"), "--show-prime"], "--show-prime is for pictures"),
+        (syn + ["--text", "ab", "--out", str(tmp_path / "x.npz"), "--align", "right"], "--align is for pictures"),
         (syn + ["--text", "ab", "--out", str(tmp_path / "x.npz"), "--num-samples", "100001"], "between 1 and 100000"),
         (syn + ["--text", "ab", "--batch-size", "0"], "--batch-size must be >= 1"),
         (syn + ["--text", "ab", "--num-samples", "41"], "--num-samples must be between"),
@@ -358,7 +362,7 @@ def errors(files, tmp_path):
         (syn + ["--text", "ab", "--out", str(d)], "is a folder; give a file name, e.g."),
         (syn + ["--text-file", str(d / "empty.txt")], f"--text-file {d / 'empty.txt'} is empty"),
         (syn + ["--text", "ab", "--prime-file", str(d / "yup.json")], '"y_up" must be true or false'),
-        (syn + ["--text", "ab", "--prime-file", str(d / "euro.json")], "'\u20ac'; edit the prime file's text"),
+        (syn + ["--text", "ab", "--prime-file", str(d / "euro.json")], "'\u20ac'; edit the prime file's \"text\""),
     ]
 
 
@@ -598,7 +602,8 @@ def test_a_strokes_file_reads_back_whole_for_merging(tmp_path):
 def test_capture_page_saves_a_prime_file_of_the_line_written_on_it(tmp_path):
     """docs/capture.html (write your own prime file in a browser), its script run in node with a fake DOM
     (tests/capture_dom.js): the example line written with pointer events is saved as a file that --prime-file reads
-    as that line; it refuses to save without ink or text, and Undo takes back a stroke."""
+    as that line, though a second finger touched it meanwhile, a right click pressed on it, and a stroke's pointerup
+    was lost; it refuses to save without ink or text, and Undo takes back a stroke."""
     html = (ROOT / "docs" / "capture.html").read_text()
     (tmp_path / "capture.js").write_text(html.split("<script>")[1].split("</script>")[0])
     example = ROOT / "docs" / "prime_example.json"
@@ -608,7 +613,7 @@ def test_capture_page_saves_a_prime_file_of_the_line_written_on_it(tmp_path):
     out = json.loads(r.stdout)
     assert out["said"][0] == "bad: Write a line of handwriting first."
     assert out["said"][1] == "bad: Type what you wrote first."
-    assert out["said"][2].startswith(": Saved prime.json (23 strokes)") and len(out["saved"]) == 1
+    assert out["said"][2].startswith(": prime.json (23 strokes) is in your downloads") and len(out["saved"]) == 1
     assert json.loads(out["pure"]) == {"text": "a b", "strokes": [[[1.3, 2]]]}   # 0.1 px, no empty strokes
     (tmp_path / "prime.json").write_text(json.dumps(out["saved"][0]))
     text, offsets = utils.load_prime_file(tmp_path / "prime.json")
