@@ -119,7 +119,8 @@ def get_args(argv=None):
                    help="distance between lines in pixels, 10 to 1000; sets the size of the picture (PNG and GIF: at most "
                         "8000 pixels a side; SVG: CSS pixels of 1/96 inch, so 38 = 10 mm) (default: 100)")
     o.add_argument("--align", choices=ALIGNS, default="left",
-                   help="lines on the page: left-aligned, centred (cards, titles) or right-aligned (default: left)")
+                   help="lines on the page: left-aligned, centred (cards, titles) or right-aligned, each on the "
+                        "widest (with --show-prime the grey priming line counts as part of its row) (default: left)")
     o.add_argument("--save-strokes", metavar="FILE",
                    help="also save the sampled lines as raw offsets (dx, dy, eos) with their texts, in an .npz laid out "
                         "like the prepared data (for `recognizer.py read FILE`; priming strokes not included)")

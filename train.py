@@ -212,7 +212,7 @@ def train(args):
         asked = [f"--{k.replace('_', '-')} {v} (it has {getattr(config, k)})" for k, v in typed.items()
                  if v != getattr(config, k) and (config.task == "synthesis" or k not in window)]
         if asked:
-            sys.exit(f"error: {source}'s model cannot be resized: " + ", ".join(asked) + "; drop "
+            sys.exit(f"error: {source}'s model config cannot be changed: " + ", ".join(asked) + "; drop "
                      + ("the flag" if len(asked) == 1 else "these flags")
                      + (" to go on with that run, or train a new model (another --out, no --resume)" if resume
                         else " to fine-tune it"))

@@ -23,7 +23,9 @@ const strokes = JSON.parse(require("fs").readFileSync(example)).strokes;
 strokes.forEach((s, n) => {                               // the example line, written by pointer 1
   handlers.pointerdown(at(...s[0]));
   s.slice(1).forEach((p, k) => {
-    handlers.pointermove({...at(...p), getCoalescedEvents: () => []});
+    if (n === 1 && k % 2 === 0) return;                   // stroke 1: two readings per event, as a fast pen gives
+    const readings = n === 1 ? [s[k], p].map(q => at(...q)) : [];
+    handlers.pointermove({...at(...p), getCoalescedEvents: () => readings});
     if (n === 0 && k === 1) {                             // a second finger (a palm) meanwhile: ignored
       handlers.pointerdown(at(300, 300, {pointerId: 2}));
       handlers.pointermove(at(310, 320, {pointerId: 2}));

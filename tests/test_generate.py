@@ -613,7 +613,7 @@ def test_capture_page_saves_a_prime_file_of_the_line_written_on_it(tmp_path):
     out = json.loads(r.stdout)
     assert out["said"][0] == "bad: Write a line of handwriting first."
     assert out["said"][1] == "bad: Type what you wrote first."
-    assert out["said"][2].startswith(": prime.json (23 strokes) is in your downloads") and len(out["saved"]) == 1
+    assert out["said"][2].startswith(": Downloading prime.json (23 strokes) to your downloads") and len(out["saved"]) == 1
     assert json.loads(out["pure"]) == {"text": "a b", "strokes": [[[1.3, 2]]]}   # 0.1 px, no empty strokes
     (tmp_path / "prime.json").write_text(json.dumps(out["saved"][0]))
     text, offsets = utils.load_prime_file(tmp_path / "prime.json")

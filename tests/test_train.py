@@ -410,9 +410,9 @@ def test_bad_checkpoints_give_one_line_errors(tiny_prepared, tmp_path):
         # leaves no --out folder behind); a prediction network has no window to contradict
         (["train.py", "--task", "prediction", "--init-from", str(tmp_path / "p" / "model.pt"), "--hidden-size", "8",
           "--layers", "3", "--window-gaussians", "7", "--out", str(tmp_path / "refused"), *data],
-         "model cannot be resized: --hidden-size 8 (it has 16); drop the flag to fine-tune it\n"),
+         "model config cannot be changed: --hidden-size 8 (it has 16); drop the flag to fine-tune it\n"),
         (["train.py", "--task", "prediction", "--init-from", str(tmp_path / "p" / "model.pt"), "--hidden-size=400",
-          *data], "model cannot be resized: --hidden-size 400 (it has 16)"),
+          *data], "model config cannot be changed: --hidden-size 400 (it has 16)"),
         (["train.py", "--task", "prediction", "--out", str(tmp_path / "p"), "--resume", "auto", "--layers", "2",
           "--mixtures", "5", *data], "--layers 2 (it has 3), --mixtures 5 (it has 2); drop these flags to go on with "
          "that run, or train a new model (another --out, no --resume)\n"),
