@@ -124,6 +124,9 @@ def get_args(argv=None):
     o.add_argument("--save-strokes", metavar="FILE",
                    help="also save the sampled lines as raw offsets (dx, dy, eos) with their texts, in an .npz laid out "
                         "like the prepared data (for `recognizer.py read FILE`; priming strokes not included)")
+    o.add_argument("--save-hand", metavar="FILE",
+                   help="also save the first line written as a prime file (.json: its text and strokes), to write "
+                        "later texts in the same hand with --prime-file FILE (synthesis)")
     o.add_argument("--plot-attention", metavar="FILE",
                    help="also plot the window weights phi over time and characters (synthesis; .png, .svg or .pdf)")
     return p.parse_args(argv)
@@ -195,7 +198,8 @@ def check_args(args):
     if args.format == ".npz":
         picture = [f for f, on in (("--view", args.view != "plain"), ("--align", args.align != "left"),
                                    ("--plot-attention", args.plot_attention),
-                                   ("--show-prime", args.show_prime), ("--save-strokes", args.save_strokes)) if on]
+                                   ("--show-prime", args.show_prime), ("--save-strokes", args.save_strokes),
+                                   ("--save-hand", args.save_hand)) if on]
         if picture:
             fail(f"{picture[0]} is for pictures; --out {args.out} writes only the strokes (use .png, .svg or .gif)")
     if args.plot_attention:
@@ -204,6 +208,10 @@ def check_args(args):
         check_output(args.plot_attention, PLOT_FORMATS, "--plot-attention")
     if args.save_strokes:
         check_output(args.save_strokes, (".npz",), "--save-strokes")
+    if args.save_hand:
+        if args.task != "synthesis":
+            fail("--save-hand needs --task synthesis (a prime file holds a line and its text)")
+        check_output(args.save_hand, (".json",), "--save-hand")
     if args.task == "prediction" and (args.text is not None or args.text_file):
         fail("--text/--text-file are for --task synthesis; the prediction network writes without text (see --steps)")
     if args.show_prime and args.style is None and not args.prime_file:
@@ -510,12 +518,18 @@ def write_pages(args, model, ckpt, pages, lead, prime, prime_offsets, generator,
     t_written = time.perf_counter()
     if args.save_strokes:
         utils.save_strokes(args.save_strokes, saved, saved_texts)
+    if args.save_hand:                                                        # the first line, without its prime
+        utils.save_prime_file(args.save_hand, saved_texts[0], saved[0],
+                              source=f"generate.py --bias {args.bias} --seed {seed}, model step {ckpt.get('step')}")
 
     ### report
     if args.plot_attention:
         utils.say(f"wrote {args.plot_attention} (attention window phi)")
     if args.save_strokes:
         utils.say(f"wrote {args.save_strokes} (raw offsets of {len(saved)} line(s))")
+    if args.save_hand:
+        utils.say(f"wrote {args.save_hand} (the first line as a prime file: --prime-file {args.save_hand} writes in "
+                  f"its hand)")
     utils.say(f"time: {t_written - t_load:.2f} s from checkpoint load to written file{'s' if len(pages) > 1 else ''} "
               f"(sampling {t_sampling:.2f} s, {steps} steps x {n_lines} lines{f' on {len(pages)} pages' if len(pages) > 1 else ''}); "
               f"{time.perf_counter() - t_start:.2f} s in main")

@@ -626,6 +626,20 @@ def load_prime_file(path, styles_path=None):
     return " ".join(data["text"].split()), offsets
 
 
+def save_prime_file(path, text, offsets, source=None):
+    """A written line as a --prime-file: JSON {"text", "strokes"} (load_prime_file's format, screen coordinates, y
+    down) from its raw offsets (T, 3), so that later texts can be written in the same hand. Written atomically."""
+    xy = np.cumsum(np.asarray(offsets, dtype=np.float64)[:, :2], axis=0) * [1, -1]
+    ends = np.flatnonzero(np.asarray(offsets)[:, 2] > 0.5) + 1
+    strokes = [[[round(float(x), 2), round(float(y), 2)] for x, y in part] for part in np.split(xy, ends) if len(part)]
+    data = {"text": text, "strokes": strokes, **({"source": source} if source else {})}
+
+    def write(tmp):
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(data, f)
+    atomic_write(path, write)
+
+
 def load_prime(styles_path, style=None, prime_file=None):
     """--style N or --prime-file FILE (generate.py, evaluate.py) -> (text, raw offsets (T, 3), first point (0, 0)),
     or (None, None) for neither. Raises FileNotFoundError or ValueError with a one-line message."""

@@ -23,6 +23,11 @@ g --text "Three versions" --num-samples 3 --bias 0.75 --seed 7 --out "$out/sampl
 g --text "the quick brown fox" --style 3 --bias 1 --seed 4 --show-prime --out "$out/style.png"
 g --prime-file docs/prime_example.json --text "is a concern for us all" --bias 1 --seed 2 --show-prime \
   --out "$out/prime.png"
+# one hand for a page: a sampled line saved as a prime file (docs/hand.json), then a text written in its hand
+g --text "The quick brown fox jumps over a lazy dog" --max-chars-per-line 50 --bias 1 --seed 11 --out "$out/hand.png" \
+  --save-hand "$out/hand.json"
+g --text-file <(head -5 docs/sentences.txt) --max-chars-per-line 48 --prime-file "$out/hand.json" --bias 1 --seed 2 \
+  --out "$out/hand_letter.png"
 g --text "Plot me" --bias 1 --seed 3 --stroke-width 1.5 --color "#1a237e" --out "$out/plot.svg"
 g --text "Watch me write" --bias 1 --seed 3 --out "$out/writing.gif"
 for v in strokes eos density; do

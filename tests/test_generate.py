@@ -242,6 +242,23 @@ def test_priming_joins_the_texts(files, tmp_path, spy, prime):
     assert spy[0]["prime_chars"] == len(alphabet_text) - len("new words")   # the cap counts the new words only
 
 
+def test_save_hand_keeps_the_first_line_as_a_prime_file_for_later_texts(files, tmp_path, spy):
+    """--save-hand: the first line written (not its prime) becomes a prime file, exactly the line drawn; written with
+    --prime-file, a later text is primed with it."""
+    hand, strokes = tmp_path / "hand.json", tmp_path / "lines.npz"
+    assert run(files, "synthesis", tmp_path / "p.png", "--text", "hi there\nab", "--save-hand", str(hand),
+               "--save-strokes", str(strokes), "--style", "0") == 0
+    data = json.loads(hand.read_text())
+    _, texts, lines = utils.load_strokes(strokes)
+    assert data["text"] == texts[0] == "hi there" and "--seed 1," in data["source"]
+    ink = np.concatenate(data["strokes"]) * [1, -1]                     # screen coordinates: y down
+    np.testing.assert_allclose(ink, np.cumsum(lines[0][:, :2], axis=0), atol=0.006)
+    assert [len(s) for s in data["strokes"]] == np.diff(np.r_[0, np.flatnonzero(lines[0][:, 2]) + 1]).tolist()
+    spy.clear()
+    assert run(files, "synthesis", tmp_path / "q.png", "--text", "new", "--prime-file", str(hand)) == 0
+    assert "".join(CHARS[i - 1] for i in spy[0]["text"][0] if i > 0) == "hi there new"
+
+
 def test_prediction_primed_with_a_style(files, tmp_path, spy):
     assert run(files, "prediction", tmp_path / "p.svg", "--style", "0", "--num-samples", "2") == 0
     assert spy[0]["batch_size"] == 2 and spy[0]["steps"] == 60 and spy[0]["prime"] is not None
@@ -315,6 +332,10 @@ def errors(files, tmp_path):
         (syn + ["--text", "ab", "--out", str(tmp_path / "x.npz"), "--view", "eos"], "--view is for pictures"),
         (syn + ["--text", "ab", "--out", str(tmp_path / "x.npz"), "--show-prime"], "--show-prime is for pictures"),
         (syn + ["--text", "ab", "--out", str(tmp_path / "x.npz"), "--align", "right"], "--align is for pictures"),
+        (syn + ["--text", "ab", "--out", str(tmp_path / "x.npz"), "--save-hand", "h.json"], "--save-hand is for pictures"),
+        (syn + ["--text", "ab", "--save-hand", str(tmp_path / "h.png")], "--save-hand"),
+        (["--task", "prediction", "--checkpoint", files["prediction"], "--save-hand", str(tmp_path / "h.json")],
+         "--save-hand needs --task synthesis"),
         (syn + ["--text", "ab", "--out", str(tmp_path / "x.npz"), "--num-samples", "100001"], "between 1 and 100000"),
         (syn + ["--text", "ab", "--batch-size", "0"], "--batch-size must be >= 1"),
         (syn + ["--text", "ab", "--num-samples", "41"], "--num-samples must be between"),
