@@ -521,6 +521,9 @@ def write_pages(args, model, ckpt, pages, lead, prime, prime_offsets, generator,
     if args.save_hand:                                                        # the first line, without its prime
         utils.save_prime_file(args.save_hand, saved_texts[0], saved[0],
                               source=f"generate.py --bias {args.bias} --seed {seed}, model step {ckpt.get('step')}")
+        if not bool(sampled[0][1]["finished"][0]):
+            print(f"generate.py: warning: the line saved as a hand ({saved_texts[0][:30]!r}) did not finish its text: "
+                  f"it makes a poor prime; try another --seed", file=sys.stderr)
 
     ### report
     if args.plot_attention:

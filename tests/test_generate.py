@@ -242,10 +242,13 @@ def test_priming_joins_the_texts(files, tmp_path, spy, prime):
     assert spy[0]["prime_chars"] == len(alphabet_text) - len("new words")   # the cap counts the new words only
 
 
-def test_save_hand_keeps_the_first_line_as_a_prime_file_for_later_texts(files, tmp_path, spy):
-    """--save-hand: the first line written (not its prime) becomes a prime file, exactly the line drawn; written with
-    --prime-file, a later text is primed with it."""
-    hand, strokes = tmp_path / "hand.json", tmp_path / "lines.npz"
+def test_save_hand_keeps_the_first_line_as_a_prime_file_for_later_texts(files, tmp_path, spy, capsys, monkeypatch):
+    """--save-hand: the first line written (not its prime) becomes a prime file, exactly the line drawn, with a
+    warning when it did not finish its text; written with --prime-file, a later text is primed with it."""
+    hand, strokes, results = tmp_path / "hand.json", tmp_path / "lines.npz", []
+    sample = model_module.HandwritingModel.sample
+    monkeypatch.setattr(model_module.HandwritingModel, "sample",
+                        lambda *a, **k: results.append(sample(*a, **k)) or results[-1])
     assert run(files, "synthesis", tmp_path / "p.png", "--text", "hi there\nab", "--save-hand", str(hand),
                "--save-strokes", str(strokes), "--style", "0") == 0
     data = json.loads(hand.read_text())
@@ -254,6 +257,7 @@ def test_save_hand_keeps_the_first_line_as_a_prime_file_for_later_texts(files, t
     ink = np.concatenate(data["strokes"]) * [1, -1]                     # screen coordinates: y down
     np.testing.assert_allclose(ink, np.cumsum(lines[0][:, :2], axis=0), atol=0.006)
     assert [len(s) for s in data["strokes"]] == np.diff(np.r_[0, np.flatnonzero(lines[0][:, 2]) + 1]).tolist()
+    assert ("did not finish its text: it makes a poor prime" in capsys.readouterr().err) == (not results[0]["finished"][0])
     spy.clear()
     assert run(files, "synthesis", tmp_path / "q.png", "--text", "new", "--prime-file", str(hand)) == 0
     assert "".join(CHARS[i - 1] for i in spy[0]["text"][0] if i > 0) == "hi there new"
