@@ -629,9 +629,8 @@ def load_prime_file(path, styles_path=None):
 def save_prime_file(path, text, offsets, source=None):
     """A written line as a --prime-file: JSON {"text", "strokes"} (load_prime_file's format, screen coordinates, y
     down) from its raw offsets (T, 3), so that later texts can be written in the same hand. Written atomically."""
-    xy = np.cumsum(np.asarray(offsets, dtype=np.float64)[:, :2], axis=0) * [1, -1]
-    ends = np.flatnonzero(np.asarray(offsets)[:, 2] > 0.5) + 1
-    strokes = [[[round(float(x), 2), round(float(y), 2)] for x, y in part] for part in np.split(xy, ends) if len(part)]
+    strokes = [[[round(float(x), 2) or 0.0, round(-float(y), 2) or 0.0] for x, y in part]   # or: no -0.0
+               for part in offsets_to_strokes(offsets)]
     data = {"text": text, "strokes": strokes, **({"source": source} if source else {})}
 
     def write(tmp):
