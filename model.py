@@ -464,10 +464,14 @@ class HandwritingModel(nn.Module):
         strokes = torch.cat(out, dim=1)
         T = strokes.shape[1]
         lengths = lengths.clamp(max=T)
+        # a line whose last point starts a stroke (the point before it lifted the pen, its own did not) ends with the
+        # pen travelling to a next letter: no ink (made to end its stroke below, it would be drawn as a stray dot)
+        rows, last = torch.arange(B, device=device), (lengths - 1).clamp(min=0)
+        lengths = lengths - ((lengths >= 2) & (strokes[rows, (lengths - 2).clamp(min=0), 2] > 0.5)
+                             & (strokes[rows, last, 2] < 0.5)).long()
         keep = torch.arange(T, device=device)[None] < lengths[:, None]
         strokes = strokes * keep.unsqueeze(-1)
-        # the last point of each line ends its stroke
-        strokes[torch.arange(B, device=device), (lengths - 1).clamp(min=0), 2] = 1.0
+        strokes[rows, (lengths - 1).clamp(min=0), 2] = 1.0                      # the last point ends its stroke
         result = {"strokes": strokes, "lengths": lengths,
                   "finished": finished if self.synthesis else torch.ones(B, dtype=torch.bool, device=device),
                   "attempts": torch.ones(B, dtype=torch.long, device=device)}

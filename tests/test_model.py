@@ -302,11 +302,38 @@ def test_sampling_is_seeded_and_batched(task):
 
 
 def steady_window(model, chars_per_step):
-    """Make kappa move by exactly chars_per_step per step (window_gaussians=2: kappa_hat is outputs 4 and 5)."""
+    """Make kappa move by exactly chars_per_step per step (window_gaussians=2: kappa_hat is outputs 4 and 5), and
+    keep the pen down (eos logit -30), so that a line is exactly as long as its stopping step."""
     with torch.no_grad():
         model.window.bias[4:].fill_(math.log(chars_per_step))
         model.window.weight[4:].zero_()
+        model.mdn.bias[0] = -30.0
+        model.mdn.weight[0].zero_()
     return model
+
+
+def test_a_line_does_not_end_with_the_pen_travelling_to_a_next_letter(monkeypatch):
+    """The last point of a line that starts a stroke (the point before lifted the pen, its own did not) is the pen on
+    its way to a letter that never comes: it is left out, not drawn as a dot; a dot the model ends itself stays."""
+    model = steady_window(tiny("synthesis").float(), 0.3)
+    text = torch.tensor([[1, 2, 3, 4, 5, 6, 7, 1, 2, 3], [3, 2, 1, 0, 0, 0, 0, 0, 0, 0]])
+    stop = model.sample(text, generator=torch.Generator().manual_seed(0))["lengths"].tolist()   # pen down: the steps
+    assert stop[1] + 5 < stop[0]                                   # far apart: the lines' lifts do not mix
+    draw = HandwritingModel._sample_point
+    for lifted, want in (({s - 2 for s in stop}, [s - 1 for s in stop]),             # travelling: left out
+                         ({t for s in stop for t in (s - 2, s - 1)}, stop)):          # a dot of its own: kept
+        step = {"t": 0}
+
+        def point(mix, generator=None):
+            x = draw(mix, generator)
+            x[:, 2] = float(step["t"] in lifted)                  # eos = 1 at these steps, in both lines
+            step["t"] += 1
+            return x
+        monkeypatch.setattr(HandwritingModel, "_sample_point", staticmethod(point))
+        r = model.sample(text, generator=torch.Generator().manual_seed(0))
+        assert r["lengths"].tolist() == want and r["finished"].all()
+        for b, n in enumerate(want):
+            assert r["strokes"][b, n - 1, 2] == 1 and r["strokes"][b, n:].abs().sum() == 0
 
 
 def test_sampling_stops_when_window_passes_the_text():
