@@ -603,6 +603,14 @@ def load_prime_file(path, styles_path=None):
         raise ValueError(f"--prime-file {path}: \"y_up\" must be true or false")
     if not data.get("y_up", False):
         strokes = [s * [1, -1] for s in strokes]              # screen coordinates -> y up, as in the data
+    if not isinstance(data.get("data_units", False), bool):
+        raise ValueError(f"--prime-file {path}: \"data_units\" must be true or false")
+    if data.get("data_units", False):                           # a line the model wrote (--save-hand): used as it is
+        n = sum(len(s) for s in strokes)
+        if n > MAX_PRIME_POINTS:
+            raise ValueError(f"--prime-file {path} is too long ({n} points, at most {MAX_PRIME_POINTS}); use one line "
+                             f"of handwriting")
+        return " ".join(data["text"].split()), _stroke_offsets(strokes)
     points = np.concatenate(strokes)
     with np.errstate(over="ignore", invalid="ignore"):
         height = np.percentile(points[:, 1], 95) - np.percentile(points[:, 1], 5)
@@ -620,18 +628,25 @@ def load_prime_file(path, styles_path=None):
     if len(points) > MAX_PRIME_POINTS:
         raise ValueError(f"--prime-file {path} is too long ({len(points)} points after resampling, at most "
                          f"{MAX_PRIME_POINTS}); use one line of handwriting")
+    return " ".join(data["text"].split()), _stroke_offsets(strokes)
+
+
+def _stroke_offsets(strokes):
+    """Strokes (lists of (n, 2) points) -> raw offsets (T, 3) of one line, its first point (0, 0)."""
+    points = np.concatenate(strokes)
     offsets = np.zeros((len(points), 3))
     offsets[1:, :2] = np.diff(points, axis=0)
     offsets[np.cumsum([len(s) for s in strokes]) - 1, 2] = 1
-    return " ".join(data["text"].split()), offsets
+    return offsets
 
 
 def save_prime_file(path, text, offsets, source=None):
-    """A written line as a --prime-file: JSON {"text", "strokes"} (load_prime_file's format, screen coordinates, y
-    down) from its raw offsets (T, 3), so that later texts can be written in the same hand. Written atomically."""
+    """A written line as a --prime-file: JSON {"text", "strokes", "data_units": true} (load_prime_file's format,
+    screen coordinates, y down, in the data's units: read back as they are, not rescaled and resampled as a hand's
+    own strokes are) from its raw offsets (T, 3), so that later texts are written in the same hand. Written atomically."""
     strokes = [[[round(float(x), 2) or 0.0, round(-float(y), 2) or 0.0] for x, y in part]   # or: no -0.0
                for part in offsets_to_strokes(offsets)]
-    data = {"text": text, "strokes": strokes, **({"source": source} if source else {})}
+    data = {"text": text, "strokes": strokes, "data_units": True, **({"source": source} if source else {})}
 
     def write(tmp):
         with open(tmp, "w", encoding="utf-8") as f:

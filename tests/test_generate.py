@@ -4,6 +4,7 @@ Untrained models write scribbles that rarely reach the end of the text, so most 
 --max-steps-per-char to stay fast; the checks are about files, batching, priming and error messages.
 """
 import json
+import math
 import shutil
 import subprocess
 import sys
@@ -242,25 +243,42 @@ def test_priming_joins_the_texts(files, tmp_path, spy, prime):
     assert spy[0]["prime_chars"] == len(alphabet_text) - len("new words")   # the cap counts the new words only
 
 
-def test_save_hand_keeps_the_first_line_as_a_prime_file_for_later_texts(files, tmp_path, spy, capsys, monkeypatch):
-    """--save-hand: the first line written (not its prime) becomes a prime file, exactly the line drawn, with a
-    warning when it did not finish its text; written with --prime-file, a later text is primed with it."""
-    hand, strokes, results = tmp_path / "hand.json", tmp_path / "lines.npz", []
-    sample = model_module.HandwritingModel.sample
-    monkeypatch.setattr(model_module.HandwritingModel, "sample",
-                        lambda *a, **k: results.append(sample(*a, **k)) or results[-1])
-    assert run(files, "synthesis", tmp_path / "p.png", "--text", "hi there\nab", "--save-hand", str(hand),
-               "--save-strokes", str(strokes), "--style", "0") == 0
+def paced_checkpoint(path, files, chars_per_step):
+    """The tiny synthesis checkpoint with its window moving chars_per_step characters per step: 0.5 finishes every
+    line within a few points per character, 1e-13 never does."""
+    ckpt = torch.load(files["synthesis"], weights_only=True)
+    ckpt["model"]["window.bias"][4:] = math.log(chars_per_step)      # window_gaussians=2: kappa_hat is outputs 4, 5
+    ckpt["model"]["window.weight"][4:] = 0
+    torch.save(ckpt, path)
+    return str(path)
+
+
+@pytest.mark.parametrize("out", ["p.png", "p.npz"])
+def test_save_hand_keeps_the_first_line_as_a_prime_file_for_later_texts(files, tmp_path, spy, capsys, out):
+    """--save-hand: the first line written (not its prime) becomes a prime file, exactly the line drawn (or saved),
+    read back as it is (not rescaled as a hand's own strokes are); a later text is primed with it; a line that did not
+    finish is not saved (exit status 1), and a short one is saved with a warning."""
+    paced = {**files, "synthesis": paced_checkpoint(tmp_path / "paced.pt", files, 0.5)}
+    hand, strokes = tmp_path / "hand.json", tmp_path / ("lines.npz" if out == "p.png" else out)
+    save = ["--save-strokes", str(strokes)] if out == "p.png" else []
+    assert run(paced, "synthesis", tmp_path / out, "--text", "hi there\nab", "--save-hand", str(hand), *save) == 0
     data = json.loads(hand.read_text())
     _, texts, lines = utils.load_strokes(strokes)
-    assert data["text"] == texts[0] == "hi there" and "--seed 1," in data["source"]
+    assert data["text"] == texts[0] == "hi there" and "--seed 1," in data["source"] and data["data_units"]
     ink = np.concatenate(data["strokes"]) * [1, -1]                     # screen coordinates: y down
     np.testing.assert_allclose(ink, np.cumsum(lines[0][:, :2], axis=0), atol=0.006)
     assert [len(s) for s in data["strokes"]] == np.diff(np.r_[0, np.flatnonzero(lines[0][:, 2]) + 1]).tolist()
-    assert ("did not finish its text: it makes a poor prime" in capsys.readouterr().err) == (not results[0]["finished"][0])
+    text, offsets = utils.load_prime_file(hand)                         # as it was written
+    np.testing.assert_allclose(offsets[1:], lines[0][1:], atol=0.011)
+    said = capsys.readouterr()
+    assert "writes in its hand" in said.out and "is 8 characters long: a line of 25-40" in said.err
     spy.clear()
     assert run(files, "synthesis", tmp_path / "q.png", "--text", "new", "--prime-file", str(hand)) == 0
     assert "".join(CHARS[i - 1] for i in spy[0]["text"][0] if i > 0) == "hi there new"
+    stalled = {**files, "synthesis": paced_checkpoint(tmp_path / "stalled.pt", files, 1e-13)}
+    hand.unlink()
+    assert run(stalled, "synthesis", tmp_path / out, "--text", "hi there", "--save-hand", str(hand), "--retries", "0") == 1
+    assert "did not finish its text, so it was not saved as a hand" in capsys.readouterr().err and not hand.exists()
 
 
 def test_prediction_primed_with_a_style(files, tmp_path, spy):
@@ -336,7 +354,10 @@ def errors(files, tmp_path):
         (syn + ["--text", "ab", "--out", str(tmp_path / "x.npz"), "--view", "eos"], "--view is for pictures"),
         (syn + ["--text", "ab", "--out", str(tmp_path / "x.npz"), "--show-prime"], "--show-prime is for pictures"),
         (syn + ["--text", "ab", "--out", str(tmp_path / "x.npz"), "--align", "right"], "--align is for pictures"),
-        (syn + ["--text", "ab", "--out", str(tmp_path / "x.npz"), "--save-hand", "h.json"], "--save-hand is for pictures"),
+        (syn + ["--text", "ab", "--save-hand", ""], "--save-hand"),
+        (syn + ["--text", "ab", "--out", str(tmp_path / ("x" * 300 + ".png"))], "cannot write "),   # name too long
+        (syn + ["--text", "ab", "--prime-file", files["prime"], "--save-hand", files["prime"]],
+         "is a file this run reads (--prime-file or --styles)"),
         (syn + ["--text", "ab", "--save-hand", str(tmp_path / "h.png")], "--save-hand"),
         (["--task", "prediction", "--checkpoint", files["prediction"], "--save-hand", str(tmp_path / "h.json")],
          "--save-hand needs --task synthesis"),
