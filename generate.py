@@ -36,7 +36,7 @@ MAX_PAGES = 10              # pages of one run (a longer text: several runs, or 
 MAX_FILE_LINES = 100_000    # lines of an .npz strokes file, counting every sample (~2 GB of offsets held in memory)
 DEFAULT_STEPS = 700         # points per line for --task prediction (IAM-OnDB median: 620)
 MAX_STEPS = 5000            # at most, for --task prediction
-SHORT_HAND = 15             # --save-hand warns below this many characters (5 read at CER 0.11, 41 at 0.05)
+SHORT_HAND = 15             # --save-hand warns below this many characters: a short line shows little of a hand
 
 
 class GenerateError(Exception):
