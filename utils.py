@@ -605,12 +605,6 @@ def load_prime_file(path, styles_path=None):
         strokes = [s * [1, -1] for s in strokes]              # screen coordinates -> y up, as in the data
     if not isinstance(data.get("data_units", False), bool):
         raise ValueError(f"--prime-file {path}: \"data_units\" must be true or false")
-    if data.get("data_units", False):                           # a line the model wrote (--save-hand): used as it is
-        n = sum(len(s) for s in strokes)
-        if n > MAX_PRIME_POINTS:
-            raise ValueError(f"--prime-file {path} is too long ({n} points, at most {MAX_PRIME_POINTS}); use one line "
-                             f"of handwriting")
-        return " ".join(data["text"].split()), _stroke_offsets(strokes)
     points = np.concatenate(strokes)
     with np.errstate(over="ignore", invalid="ignore"):
         height = np.percentile(points[:, 1], 95) - np.percentile(points[:, 1], 5)
@@ -623,27 +617,24 @@ def load_prime_file(path, styles_path=None):
     if not height / 50 <= width <= 200 * height:                # a line of handwriting is some characters wide
         raise ValueError(f"--prime-file {path}: the strokes are {width / height:.3g} times as wide as high; give one "
                          f"line of handwriting")
-    strokes = [respace_stroke(s * (ref["height"] / height), ref["step"]) for s in strokes]
+    # a line the model wrote (--save-hand, data_units) keeps its size; every line gets the data's point spacing
+    scale = 1.0 if data.get("data_units", False) else ref["height"] / height
+    strokes = [respace_stroke(s * scale, ref["step"]) for s in strokes]
     points = np.concatenate(strokes)
     if len(points) > MAX_PRIME_POINTS:
         raise ValueError(f"--prime-file {path} is too long ({len(points)} points after resampling, at most "
                          f"{MAX_PRIME_POINTS}); use one line of handwriting")
-    return " ".join(data["text"].split()), _stroke_offsets(strokes)
-
-
-def _stroke_offsets(strokes):
-    """Strokes (lists of (n, 2) points) -> raw offsets (T, 3) of one line, its first point (0, 0)."""
-    points = np.concatenate(strokes)
     offsets = np.zeros((len(points), 3))
     offsets[1:, :2] = np.diff(points, axis=0)
     offsets[np.cumsum([len(s) for s in strokes]) - 1, 2] = 1
-    return offsets
+    return " ".join(data["text"].split()), offsets
 
 
 def save_prime_file(path, text, offsets, source=None):
     """A written line as a --prime-file: JSON {"text", "strokes", "data_units": true} (load_prime_file's format,
-    screen coordinates, y down, in the data's units: read back as they are, not rescaled and resampled as a hand's
-    own strokes are) from its raw offsets (T, 3), so that later texts are written in the same hand. Written atomically."""
+    screen coordinates, y down, in the data's units: read back at its size, not scaled to a reference height as a
+    hand's own strokes are) from its raw offsets (T, 3), so that later texts are written in the same hand. Written
+    atomically."""
     strokes = [[[round(float(x), 2) or 0.0, round(-float(y), 2) or 0.0] for x, y in part]   # or: no -0.0
                for part in offsets_to_strokes(offsets)]
     data = {"text": text, "strokes": strokes, "data_units": True, **({"source": source} if source else {})}
