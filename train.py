@@ -270,8 +270,11 @@ def train(args):
                 atomic_write(rows_path, write_rows)
         # the training flags come from this command line, not the checkpoint: name those that changed
         before = ckpt.get("train_args", {})
-        def same(k, was, now):   # --data DIR and --data DIR/iam_ondb.npz name the same file
-            return os.path.realpath(prepared_file(was)) == os.path.realpath(prepared_file(now)) if k == "data" else was == now
+        def same(k, was, now):   # --data DIR and DIR/iam_ondb.npz are one file; a path typed elsewhere cannot be told
+            if k != "data" or was == now:
+                return was == now
+            was, now = prepared_file(was), prepared_file(now)
+            return not was.exists() or (now.exists() and os.path.samefile(was, now))
         changed = [f"--{k.replace('_', '-')} {getattr(args, k)} (was {before[k]})" for k in RESUME_FLAGS
                    if k in before and not same(k, before[k], getattr(args, k))]
         if changed:

@@ -360,6 +360,13 @@ def test_resume_names_the_training_flags_given_otherwise(tiny_prepared, tmp_path
     out = capsys.readouterr().out
     assert ("note: flags that differ from the run's: --lr 0.002 (was 0.001), --max-steps 30 (was 2), --tbptt 25 "
             "(was 20);") in out
+    last = torch.load(tmp_path / "last.pt", weights_only=True)   # a run started in another folder: its relative
+    last["train_args"]["data"] = "elsewhere/processed"           # --data cannot be found from here, so is not named
+    torch.save(last, tmp_path / "last.pt")
+    run_train(tiny_prepared, tmp_path, "--max-steps", "34", "--eval-interval", "2", "--resume", "auto",
+              "--lr", "0.002", task="prediction")
+    out = capsys.readouterr().out
+    assert "note: flags that differ from the run's: --max-steps 34 (was 30);" in out and "--data" not in out
     ckpt = torch.load(tmp_path / "last.pt", weights_only=True)              # a run at its --max-steps: nothing to do
     step, epoch = ckpt["step"], ckpt["run"]["epoch"]
     before = {f: (tmp_path / f).stat().st_mtime_ns for f in ("last.pt", "best.pt", "metrics.jsonl")}
