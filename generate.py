@@ -15,6 +15,7 @@ Errors are one line on stderr and a non-zero exit.
 import argparse
 import math
 import os
+import shlex
 import signal
 import sys
 import textwrap
@@ -155,7 +156,8 @@ def check_output(path, formats, flag):
         fail(f"{flag} {path}: unsupported extension '{ext or '(none)'}'; use {', '.join(formats)}")
     folder = os.path.dirname(path)
     if folder and not os.path.isdir(folder):
-        fail(f"{flag} {path}: the folder {folder} does not exist; create it or choose another path")
+        fail(f"{flag} {path}: {folder} is a file, not a folder; choose another path" if os.path.exists(folder) else
+             f"{flag} {path}: the folder {folder} does not exist; create it or choose another path")
     return ext
 
 
@@ -547,7 +549,8 @@ def save_hand(args, ckpt, seed, text, offsets, finished):
               f" --prime-file {args.prime_file}" if args.prime_file else "")
     utils.save_prime_file(args.save_hand, text, offsets, source=f"generate.py --bias {args.bias} --seed {seed}{primed}, "
                                                                 f"model step {ckpt.get('step')}")
-    utils.say(f"wrote {args.save_hand} (the first line as a prime file: --prime-file {args.save_hand} writes in its hand)")
+    utils.say(f"wrote {args.save_hand} (the first line as a prime file: --prime-file {shlex.quote(args.save_hand)} "
+              f"writes in its hand)")
     if len(text) < SHORT_HAND:
         print(f"generate.py: warning: the hand saved is {len(text)} characters long: a line of 25-40 gives the network "
               f"more of the hand to go on", file=sys.stderr)

@@ -379,6 +379,7 @@ def errors(files, tmp_path):
         (syn + ["--text", "ab", "--style", "2"], "--style 2 does not exist"),
         (syn[:2] + ["--text", "ab", "--style", "0", "--styles", str(d / "none.json")], "no styles file"),
         (syn + ["--text", "ab", "--out", str(tmp_path / "no" / "x.png")], "does not exist; create it"),
+        (syn + ["--text", "ab", "--out", str(Path(files["prime"]) / "x.png")], "is a file, not a folder"),
         (syn + ["--text", "ab", "--out", str(tmp_path / "x.jpg")], "unsupported extension '.jpg'"),
         (syn + ["--text", "ab", "--plot-attention", str(tmp_path / "a.gif")], "unsupported extension '.gif'"),
         (syn + ["--text", "ab", "--color", "sparkly"], "is not a colour"),
