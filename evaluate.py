@@ -162,10 +162,11 @@ def legibility(args, device):
         print(f"evaluate.py: warning: {long} prompt(s) longer than {MAX_LINE_CHARS} characters, the longest line the "
               f"model saw: expect them less legible", file=sys.stderr)
     prime_text = alphabet.plain(prime_text or "")
-    if alphabet.unknown(prime_text):
+    missing = alphabet.unknown(prime_text)
+    if missing:
         sys.exit(f"error: style {args.style}'s text uses characters this model lacks; choose another --style"
                  if args.style is not None else f"error: --prime-file {args.prime_file}'s text uses characters this "
-                                                f"model lacks: {' '.join(map(repr, alphabet.unknown(prime_text)))}")
+                                                f"model lacks: {' '.join(map(repr, missing))}")
     # priming: "style text" + " " + prompt, the style's strokes fed first; the cap and retries count the prompt only
     prime = None if prime_offsets is None else prime_strokes(prime_offsets, ckpt["mean"], ckpt["std"])
     lead = f"{prime_text} " if prime is not None else ""

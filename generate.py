@@ -249,8 +249,9 @@ def prepare_lines(text, chars, max_chars, drop_unknown):
     wrapped at word boundaries (a longer word stays whole, up to MAX_LINE_CHARS). Blank lines are kept ('' = an empty
     row). Returns (lines, dropped chars)."""
     from dataset import Alphabet
-    known, text = set(chars), Alphabet(chars).plain(text)
-    unknown = list(dict.fromkeys(c for c in text if c not in known and c not in "\n\r "))   # in order of appearance
+    alphabet = Alphabet(chars)
+    text = alphabet.plain(text)
+    unknown = [c for c in alphabet.unknown(text) if c not in "\n\r "]          # in order of appearance
     if unknown and not drop_unknown:
         shown = " ".join(repr(c) for c in unknown)
         fail(f"characters not in the model's alphabet: {shown}; remove them or pass --drop-unknown")
@@ -378,7 +379,7 @@ def generate(args):
                   file=sys.stderr)
         if prime_text is not None:
             prime_text = alphabet.plain(prime_text)                           # curly quotes from a phone's keyboard
-            missing = sorted({c for c in prime_text if c not in alphabet.chars})
+            missing = sorted(alphabet.unknown(prime_text))
             if missing:
                 fail(f"the priming text uses characters this model lacks: {' '.join(map(repr, missing))}; "
                      + ("choose another --style" if args.style is not None

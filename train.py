@@ -270,6 +270,7 @@ def train(args):
                 atomic_write(rows_path, write_rows)
         # the training flags come from this command line, not the checkpoint: name those that changed
         before = ckpt.get("train_args", {})
+
         def same(k, was, now):   # --data DIR and DIR/iam_ondb.npz are one file; a path typed elsewhere cannot be told
             if k != "data" or was == now:
                 return was == now
