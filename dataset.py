@@ -13,7 +13,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-SPLITS = ("train", "valid", "test")               # split codes 0, 1, 2 in the prepared file
+from utils import SPLITS
+
 KEYS = ("offsets", "eos", "line_starts", "texts", "line_ids", "writer_ids", "split", "mean", "std", "alphabet", "meta")
 POOL_BATCHES = 50                                 # bucketing sorts by length inside random pools of 50 batches
 

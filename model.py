@@ -228,7 +228,7 @@ class HandwritingModel(nn.Module):
     def forward(self, x, text=None, state=None, return_phi=False):
         """x: (B, T, 3) input points; text: (B, U) ids (synthesis); state: from the previous chunk or None.
         Returns y (B, T, 1 + 6M), the new State, and if return_phi the window weights phi (B, T, U + 1)
-        (the last column is position U, just past the text, used by the stopping rule)."""
+        (column u = text length, just past a line's own text, is the stopping rule's; U is the longest line's length)."""
         if state is None:
             state = self.initial_state(x.shape[0], x.device)
         hs, h_new, c_new, phi = [], [], [], None
@@ -314,18 +314,18 @@ class HandwritingModel(nn.Module):
 
     def _step(self, x, state, weights, onehot=None, u=None):
         """One sampling step, the same maths as forward() with T = 1: x (B, 3) -> y (B, 1 + 6M), State, phi (B, U + 1)."""
-        layers, window_wt, mdn_wt = weights
+        layers, window_W, mdn_W = weights  # W: a layer's weights transposed
         h, c, kappa, w, phi = list(state.h), list(state.c), state.kappa, state.window, None
         if self.synthesis:
-            wt, b = layers[0]
-            h[0], c[0] = lstm_cell(torch.addmm(b, torch.cat([x, w, h[0]], dim=-1), wt), c[0])
-            kappa, phi, w = self._window(torch.addmm(self.window.bias, h[0], window_wt), kappa, u, onehot)
+            W, b = layers[0]
+            h[0], c[0] = lstm_cell(torch.addmm(b, torch.cat([x, w, h[0]], dim=-1), W), c[0])
+            kappa, phi, w = self._window(torch.addmm(self.window.bias, h[0], window_W), kappa, u, onehot)
             x = torch.cat([x, w], dim=-1)                                         # skip input of the layers above
         for n in range(len(layers) - len(self.rnns), len(layers)):
-            wt, b = layers[n]
+            W, b = layers[n]
             inp = torch.cat([x, h[n - 1], h[n]] if n > 0 else [x, h[n]], dim=-1)  # h[n - 1] is already step t's
-            h[n], c[n] = lstm_cell(torch.addmm(b, inp, wt), c[n])
-        y = torch.addmm(self.mdn.bias, torch.cat(h, dim=-1), mdn_wt)
+            h[n], c[n] = lstm_cell(torch.addmm(b, inp, W), c[n])
+        y = torch.addmm(self.mdn.bias, torch.cat(h, dim=-1), mdn_W)
         return y, State(h, c, kappa, w), phi
 
     def sample(self, text=None, steps=None, bias=0.0, prime=None, generator=None, batch_size=None,
@@ -357,9 +357,13 @@ class HandwritingModel(nn.Module):
         # so callers may edit them in place.
         self._check_sample_args(text, steps, bias, prime, generator, batch_size, max_steps_per_char, retries,
                                 retry_above, prime_chars)
-        with torch.no_grad(), torch.inference_mode(self.mdn.weight.device.type == "cpu"):
-            result = self._sample(text, steps, bias, prime, generator, batch_size, max_steps_per_char, record, retries,
-                                  retry_above, cuda_graph, prime_chars)
+        training = self.training                        # sampling is evaluation: no dropout on the prime either
+        try:
+            with torch.no_grad(), torch.inference_mode(self.mdn.weight.device.type == "cpu"):
+                result = self.eval()._sample(text, steps, bias, prime, generator, batch_size, max_steps_per_char, record,
+                                             retries, retry_above, cuda_graph, prime_chars)
+        finally:
+            self.train(training)
         return {k: v.clone() if v.is_inference() else v for k, v in result.items()}
 
     def _check_sample_args(self, text, steps, bias, prime, generator, batch_size, max_steps_per_char, retries,
@@ -450,7 +454,7 @@ class HandwritingModel(nn.Module):
                 if self.synthesis:
                     phis.append(phi)
             if self.synthesis:
-                # stopping rule (section 5.1), tested for a block of steps at once (one host sync): a line ends at the
+                # stopping rule (section 5.3), tested for a block of steps at once (one host sync): a line ends at the
                 # first step where phi at position U exceeds phi at every character position
                 end_phi = phi.gather(2, text_len[:, None, None].expand(-1, n, 1)).squeeze(2)
                 past = end_phi > phi.masked_fill(~inside[:, None], -1.0).amax(dim=2)   # (B, n)

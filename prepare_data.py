@@ -31,12 +31,11 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from utils import OneLineParser, at_least, atomic_write, plot_lines
+from utils import SPLITS, OneLineParser, at_least, atomic_write, plot_lines
 
 VERSION = 1
 DOWNLOAD = ("download lineStrokes-all.tar.gz and ascii-all.tar.gz (free registration) from "
             "https://fki.tic.heia-fr.ch/databases/iam-on-line-handwriting-database into {raw}/")   # .format(raw=...)
-SPLITS = ("train", "valid", "test")              # split codes 0, 1, 2 in the npz
 VALID_FRACTION = TEST_FRACTION = 0.10            # of the kept lines, whole writers at a time
 SPLIT_SEED = "iam-ondb-split-v1"                 # writers are ordered by sha1(seed + writer id)
 PLACEHOLDER = re.compile(r"please enter transcription here|%%%", re.IGNORECASE)

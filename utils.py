@@ -14,6 +14,7 @@ from contextlib import contextmanager
 
 import numpy as np
 
+SPLITS = ("train", "valid", "test")   # split codes 0, 1, 2 in the prepared file (prepare_data.py writes, dataset.py reads)
 MAX_LINE_CHARS = 64   # the longest line of IAM-OnDB's transcriptions: longer lines are outside what the models saw
 
 # -----------------------------------------------------------------------------

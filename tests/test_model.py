@@ -181,9 +181,11 @@ def test_window_moves_forward_and_masks_padding():
         _, s = model(x[:, t:t + 1], text, s)
         assert (s.kappa > prev).all()
         prev = s.kappa
-    # the window vector has no mass on padded characters: line 0 has only 3 real characters
-    onehot = model.one_hot(text)
-    assert onehot[0, 3:].abs().sum() == 0 and onehot[0, :3].sum() == 3
+    # padding changes nothing: line 0 (3 real characters, padded to 5) gives what it gives alone, unpadded
+    y, state = model(x, text)
+    y0, state0 = model(x[:1], text[:1, :3])
+    assert torch.allclose(y[:1], y0, atol=1e-12) and torch.allclose(state.window[:1], state0.window, atol=1e-12)
+    assert torch.allclose(state.kappa[:1], state0.kappa, atol=1e-12)
 
 
 @pytest.mark.parametrize("task", ["prediction", "synthesis"])
@@ -275,6 +277,27 @@ def test_biased_sampling_formulas():
     assert torch.allclose(mix.log_sigma1.exp(), torch.exp(s1 - b), atol=1e-6)
 
 
+@pytest.mark.parametrize("b", [0.0, 1.0])
+def test_sample_point_draws_from_the_mixture(b):
+    """_sample_point against the mixture it samples (eq. 18-22, biased by eq. 61-62): three components 5+ sigma apart,
+    so each draw's component is known; its frequency, mean, standard deviations and correlation, and the pen lifts."""
+    M, n = 3, 60_000
+    pi_hat, mu1, mu2 = torch.tensor([0.2, 1.0, -0.3]), torch.tensor([-20.0, 0.0, 20.0]), torch.tensor([5.0, -5.0, 0.0])
+    s_hat, rho_hat = torch.tensor([0.0, 0.3, -0.2]) + b, torch.tensor([0.0, 1.0, -0.6])   # sigma = exp(s_hat - b)
+    y = torch.cat([torch.tensor([0.4]), pi_hat, mu1, mu2, s_hat, s_hat - 0.2, rho_hat]).double().expand(n, 1 + 6 * M)
+    x = HandwritingModel._sample_point(mixture_params(y, bias=b), torch.Generator().manual_seed(0))
+    j = torch.bucketize(x[:, 0], torch.tensor([-10.0, 10.0], dtype=torch.double))        # the component of each draw
+    pi = torch.softmax(pi_hat * (1 + b), 0)
+    assert torch.allclose(torch.bincount(j, minlength=M).double() / n, pi.double(), atol=0.01)
+    for k in range(M):
+        d = x[j == k, :2]
+        sd1, sd2 = math.exp(s_hat[k] - b), math.exp(s_hat[k] - 0.2 - b)
+        assert torch.allclose(d.mean(0), torch.tensor([mu1[k], mu2[k]], dtype=torch.double), atol=0.05 * sd1 + 0.02)
+        assert torch.allclose(d.std(0), torch.tensor([sd1, sd2], dtype=torch.double), rtol=0.05)
+        assert abs(torch.corrcoef(d.T)[0, 1] - math.tanh(rho_hat[k])) < 0.04
+    assert abs(x[:, 2].mean() - torch.sigmoid(torch.tensor(0.4))) < 0.01   # eos: P(lift) = sigmoid(e_hat)
+
+
 def test_teacher_forcing_start_token():
     strokes = torch.randn(2, 6, 3)
     mask = torch.ones(2, 6, dtype=torch.bool)
@@ -347,6 +370,18 @@ def test_sampling_stops_when_window_passes_the_text():
     r = model.sample(text, generator=torch.Generator().manual_seed(0), max_steps_per_char=3)
     assert not r["finished"].any() and r["lengths"].tolist() == [3 * 6 + 1, 3 * 2 + 1]
     assert r["strokes"][1, 3 * 2 + 1:].abs().sum() == 0
+
+
+def test_sampling_in_training_mode_is_sampling_in_evaluation_mode():
+    """sample() is evaluation even on a model left in training mode: no dropout on the prime's forward pass either,
+    and the model's mode is left as it was."""
+    model = tiny("synthesis", dropout=0.5).float()
+    text, prime = torch.tensor([[1, 2, 3, 4]]), torch.randn(9, 3)
+    prime[:, 2] = (prime[:, 2] > 1).float()
+    kw = dict(prime=prime, prime_chars=2, max_steps_per_char=5, record=True)
+    r_eval = model.eval().sample(text, generator=torch.Generator().manual_seed(0), **kw)
+    r_train = model.train().sample(text, generator=torch.Generator().manual_seed(0), **kw)
+    assert model.training and torch.equal(r_train["mixture"], r_eval["mixture"])
 
 
 def test_primed_lines_count_only_the_new_characters():
