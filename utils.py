@@ -131,12 +131,15 @@ class Page:
         self.shrunk = shrunk                                     # drawn smaller than line_height asked (max_side)
 
 
-def row_pitch(lines, spacing=1.4):
-    """Raw units between rows for these PageLines (None = blank row): `spacing` x the tallest 5-95 % y range."""
+def row_pitch(lines, spacing=1.4, height=None):
+    """Raw units between rows for these PageLines (None = blank row): `spacing` x the tallest 5-95 % y range, and at
+    least `spacing` x height (default: a typical IAM-OnDB line's, PRIME_REFERENCE; 0: none), so that the size of the
+    writing does not depend on the text: a line without tall letters or of punctuation alone is not blown up."""
     points = [np.cumsum(ln.offsets[:, :2], axis=0) for ln in lines if ln is not None and len(ln.offsets)]
     if not points:
         raise ValueError("nothing to draw")
-    pitch = spacing * max(np.subtract(*np.percentile(p[:, 1], [95, 5])) for p in points)
+    height = PRIME_REFERENCE["height"] if height is None else height
+    pitch = spacing * max(height, *(np.subtract(*np.percentile(p[:, 1], [95, 5])) for p in points))
     return pitch if pitch > 0 else max(np.ptp(p, axis=0).max() for p in points) or 1.0
 
 

@@ -470,6 +470,25 @@ def test_density_map_follows_each_drawn_line_past_blank_rows():
         assert heat[max(y0 - 3, 0):y1 + 4, max(x0 - 3, 0):x1 + 4].sum() > 0
 
 
+def test_the_size_of_the_writing_does_not_depend_on_the_text():
+    """Rows are at least a typical IAM-OnDB line apart (1.4 x its 5-95 % height): a line without tall letters, or a
+    dash, is drawn at the size it is written at beside any other, not blown up to fill the row; a line taller than
+    that still gets a row of its own height (no overlap)."""
+    def zigzag(n, height):                                  # n points, y alternating over `height` board units
+        off = np.zeros((n, 3))
+        off[:, 0], off[1:, 1] = 15.0, height * (-1.0) ** np.arange(1, n)
+        return off
+    ref, line_height = utils.PRIME_REFERENCE["height"], 100
+    flat, dash, tall = zigzag(30, 0.4 * ref), zigzag(4, 0.0), zigzag(30, 2 * ref)
+    alone = utils.layout_page([utils.PageLine(flat)], line_height=line_height)
+    assert alone.scale == pytest.approx(line_height / (1.4 * ref))
+    for others in ([dash], [flat * [1, 0.5, 1]]):
+        assert utils.layout_page([utils.PageLine(o) for o in [flat, *others]], line_height=line_height).scale == alone.scale
+    assert utils.layout_page([utils.PageLine(dash)], line_height=line_height).scale == alone.scale
+    both = utils.layout_page([utils.PageLine(flat), utils.PageLine(tall)], line_height=line_height)
+    assert both.scale == pytest.approx(line_height / (1.4 * 2 * ref))
+
+
 def test_align_centres_or_right_aligns_each_row_on_the_widest(files, tmp_path, monkeypatch):
     """--align center / right: every row's ink has the same middle / right edge as the widest row's, at the same
     height and scale as left-aligned; blank rows stay blank."""
