@@ -23,7 +23,7 @@ import time
 
 # numpy only; torch is imported after the fast checks
 from utils import (ALIGNS, MAX_LINE_CHARS, VIEWS, OneLineParser, at_least, checkpoint_norm, finite_float, ink_rgb,
-                   load_prime)
+                   is_prepared_file, load_prime, load_prime_file)
 
 HERE = os.path.dirname(os.path.abspath(__file__))   # shipped files are found wherever the command runs from
 DEFAULT_CHECKPOINTS = {"synthesis": "checkpoints/synthesis.pt", "prediction": "checkpoints/prediction.pt"}
@@ -148,7 +148,9 @@ def shipped(path):
 
 ### checks that need no model (fast, before torch is imported)
 
-def check_output(path, formats, flag):
+def check_output(path, formats, flag, reads=()):
+    """The extension of an output path (one of formats), after checking that it can be written, before any sampling:
+    its folder exists, it is not a file this run reads (reads: input paths) nor a prepared IAM-OnDB file."""
     if os.path.isdir(path):
         fail(f"{flag} {path} is a folder; give a file name, e.g. {os.path.join(path, 'out' + formats[0])}")
     ext = os.path.splitext(path)[1].lower()
@@ -158,6 +160,26 @@ def check_output(path, formats, flag):
     if folder and not os.path.isdir(folder):
         fail(f"{flag} {path}: {folder} is a file, not a folder; choose another path" if os.path.exists(folder) else
              f"{flag} {path}: the folder {folder} does not exist; create it or choose another path")
+    if os.path.isfile(path):
+        if any(os.path.isfile(f) and os.path.samefile(path, f) for f in reads if f):
+            fail(f"{flag} {path} is a file this run reads; give another file")
+        if ext == ".npz" and is_prepared_file(path):
+            fail(f"{flag} {path} is a prepared IAM-OnDB file (prepare_data.py), not to be written over; give another file")
+        if ext == ".json":                               # --save-hand writes over an earlier hand, nothing else
+            try:
+                load_prime_file(path)
+            except ValueError:
+                fail(f"{flag} {path} exists and is not a prime file (a styles file?), not to be written over; "
+                     f"give another file")
+    probe = f"{path}.tmp"                                # where utils.atomic_write will write first
+    try:
+        with open(probe, "xb"):
+            pass
+        os.remove(probe)
+    except FileExistsError:                              # left by an interrupted run: written over then
+        pass
+    except OSError as e:
+        fail(f"{flag} {path} cannot be written: {e.strerror or e}; choose another path")
     return ext
 
 
@@ -192,7 +214,9 @@ def check_args(args):
     if args.out is None:
         args.out = DEFAULT_OUT
         os.makedirs(os.path.dirname(DEFAULT_OUT), exist_ok=True)
-    args.format = check_output(args.out, FORMATS, "--out")
+    reads = (args.checkpoint, args.prime_file, args.styles if args.style is not None else None,
+             args.text_file if args.text_file != "-" else None)
+    args.format = check_output(args.out, FORMATS, "--out", reads)
     most = MAX_FILE_LINES if args.format == ".npz" else (MAX_ROWS + 1) // 2      # a page: a blank row between samples
     if not 1 <= args.num_samples <= most:
         fail(f"--num-samples must be between 1 and {most}"
@@ -207,15 +231,13 @@ def check_args(args):
     if args.plot_attention:
         if args.task != "synthesis":
             fail("--plot-attention needs --task synthesis (the prediction network has no window)")
-        check_output(args.plot_attention, PLOT_FORMATS, "--plot-attention")
+        check_output(args.plot_attention, PLOT_FORMATS, "--plot-attention", reads)
     if args.save_strokes:
-        check_output(args.save_strokes, (".npz",), "--save-strokes")
+        check_output(args.save_strokes, (".npz",), "--save-strokes", reads)
     if args.save_hand is not None:
         if args.task != "synthesis":
             fail("--save-hand needs --task synthesis (a prime file holds a line and its text)")
-        check_output(args.save_hand, (".json",), "--save-hand")
-        if os.path.abspath(args.save_hand) in {os.path.abspath(f) for f in (args.prime_file, args.styles) if f}:
-            fail(f"--save-hand {args.save_hand} is a file this run reads (--prime-file or --styles); give another file")
+        check_output(args.save_hand, (".json",), "--save-hand", reads)
     if args.task == "prediction" and (args.text is not None or args.text_file):
         fail("--text/--text-file are for --task synthesis; the prediction network writes without text (see --steps)")
     if args.show_prime and args.style is None and not args.prime_file:
@@ -651,7 +673,8 @@ def main(argv=None):
         quiet_broken_pipe()
         return 0
     except OSError as e:                                # a file that cannot be written (name too long, disk full)
-        print(f"generate.py: error: cannot write {e.filename or ''}: {e.strerror or e}", file=sys.stderr)
+        name = str(e.filename or "").removesuffix(".tmp")  # utils.atomic_write's temp file: name the user's path
+        print(f"generate.py: error: cannot write {name}: {e.strerror or e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("generate.py: interrupted", file=sys.stderr)

@@ -76,6 +76,15 @@ def save_strokes(path, lines, texts, line_ids=None, **per_line):
     atomic_write(path, write)
 
 
+def is_prepared_file(path):
+    """Whether path is prepare_data.py's npz (it has a split and an alphabet; a strokes file has neither)."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            return {"split.npy", "alphabet.npy"} <= set(z.namelist())
+    except (OSError, zipfile.BadZipFile):
+        return False
+
+
 def load_strokes(path, per_line=False):
     """Read a strokes npz (save_strokes, or prepare_data.py's file, which has the same keys) ->
     (line ids, texts, [raw offsets (T_i, 3) float32, ...]), and with per_line=True also a dict of the file's other

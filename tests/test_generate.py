@@ -338,6 +338,7 @@ def errors(files, tmp_path):
     (d / "yup.json").write_text(json.dumps({"text": "ab", "strokes": [s.tolist() for s in loops("ab")], "y_up": "yes"}))
     (d / "euro.json").write_text(json.dumps({"text": "\u20ac5", "strokes": [s.tolist() for s in loops("ab")]}))
     torch.save({"weights": torch.zeros(3)}, d / "dict.pt")
+    np.savez(d / "prepared.npz", split=np.zeros(1), alphabet=np.array("ab"))          # prepare_data.py's keys
     style = {"text": "ab", "offsets": to_offsets(loops("ab")).tolist()}
     (d / "text5.json").write_text(json.dumps({"styles": [{**style, "text": 5}]}))
     (d / "nan.json").write_text(json.dumps({"styles": [{**style, "offsets": [[0, 0, 0], [1, float("nan"), 1]]}]}))
@@ -357,9 +358,12 @@ def errors(files, tmp_path):
         (syn + ["--text", "ab", "--out", str(tmp_path / "x.npz"), "--show-prime"], "--show-prime is for pictures"),
         (syn + ["--text", "ab", "--out", str(tmp_path / "x.npz"), "--align", "right"], "--align is for pictures"),
         (syn + ["--text", "ab", "--save-hand", ""], "--save-hand"),
-        (syn + ["--text", "ab", "--out", str(tmp_path / ("x" * 300 + ".png"))], "cannot write "),   # name too long
-        (syn + ["--text", "ab", "--prime-file", files["prime"], "--save-hand", files["prime"]],
-         "is a file this run reads (--prime-file or --styles)"),
+        (syn + ["--text", "ab", "--out", str(tmp_path / ("x" * 300 + ".png"))], "cannot be written"),   # name too long
+        (syn + ["--text", "ab", "--prime-file", files["prime"], "--save-hand", files["prime"]], "is a file this run reads"),
+        (syn + ["--text", "ab", "--style", "0", "--save-hand", files["styles"]], "is a file this run reads"),
+        (syn + ["--text", "ab", "--save-hand", files["styles"]], "exists and is not a prime file (a styles file?)"),
+        (syn + ["--text", "ab", "--out", str(d / "prepared.npz")], "is a prepared IAM-OnDB file (prepare_data.py)"),
+        (syn + ["--text", "ab", "--save-strokes", str(d / "prepared.npz")], "is a prepared IAM-OnDB file"),
         (syn + ["--text", "ab", "--save-hand", str(tmp_path / "h.png")], "--save-hand"),
         (["--task", "prediction", "--checkpoint", files["prediction"], "--save-hand", str(tmp_path / "h.json")],
          "--save-hand needs --task synthesis"),
@@ -421,6 +425,16 @@ def test_every_error_is_one_line(files, tmp_path, capsys):
         out, err = capsys.readouterr()
         assert message in err and err.count("\n") == 1 and err.startswith("generate.py: error:"), (args, err)
     assert not list(tmp_path.glob("e.png*"))
+
+
+def test_a_write_that_fails_late_is_one_line_naming_the_users_path(files, tmp_path, monkeypatch, capsys):
+    """A disk that fills up while writing (after the checks up front): one line naming --out, not its temp file."""
+    def full(page, path, **style):
+        raise OSError(28, "No space left on device", f"{path}.tmp")
+    monkeypatch.setattr(utils, "save_png", full)
+    assert run(files, "synthesis", tmp_path / "x.png") == 1
+    last = capsys.readouterr().err.splitlines()[-1]          # after any warning about the lines themselves
+    assert last == f"generate.py: error: cannot write {tmp_path / 'x.png'}: No space left on device"
 
 
 def test_missing_default_checkpoint_says_how_to_get_one(files, tmp_path, monkeypatch, capsys):
