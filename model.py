@@ -601,7 +601,34 @@ def load_model(checkpoint, map_location="cpu", expect_task=None, task_flag=True)
         model.load_state_dict({k: v.float() for k, v in checkpoint["model"].items()})
     except RuntimeError as e:
         raise ValueError(f"checkpoint weights do not match its config: {str(e).splitlines()[0]}") from None
+    check_loaded(model, checkpoint)
     return model.eval(), checkpoint
+
+
+def check_loaded(model, checkpoint):
+    """ValueError, one line, for a checkpoint that loads but would write garbage: weights that are not finite (a run
+    that diverged), a damaged normalisation, or a synthesis alphabet that does not fit the model."""
+    bad = next((k for k, v in model.state_dict().items() if not torch.isfinite(v).all()), None)
+    if bad:
+        raise ValueError(f"the checkpoint's weights are not finite ({bad}): the run that wrote it diverged; use an "
+                         f"earlier checkpoint")
+    if "mean" in checkpoint or "std" in checkpoint:
+        try:
+            mean, std = (torch.as_tensor(checkpoint[k], dtype=torch.float64) for k in ("mean", "std"))
+            ok = mean.shape == std.shape == (2,) and bool(mean.isfinite().all() and std.isfinite().all() and (std > 0).all())
+        except (KeyError, TypeError, ValueError, RuntimeError):
+            ok = False
+        if not ok:
+            raise ValueError("the checkpoint's normalisation is damaged ('mean' and 'std' must be two finite numbers "
+                             "each, std > 0); use a checkpoint written by train.py")
+    alphabet = checkpoint.get("alphabet")
+    if model.synthesis and alphabet is not None:
+        if not isinstance(alphabet, str) or len(set(alphabet)) != len(alphabet):
+            raise ValueError("the checkpoint's alphabet is damaged (not a string of distinct characters); use a "
+                             "checkpoint written by train.py")
+        if len(alphabet) != model.config.alphabet_size:
+            raise ValueError(f"its alphabet has {len(alphabet)} characters but the model expects "
+                             f"{model.config.alphabet_size}")
 
 
 @torch.no_grad()

@@ -339,6 +339,12 @@ def errors(files, tmp_path):
     (d / "euro.json").write_text(json.dumps({"text": "\u20ac5", "strokes": [s.tolist() for s in loops("ab")]}))
     torch.save({"weights": torch.zeros(3)}, d / "dict.pt")
     np.savez(d / "prepared.npz", split=np.zeros(1), alphabet=np.array("ab"))          # prepare_data.py's keys
+    good = torch.load(files["synthesis"], weights_only=True)
+    damaged = {"nan": {"model": {k: v * float("nan") if k == "mdn.bias" else v for k, v in good["model"].items()}},
+               "std0": {"std": [0.0, 0.0]}, "meanabc": {"mean": "abc"}, "stdinf": {"std": [1.0, float("inf")]},
+               "repeat": {"alphabet": good["alphabet"][:-1] + good["alphabet"][0]}, "short": {"alphabet": "ab"}}
+    for name, change in damaged.items():
+        torch.save({**good, **change}, d / f"{name}.pt")
     style = {"text": "ab", "offsets": to_offsets(loops("ab")).tolist()}
     (d / "text5.json").write_text(json.dumps({"styles": [{**style, "text": 5}]}))
     (d / "nan.json").write_text(json.dumps({"styles": [{**style, "offsets": [[0, 0, 0], [1, float("nan"), 1]]}]}))
@@ -376,6 +382,11 @@ def errors(files, tmp_path):
         (syn[2:] + ["--text", "ab", "--checkpoint", str(d / "foreign.pt")], "foreign.pt"),
         (syn[2:] + ["--text", "ab", "--checkpoint", str(d / "dict.pt")], "not a handwriting checkpoint"),
         (syn[2:] + ["--text", "ab", "--checkpoint", files["prediction"]], "is a prediction model, not synthesis"),
+        (syn[2:] + ["--text", "ab", "--checkpoint", str(d / "nan.pt")], "weights are not finite (mdn.bias): the run"),
+        *((syn[2:] + ["--text", "ab", "--checkpoint", str(d / f"{name}.pt")], "normalisation is damaged")
+          for name in ("std0", "meanabc", "stdinf")),
+        (syn[2:] + ["--text", "ab", "--checkpoint", str(d / "repeat.pt")], "alphabet is damaged"),
+        (syn[2:] + ["--text", "ab", "--checkpoint", str(d / "short.pt")], "its alphabet has 2 characters but"),
         (["--task", "prediction", "--checkpoint", files["synthesis"]], "is a synthesis model, not prediction"),
         (syn + ["--text", "ab", "--prime-file", str(d / "bad.json")], "is not valid JSON"),
         (syn + ["--text", "ab", "--prime-file", str(d / "shape.json")], "must hold"),
