@@ -34,7 +34,10 @@ from utils import (DTYPES, OneLineParser, WeightAverage, at_least, atomic_write,
 
 # training flags that shape a run: on --resume, those given otherwise than the run's are named
 RESUME_FLAGS = ("data", "optimizer", "lr", "schedule", "warmup", "max_steps", "batch_size", "tbptt", "clip", "dropout",
-                "ema", "augment_scale", "augment_shear", "rare_chars", "max_points", "max_lines", "dtype", "seed")
+                "ema", "augment_scale", "augment_shear", "rare_chars", "max_points", "max_lines", "dtype", "seed",
+                "eval_lines", "recognizer", "legibility_lines", "legibility_bias")
+# ... and those that measure the figure --select-by compares: changed, best.pt's figure is no longer comparable
+MEASURE_FLAGS = {"nll": ("data", "eval_lines"), "cer": ("data", "recognizer", "legibility_lines", "legibility_bias")}
 # the model's size: a checkpoint's config holds it, so on --resume and --init-from these flags may not ask for another
 MODEL_FLAGS = ("hidden_size", "layers", "mixtures", "window_gaussians", "kappa_init")
 
@@ -103,9 +106,10 @@ def get_args(argv=None):
                         "--legibility-lines validation texts and reads them back: val_cer and val_finished in metrics.jsonl")
     p.add_argument("--legibility-lines", type=at_least(1), default=64, help="validation texts written per legibility check")
     p.add_argument("--legibility-bias", type=at_least(0.0), default=1.0, help="sampling bias of the legibility check (section 5.4)")
-    p.add_argument("--select-by", choices=["nll", "cer"], default="nll",
+    p.add_argument("--select-by", choices=["nll", "cer"], default=None,
                    help="which validation figure picks best.pt (and so model.pt): NLL per line, or the legibility "
-                        "check's character error rate (needs --recognizer); the lowest NLL is not always the most legible")
+                        "check's character error rate (needs --recognizer); the lowest NLL is not always the most legible "
+                        "(default: nll, or what the --resume'd run chose by)")
     p.add_argument("--max-bad-steps", type=at_least(1), default=20,
                    help="stop after this many consecutive NaN/Inf losses or gradients (skipped updates; checked after each batch)")
     # system
@@ -216,7 +220,13 @@ def train(args):
                      + ("the flag" if len(asked) == 1 else "these flags")
                      + (" to go on with that run, or train a new model (another --out, no --resume)" if resume
                         else " to fine-tune it"))
+        was = ckpt.get("train_args", {}).get("select_by") or "nll"
+        if resume and args.select_by is None and was == "cer" and not args.recognizer:
+            sys.exit(f"error: {resume} chose best.pt by legibility (--select-by cer): pass --recognizer PATH again (it "
+                     f"was {ckpt['train_args'].get('recognizer')}) to go on, or --select-by nll to choose by NLL from now on")
+        args.select_by = args.select_by or (was if resume else "nll")
     else:
+        args.select_by = args.select_by or "nll"
         config = ModelConfig(task=args.task, **typed,
                              alphabet_size=len(train_set.alphabet.chars) if args.task == "synthesis" else 0)
     config.dropout = args.dropout   # a training setting: the flag wins over a checkpoint's
@@ -279,10 +289,16 @@ def train(args):
         changed = [f"--{k.replace('_', '-')} {getattr(args, k)} (was {before[k]})" for k in RESUME_FLAGS
                    if k in before and not same(k, before[k], getattr(args, k))]
         if changed:
-            log("note: flags that differ from the run's: " + ", ".join(changed) + "; pass them again to go on as it was")
+            log("note: flags that differ from the run's: " + ", ".join(changed) + "; pass the old values again to go on "
+                "as it was")
         best_by = run.best_by or before.get("select_by", "nll")
+        remeasured = [k for k in MEASURE_FLAGS[args.select_by] if k in before and not same(k, before[k], getattr(args, k))]
         if best_by != args.select_by:   # a CER is not comparable with an NLL: best.pt is replaced at the next evaluation
             log(f"--select-by {args.select_by} (the run chose best.pt by {best_by} so far): best figure reset")
+            run.best_val = math.inf
+        elif remeasured:                # nor a figure measured on other lines or otherwise
+            log(f"best figure reset: {args.select_by} is measured otherwise now (--"
+                + ", --".join(k.replace("_", "-") for k in remeasured) + "); best.pt is replaced at the next evaluation")
             run.best_val = math.inf
     elif ckpt:   # --init-from: weights only (float16 files are cast back), a new optimiser and run
         model.load_state_dict({k: v.float() for k, v in ckpt["model"].items()})

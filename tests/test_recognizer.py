@@ -226,7 +226,7 @@ def test_legibility_in_a_style(trained, tiny_prepared, tmp_path, capsys, monkeyp
     assert calls and all(torch.allclose(c["prime"], expected) for c in calls)
 
 
-def test_train_checks_legibility_and_selects_best_by_cer(trained, tiny_prepared, tmp_path):
+def test_train_checks_legibility_and_selects_best_by_cer(trained, tiny_prepared, tmp_path, capsys):
     rec = str(trained / "rec" / "model.pt")
     train.main(["--data", str(tiny_prepared), "--out", str(tmp_path), "--hidden-size", "16", "--mixtures", "2",
                 "--window-gaussians", "2", "--batch-size", "8", "--tbptt", "0", "--no-progress", "--sample-text", "ab",
@@ -261,6 +261,16 @@ def test_train_checks_legibility_and_selects_best_by_cer(trained, tiny_prepared,
                 "--legibility-lines", "4"])
     best = torch.load(tmp_path / "r" / "best.pt", weights_only=True)
     assert best["step"] == 6 and best["run"]["best_by"] == "cer" and best["run"]["best_val"] == best["metrics"]["val_cer"]
+    # resumed without --select-by, the run goes on choosing by CER (given its recognizer), else says how to go on
+    with pytest.raises(SystemExit, match=r"chose best.pt by legibility \(--select-by cer\): pass --recognizer PATH again"):
+        train.main([*common, "--max-steps", "8", "--resume", "auto"])
+    train.main([*common, "--max-steps", "8", "--resume", "auto", "--recognizer", rec, "--legibility-lines", "4"])
+    assert torch.load(tmp_path / "r" / "last.pt", weights_only=True)["run"]["best_by"] == "cer"
+    # a figure measured on other lines is not compared with best.pt's: the next evaluation replaces it
+    train.main([*common, "--max-steps", "10", "--resume", "auto", "--recognizer", rec, "--legibility-lines", "3"])
+    out = capsys.readouterr().out
+    assert "best figure reset: cer is measured otherwise now (--legibility-lines)" in out
+    assert torch.load(tmp_path / "r" / "best.pt", weights_only=True)["step"] == 10
     for args, message in [(["--select-by", "cer"], "needs --recognizer"),
                           (["--task", "prediction", "--recognizer", rec], "needs --task synthesis")]:
         r = subprocess.run([sys.executable, "train.py", "--data", str(tiny_prepared), *args], cwd=ROOT,

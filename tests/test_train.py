@@ -364,9 +364,10 @@ def test_resume_names_the_training_flags_given_otherwise(tiny_prepared, tmp_path
     last["train_args"]["data"] = "elsewhere/processed"           # --data cannot be found from here, so is not named
     torch.save(last, tmp_path / "last.pt")
     run_train(tiny_prepared, tmp_path, "--max-steps", "34", "--eval-interval", "2", "--resume", "auto",
-              "--lr", "0.002", task="prediction")
+              "--lr", "0.002", "--eval-lines", "3", task="prediction")
     out = capsys.readouterr().out
-    assert "note: flags that differ from the run's: --max-steps 34 (was 30);" in out and "--data" not in out
+    assert "note: flags that differ from the run's: --max-steps 34 (was 30), --eval-lines 3 (was 0);" in out
+    assert "--data" not in out and "best figure reset: nll is measured otherwise now (--eval-lines)" in out
     ckpt = torch.load(tmp_path / "last.pt", weights_only=True)              # a run at its --max-steps: nothing to do
     step, epoch = ckpt["step"], ckpt["run"]["epoch"]
     before = {f: (tmp_path / f).stat().st_mtime_ns for f in ("last.pt", "best.pt", "metrics.jsonl")}
