@@ -33,6 +33,12 @@ DEFAULT_CHECKPOINT = "checkpoints/recognizer.pt"
 CKPT = dict(config_key="recognizer_config", writer="recognizer.py train")   # what load_checkpoint expects here
 
 
+SIZE_FLAGS = ("conv_channels", "conv_layers", "kernel_size", "downsample", "hidden_size", "layers", "dropout")
+# training flags that shape a run: on --resume, those given otherwise than the run's are named
+RESUME_FLAGS = ("data", "lr", "warmup", "schedule", "batch_size", "clip", "max_steps", "augment_scale", "augment_shear",
+                "max_points", "max_lines", "eval_lines", "seed")
+
+
 def get_args(argv=None):
     fmt = argparse.ArgumentDefaultsHelpFormatter
     p = OneLineParser(description=__doc__.split("\n\n")[0].strip(), formatter_class=fmt)
@@ -42,14 +48,18 @@ def get_args(argv=None):
     t.add_argument("--data", default="data/processed", help="folder with iam_ondb.npz from prepare_data.py, or the .npz itself")
     t.add_argument("--out", default="checkpoints/recognizer", help="run folder: last.pt, best.pt, model.pt, metrics.jsonl")
     t.add_argument("--resume", default=None, help="checkpoint to resume from (a last.pt); 'auto' = OUT/last.pt if it exists")
-    t.add_argument("--conv-channels", type=at_least(1), default=96, help="channels of the 1-D convolutions")
-    t.add_argument("--conv-layers", type=at_least(1), default=3, help="1-D convolutions before the LSTM")
-    t.add_argument("--kernel-size", type=at_least(1), default=5, help="convolution width in points (odd)")
-    t.add_argument("--downsample", type=at_least(1), default=4, help="points per frame (a power of 2: stride-2 convolutions); "
-                   "a character spans about 21 points and CTC needs at least one frame per character")
-    t.add_argument("--hidden-size", type=at_least(1), default=128, help="LSTM cells per direction")
-    t.add_argument("--layers", type=at_least(1), default=2, help="bidirectional LSTM layers")
-    t.add_argument("--dropout", type=finite_float, default=0.2, help="dropout after the convolutions and between LSTM layers")
+    # the network's size: defaults are RecognizerConfig's; on --resume the checkpoint's, which a typed flag may not
+    # contradict (SUPPRESS: a flag not typed is absent from args)
+    size = lambda flag, kind, what: t.add_argument(flag, type=kind, default=argparse.SUPPRESS, help=what + (
+        f" (default: {getattr(RecognizerConfig, flag[2:].replace('-', '_'))}; with --resume the checkpoint's)"))
+    size("--conv-channels", at_least(1), "channels of the 1-D convolutions")
+    size("--conv-layers", at_least(1), "1-D convolutions before the LSTM")
+    size("--kernel-size", at_least(1), "convolution width in points (odd)")
+    size("--downsample", at_least(1), "points per frame (a power of 2: stride-2 convolutions); a character spans about "
+         "21 points and CTC needs at least one frame per character")
+    size("--hidden-size", at_least(1), "LSTM cells per direction")
+    size("--layers", at_least(1), "bidirectional LSTM layers")
+    size("--dropout", finite_float, "dropout after the convolutions and between LSTM layers")
     t.add_argument("--lr", type=at_least(0.0, exclusive=True), default=2e-3, help="peak learning rate (Adam)")
     t.add_argument("--warmup", type=at_least(0), default=100, help="steps of linear learning-rate warm-up")
     t.add_argument("--schedule", choices=["cosine", "constant"], default="cosine",
@@ -93,8 +103,9 @@ def get_args(argv=None):
 def main(argv=None):
     args = get_args(argv)
     try:
-        {"train": train, "read": read, "evaluate": evaluate}[args.command](args)
+        code = {"train": train, "read": read, "evaluate": evaluate}[args.command](args)
         sys.stdout.flush()                              # here, so that a closed pipe is caught below
+        return code or 0
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")
     except BrokenPipeError:                             # `recognizer.py read ... | head`
@@ -189,20 +200,36 @@ def train(args):
     device = pick_device(args.device)
     train_set = HandwritingDataset(args.data, "train", max_points=args.max_points or None, max_lines=args.max_lines or None)
     valid_set = HandwritingDataset(args.data, "valid", max_lines=args.eval_lines or None)
+    if len(train_set) == 0 and args.max_points and len(HandwritingDataset(args.data, "train", max_lines=1)):
+        raise ValueError(f"no training line has at most --max-points {args.max_points} points; raise it (0 = no limit)")
     if len(train_set) == 0 or len(valid_set) == 0:
         raise ValueError(f"{args.data} has an empty train or valid split; re-run prepare_data.py")
     alphabet = train_set.alphabet
     out = args.out
     resume = resume_path(out, args.resume)
     ckpt = load_checkpoint(resume, **CKPT, flag="--resume") if resume else None
+    typed = {k: getattr(args, k) for k in SIZE_FLAGS if hasattr(args, k)}
     if ckpt:
         config = RecognizerConfig.from_dict(ckpt["recognizer_config"])
         if ckpt["alphabet"] != alphabet.chars:
             raise ValueError(f"{resume} was trained with another alphabet; use the data it was trained on")
+        asked = [f"--{k.replace('_', '-')} {v} (it has {getattr(config, k)})" for k, v in typed.items()
+                 if v != getattr(config, k)]
+        if asked:
+            raise ValueError(f"{resume}'s network cannot be changed: {', '.join(asked)}; drop "
+                             f"{'the flag' if len(asked) == 1 else 'these flags'} to go on with that run, or train a "
+                             f"new one (another --out, no --resume)")
     else:
-        config = RecognizerConfig(conv_channels=args.conv_channels, conv_layers=args.conv_layers,
-                                  kernel_size=args.kernel_size, downsample=args.downsample, hidden_size=args.hidden_size,
-                                  layers=args.layers, dropout=args.dropout, alphabet_size=len(alphabet.chars))
+        config = RecognizerConfig(**typed, alphabet_size=len(alphabet.chars))
+    for k in SIZE_FLAGS:                                  # as trained, for train_args
+        setattr(args, k, getattr(config, k))
+    try:                                                  # found now, not at the first evaluation
+        os.makedirs(out, exist_ok=True)
+        with open(os.path.join(out, ".write_test"), "w"):
+            pass
+        os.remove(os.path.join(out, ".write_test"))
+    except OSError as e:
+        raise ValueError(f"cannot write to --out {out} ({e.strerror or e}); pass another --out") from None
     torch.manual_seed(args.seed)
     model = Recognizer(config).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
@@ -210,6 +237,17 @@ def train(args):
     if ckpt:
         restore_training_state(ckpt, model, optimizer, run, device)
         print(f"resumed from {resume} at step {run.step} (epoch {run.epoch}, batch {run.batch_in_epoch})")
+        if (args.max_steps and run.step >= args.max_steps) or run.epoch >= args.epochs:   # files left as they are
+            print(f"already at --max-steps {args.max_steps} (step {run.step}): nothing to do; raise --max-steps to train on"
+                  if args.max_steps and run.step >= args.max_steps else
+                  f"already at --epochs {args.epochs} (epoch {run.epoch}): nothing to do; raise --epochs to train on")
+            return 0
+        before = ckpt.get("train_args", {})
+        changed = [f"--{k.replace('_', '-')} {getattr(args, k)} (was {before[k]})" for k in RESUME_FLAGS
+                   if k in before and before[k] != getattr(args, k)]
+        if changed:
+            print("note: flags that differ from the run's: " + ", ".join(changed) + "; pass the old values again to go "
+                  "on as it was")
     mean, std = train_set.mean.tolist(), train_set.std.tolist()
     batches_per_epoch = len(make_loader(train_set, args.batch_size, shuffle=True).batch_sampler)
     total_steps = args.max_steps or args.epochs * batches_per_epoch
@@ -319,7 +357,8 @@ def train(args):
     print(f"done ({stop['why']}): {run.step} steps, {run.epoch} epochs, {run.train_time / 60:.1f} min training, "
           f"val CER {metrics['val_cer']:.4f} (best {run.best_cer:.4f}), {run.bad_steps} skipped steps; "
           f"{out}/model.pt holds the best weights (evaluate.py --recognizer {out}/model.pt uses them)")
+    return 130 if stop["why"] == "interrupted" else 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -104,7 +104,7 @@ def test_training_writes_self_describing_checkpoints(trained):
     assert isinstance(model, Recognizer) and ckpt["alphabet"] == last["alphabet"]
 
 
-def test_resume_matches_an_unbroken_run(tiny_prepared, tmp_path):
+def test_resume_matches_an_unbroken_run(tiny_prepared, tmp_path, capsys):
     common = ["train", "--data", str(tiny_prepared), *TINY_REC, "--eval-interval", "4", "--max-steps", "8"]
     recognizer.main([*common, "--out", str(tmp_path / "a")])
     recognizer.main([*common[:-1], "4", "--out", str(tmp_path / "b")])
@@ -114,6 +114,18 @@ def test_resume_matches_an_unbroken_run(tiny_prepared, tmp_path):
     assert a["step"] == b["step"] == 8
     for k in a["model"]:
         assert torch.allclose(a["model"][k], b["model"][k], atol=1e-6), k
+    # at its --max-steps a resumed run does nothing; a size flag that asks for another network is refused (before, the
+    # run's network was trained on silently); a training flag given otherwise is named
+    before = {f: (tmp_path / "b" / f).stat().st_mtime_ns for f in ("last.pt", "best.pt", "metrics.jsonl")}
+    assert recognizer.main([*common, "--out", str(tmp_path / "b"), "--resume", "auto"]) == 0
+    assert "already at --max-steps 8 (step 8): nothing to do" in capsys.readouterr().out
+    assert before == {f: (tmp_path / "b" / f).stat().st_mtime_ns for f in before}
+    with pytest.raises(SystemExit, match=r"network cannot be changed: --hidden-size 32 \(it has 16\); drop the flag"):
+        recognizer.main([*common[:-1], "10", "--out", str(tmp_path / "b"), "--resume", "auto", "--hidden-size", "32"])
+    recognizer.main(["train", "--data", str(tiny_prepared), "--batch-size", "8", "--no-progress", "--eval-interval", "4",
+                     "--max-steps", "10", "--out", str(tmp_path / "b"), "--resume", "auto", "--lr", "0.01"])
+    assert "note: flags that differ from the run's: --lr 0.01 (was 0.002), --max-steps 10 (was 8);" in capsys.readouterr().out
+    assert torch.load(tmp_path / "b" / "last.pt", weights_only=True)["recognizer_config"]["hidden_size"] == 16
 
 
 def test_read_and_evaluate_commands(trained, tiny_prepared, tmp_path, capsys):

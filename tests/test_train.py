@@ -464,13 +464,17 @@ def test_torchrun_two_processes_on_cpu(tiny_prepared, tmp_path):
     assert rows[-1]["val_raw_nll_per_line"] != rows[-1]["val_nll_per_line"]   # --ema: both weights scored on 2 ranks
 
 
-@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
-def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tiny_prepared, tmp_path, sig):
-    """Ctrl-C, or SIGTERM (`timeout`, `kill`, a job scheduler), ends the batch, evaluates, saves and exits 130."""
+@pytest.mark.parametrize("sig, script", [("SIGINT", "train.py"), ("SIGTERM", "train.py"), ("SIGINT", "recognizer.py")])
+def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tiny_prepared, tmp_path, sig, script):
+    """Ctrl-C, or SIGTERM (`timeout`, `kill`, a job scheduler), ends the batch, evaluates, saves and exits 130 (a job
+    script can tell an interrupted run from a finished one)."""
     import signal
     import time
-    p = subprocess.Popen([sys.executable, "train.py", "--data", str(tiny_prepared), "--out", str(tmp_path), *TINY,
-                          "--eval-interval", "1000000", "--max-steps", "1000000"],
+    size = TINY if script == "train.py" else ["--hidden-size", "16", "--conv-channels", "8", "--batch-size", "8",
+                                              "--no-progress", "--eval-lines", "4"]
+    p = subprocess.Popen([sys.executable, script, *(["train"] if script == "recognizer.py" else []), "--data",
+                          str(tiny_prepared), "--out", str(tmp_path), *size, "--eval-interval", "1000000",
+                          "--max-steps", "1000000"],
                          cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while time.time() < deadline and "config:" not in (p.stdout.readline() or ""):
