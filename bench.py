@@ -68,7 +68,7 @@ def get_args(argv=None):
                    "sampling steps (sample(cuda_graph=True))")
     p.add_argument("--skip-reference", action="store_true", help="do not time the textbook reference")
     p.add_argument("--quick", action="store_true", help="tiny sizes and one repetition: a smoke test of this script, not a measurement")
-    p.add_argument("--seed", type=int, default=0, help="random seed for weights and synthetic data")
+    p.add_argument("--seed", type=at_least(0, below=2 ** 63), default=0, help="random seed for weights and synthetic data")
     args = p.parse_args(argv)
     try:
         args.device = str(pick_device(args.device))

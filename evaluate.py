@@ -54,7 +54,7 @@ def get_args(argv=None):
     g.add_argument("--prompts", default=None, help="UTF-8 text file, one line of text per line; none given: the transcriptions of --split")
     g.add_argument("--recognizer", default="checkpoints/recognizer.pt", help="recognizer checkpoint (recognizer.py train)")
     g.add_argument("--bias", type=at_least(0.0), default=1.0, help="sampling bias (paper section 5.4, eq. 61-62; 0 = unbiased)")
-    g.add_argument("--seed", type=int, default=0, help="sampling seed (the same seed and batch size give the same lines)")
+    g.add_argument("--seed", type=at_least(0, below=2 ** 63), default=0, help="sampling seed (the same seed and batch size give the same lines)")
     g.add_argument("--max-steps-per-char", type=at_least(1), default=40,
                    help="step cap: a line stops after this many points per character (real lines take about 21)")
     g.add_argument("--retries", type=at_least(0), default=2,

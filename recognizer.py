@@ -76,7 +76,7 @@ def get_args(argv=None):
     t.add_argument("--eval-interval", type=at_least(1), default=500, help="steps between validation CER, metrics row and checkpoints")
     t.add_argument("--eval-lines", type=at_least(0), default=0, help="validation lines to read (0 = the whole split)")
     t.add_argument("--device", default="auto", help="'auto' (CUDA when present), 'cpu', 'cuda', ...")
-    t.add_argument("--seed", type=int, default=1337, help="random seed (initialisation, data order, augmentation)")
+    t.add_argument("--seed", type=at_least(0, below=2 ** 31), default=1337, help="random seed (initialisation, data order, augmentation)")
     t.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
 
     r = sub.add_parser("read", help="print the text of handwritten lines", formatter_class=fmt,

@@ -121,7 +121,7 @@ def get_args(argv=None):
     p.add_argument("--cuda-graph", action="store_true",
                    help="record each --tbptt chunk's forward and backward once as a CUDA graph and replay it (GPU: removes "
                         "the per-kernel launch cost of the window loop; needs --tbptt N; without CUDA runs the same code eagerly)")
-    p.add_argument("--seed", type=int, default=1337, help="random seed (initialisation and data order)")
+    p.add_argument("--seed", type=at_least(0, below=2 ** 31), default=1337, help="random seed (initialisation and data order)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
     args = p.parse_args(argv)
     if args.schedule == "cosine" and not args.max_steps:

@@ -578,6 +578,9 @@ def test_an_unusable_device_is_a_one_line_error_in_every_script(tiny_prepared, t
     ("prepare_data", ["--workers", "0"], "an integer >= 1"),
     ("bench", ["--sample-batch", "-1"], "an integer >= 0"),
     ("bench", ["--sample-chars", "0"], "an integer >= 1"),
+    ("train", ["--seed", "-1"], "an integer >= 0 and < 2147483648"),                 # was a numpy traceback
+    ("recognizer", ["train", "--seed", "99999999999999999999"], "an integer >= 0 and < 2147483648"),
+    ("evaluate", ["--seed", "-1"], "an integer >= 0 and < 9223372036854775808"),
 ])
 def test_number_flags_refuse_nonsense(script, argv, expected, capsys):
     """Number flags are parsed by utils.finite_float / utils.at_least: nan, inf or a value below the flag's floor stops
