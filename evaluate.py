@@ -31,7 +31,7 @@ import torch
 from dataset import Alphabet, HandwritingDataset, make_loader, prime_strokes
 from model import error_rates, evaluate_nll, load_model, load_recognizer, read_lines, summarize_nll, write_and_read
 from utils import (DTYPES, MAX_LINE_CHARS, OneLineParser, at_least, autocast_dtype, checkpoint_norm, load_checkpoint,
-                   load_prime, pick_device, plot_lines, save_strokes)
+                   load_prime, pick_device, plot_lines, save_strokes, writable_folder)
 
 
 def get_args(argv=None):
@@ -170,6 +170,10 @@ def legibility(args, device):
     # priming: "style text" + " " + prompt, the style's strokes fed first; the cap and retries count the prompt only
     prime = None if prime_offsets is None else prime_strokes(prime_offsets, ckpt["mean"], ckpt["std"])
     lead = f"{prime_text} " if prime is not None else ""
+    try:
+        writable_folder(args.out)                                         # before the lines are written, not after
+    except ValueError as e:
+        sys.exit(f"error: {e}")
     model.to(device)
     recognizer.to(device)
 

@@ -27,7 +27,8 @@ import torch
 from dataset import Alphabet, HandwritingDataset, augment, make_loader, normalize
 from model import Recognizer, RecognizerConfig, ctc_loss, error_rates, load_recognizer, read_lines
 from utils import (OneLineParser, at_least, checkpoint_norm, export_weights, finite_float, learning_rate, load_checkpoint,
-                   load_strokes, pick_device, quiet_broken_pipe, restore_training_state, resume_path, save_checkpoint, training_state)
+                   load_strokes, pick_device, quiet_broken_pipe, restore_training_state, resume_path, save_checkpoint, training_state,
+                   writable_folder)
 
 DEFAULT_CHECKPOINT = "checkpoints/recognizer.pt"
 CKPT = dict(config_key="recognizer_config", writer="recognizer.py train")   # what load_checkpoint expects here
@@ -223,13 +224,7 @@ def train(args):
         config = RecognizerConfig(**typed, alphabet_size=len(alphabet.chars))
     for k in SIZE_FLAGS:                                  # as trained, for train_args
         setattr(args, k, getattr(config, k))
-    try:                                                  # found now, not at the first evaluation
-        os.makedirs(out, exist_ok=True)
-        with open(os.path.join(out, ".write_test"), "w"):
-            pass
-        os.remove(os.path.join(out, ".write_test"))
-    except OSError as e:
-        raise ValueError(f"cannot write to --out {out} ({e.strerror or e}); pass another --out") from None
+    writable_folder(out)                                  # found now, not at the first evaluation
     torch.manual_seed(args.seed)
     model = Recognizer(config).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)

@@ -29,7 +29,7 @@ from model import (GraphedChunk, HandwritingModel, ModelConfig, WeightNoise, chu
 from utils import (DTYPES, OneLineParser, WeightAverage, at_least, atomic_write, autocast_dtype, clipped_step,
                    export_weights, finite_float, learning_rate, load_checkpoint, make_optimizer, pick_device,
                    plot_loss_curve, restore_training_state, resume_path, save_checkpoint, save_sample_image,
-                   training_state)
+                   training_state, writable_folder)
 
 
 # training flags that shape a run: on --resume, those given otherwise than the run's are named
@@ -234,12 +234,9 @@ def train(args):
         setattr(args, k, getattr(config, k))
     if master:   # found now, not at the first evaluation, hours later (and after the checks: no empty folder)
         try:
-            os.makedirs(out, exist_ok=True)
-            with open(os.path.join(out, ".write_test"), "w"):
-                pass
-            os.remove(os.path.join(out, ".write_test"))
-        except OSError as e:
-            sys.exit(f"error: cannot write to --out {out} ({e.strerror or e}); pass another --out")
+            writable_folder(out)
+        except ValueError as e:
+            sys.exit(f"error: {e}")
     torch.manual_seed(args.seed)
     model = HandwritingModel(config).to(device)
     noise = None   # learnt sigmas beside the weights; N: points of the training split (the KL is per data point)

@@ -38,6 +38,19 @@ def atomic_write(path, write_fn):
             os.remove(tmp)
 
 
+def writable_folder(path, flag="--out"):
+    """Create folder path if needed and check that a file can be written in it, before hours of work go into it:
+    ValueError with a one-line message if not."""
+    probe = os.path.join(path, ".write_test")
+    try:
+        os.makedirs(path, exist_ok=True)
+        with open(probe, "w"):
+            pass
+        os.remove(probe)
+    except OSError as e:
+        raise ValueError(f"cannot write to {flag} {path} ({e.strerror or e}); pass another {flag}") from None
+
+
 def offsets_to_strokes(offsets):
     """(T, 3) rows (dx, dy, eos) -> list of (n, 2) float arrays of absolute points, one per stroke.
 

@@ -318,6 +318,10 @@ def test_missing_files_give_one_line_errors(trained, tiny_prepared, tmp_path):
         (evaluate.main, ["--checkpoint", syn, "--legibility", "--recognizer", rec, "--data", str(tiny_prepared),
                          "--prime-file", str(tmp_path / "none.json")], "--prime-file"),
         (recognizer.main, ["read", str(tmp_path / "empty.npz"), "--checkpoint", rec], "no lines in"),
+        (evaluate.main, ["--checkpoint", syn, "--legibility", "--recognizer", rec, "--data", str(tiny_prepared),
+                         "--out", str(tmp_path / "empty.npz")], "cannot write to --out"),       # before sampling
+        (recognizer.main, ["train", "--data", str(tiny_prepared), "--out", str(tmp_path / "empty.npz"), *TINY_REC],
+         "cannot write to --out"),
         (recognizer.main, ["train", "--data", str(tiny_prepared), "--out", str(tmp_path / "k"), "--kernel-size", "4",
                            *TINY_REC], "kernel_size (--kernel-size) must be odd"),
     ]
