@@ -19,6 +19,7 @@ import json
 import math
 import os
 import re
+import signal
 import sys
 import tarfile
 import time
@@ -31,7 +32,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from utils import SPLITS, OneLineParser, at_least, atomic_write, plot_lines
+from utils import SPLITS, OneLineParser, at_least, atomic_write, plot_lines, writable_folder
 
 VERSION = 1
 DOWNLOAD = ("download lineStrokes-all.tar.gz and ascii-all.tar.gz (free registration) from "
@@ -131,11 +132,16 @@ def read_transcriptions(source):
 def read_writers(path):
     """{form id: writer id} from a TSV with a header line: form_id<TAB>writer_id."""
     writers = {}
-    with open(path, encoding="utf-8") as f:
-        for i, row in enumerate(f):
-            cols = row.rstrip("\r\n").split("\t")
-            if len(cols) >= 2 and not (i == 0 and cols[0] == "form_id"):
-                writers[cols[0].strip()] = cols[1].strip()
+    try:
+        with open(path, encoding="utf-8-sig") as f:
+            for i, row in enumerate(f):
+                cols = row.rstrip("\r\n").split("\t")
+                if len(cols) >= 2 and not (i == 0 and cols[0] == "form_id"):
+                    writers[cols[0].strip()] = cols[1].strip()
+    except UnicodeDecodeError:
+        raise DataError(f"writer map {path} is not UTF-8 text (form_id<TAB>writer_id lines)") from None
+    except OSError as e:
+        raise DataError(f"cannot read writer map {path}: {e.strerror or e}") from None
     return writers
 
 
@@ -194,6 +200,8 @@ def process_line(task):
         points, stroke, time = parse_strokes(xml_bytes)             # (T, 2), (T,), (T,)
     except (ET.ParseError, ValueError) as e:                        # malformed XML, missing or non-integer x / y
         return line_id, "corrupt_xml", str(e)
+    if len(points) < 2:                                             # an empty StrokeSet, or one point
+        return line_id, "too_few_points", ""
     step = np.diff(points, axis=0)                                  # (T - 1, 2)
     pen_down = stroke[1:] == stroke[:-1]                            # step within a stroke
     if np.any(np.hypot(step[:, 0], step[:, 1])[pen_down] > MAX_PEN_DOWN_STEP):
@@ -244,6 +252,8 @@ def split_by_writer(writer_ids, seed=SPLIT_SEED):
 
 def read_split_lists(folder):
     """{line id: split code} from folder/{train,valid,test}.txt, or None when the lists do not exist."""
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise DataError(f"--splits {folder} is a file; give a folder (train.txt, valid.txt, test.txt are read or written there)")
     paths = [os.path.join(folder, f"{name}.txt") for name in SPLITS]
     if not all(os.path.isfile(p) for p in paths):
         if any(os.path.isfile(p) for p in paths):
@@ -296,6 +306,9 @@ def main(argv=None):
         prepare(args)
     except DataError as e:
         sys.exit(f"error: {e}")
+    except KeyboardInterrupt:
+        print("prepare_data.py: interrupted; nothing written (run it again: it starts from the beginning)", file=sys.stderr)
+        sys.exit(130)
 
 
 def prepare(args):
@@ -308,9 +321,16 @@ def prepare(args):
     strokes_src, ascii_src = find_source(args.raw, "lineStrokes"), find_source(args.raw, "ascii")
     forms = read_transcriptions(ascii_src)
     lists = read_split_lists(args.splits)
+    try:                                                     # found now, not after a minute of parsing
+        writable_folder(args.out)
+        if lists is None:                                    # they will be made and written there
+            writable_folder(args.splits, "--splits")
+    except ValueError as e:
+        raise DataError(str(e)) from None
     writers_path = args.writers or os.path.join(args.raw, "writers.tsv")
     if args.writers and not os.path.isfile(args.writers):
-        raise DataError(f"writer map {args.writers} not found")
+        raise DataError(f"writer map {args.writers} is a folder; give the TSV file" if os.path.isdir(args.writers)
+                        else f"writer map {args.writers} not found")
     writers = read_writers(writers_path) if os.path.isfile(writers_path) else {}
 
     ### parse every line XML in parallel
@@ -332,7 +352,8 @@ def prepare(args):
 
     duplicates = filled = 0
     options = {"resample": args.resample, "keep_repeats": args.keep_repeats, "fill_gaps": args.fill_gaps}
-    pool = Pool(args.workers) if args.workers > 1 else None
+    pool = Pool(args.workers, initializer=signal.signal, initargs=(signal.SIGINT, signal.SIG_IGN)) \
+        if args.workers > 1 else None                        # workers ignore Ctrl-C: the main process stops them
     try:
         results = pool.imap_unordered(process_line, tasks(), chunksize=16) if pool else map(process_line, tasks())
         for line_id, status, *rest in tqdm(results, desc="parsing lines", unit=" lines", mininterval=0.5):
@@ -344,6 +365,10 @@ def prepare(args):
                 dropped[status].append(line_id)
                 if status == "corrupt_xml":
                     corrupt.append(f"{line_id}.xml ({rest[0]})")
+    except BaseException:                                    # Ctrl-C or an error: stop the workers, not wait for them
+        if pool:
+            pool.terminate()
+        raise
     finally:
         if pool:
             pool.close()

@@ -90,14 +90,14 @@ def test_bad_lines_are_dropped_counted_and_named(tmp_path, capsys):
         "b01-000": (["good one", "Please Enter Transcription here", "good two", "ok", "jumpy"],
                     [good, good, good, b"<WhiteboardCaptureSession><StrokeSet><Stroke><Point x=", jump]),
         "b01-001": (["only one line transcribed"], [good, good]),             # line 2 has no CSR line
-        "b01-002": (["a single point"], [[[(5, 5)]]]),
+        "b01-002": (["a single point", "no points at all"], [[[(5, 5)]], []]),   # one point; an empty StrokeSet
     }
     raw = write_fake_iam(tmp_path / "raw", forms)
     data = run_prepare(raw, tmp_path / "out")
     meta = json.loads(str(data["meta"]))
     assert sorted(map(str, data["line_ids"])) == ["b01-000-01", "b01-000-03", "b01-001-01"]
     assert meta["dropped"] == {"no_transcription": 1, "placeholder_text": 1, "corrupt_xml": 1, "pen_jump": 1,
-                               "too_few_points": 1}
+                               "too_few_points": 2}
     assert meta["dropped_lines"]["corrupt_xml"] == ["b01-000-04"]
     out = capsys.readouterr().out
     assert "corrupt, skipped: b01-000-04.xml" in out and "placeholder_text 1" in out
@@ -176,6 +176,24 @@ def test_out_that_is_a_file_is_refused_before_parsing(tmp_path):
     assert "Traceback" not in r.stderr
 
 
+@pytest.mark.parametrize("flag, make, message", [
+    ("--out", lambda d: d / "afile" / "sub", "cannot write to --out"),              # under a file: cannot be made
+    ("--splits", lambda d: d / "afile", "is a file; give a folder"),
+    ("--splits", lambda d: d / "afile" / "sub", "cannot write to --splits"),
+    ("--writers", lambda d: d, "is a folder; give the TSV file"),
+    ("--writers", lambda d: d / "latin1.tsv", "is not UTF-8 text"),
+])
+def test_unusable_output_or_writer_map_is_one_line_before_parsing(one_form, tmp_path, flag, make, message):
+    """Found before a minute of parsing, not after it in a traceback (an unwritable --out or --splits, --splits or
+    --writers naming the wrong kind of thing, a writer map in another encoding)."""
+    (tmp_path / "afile").write_text("x")
+    (tmp_path / "latin1.tsv").write_bytes("form_id\twriter_id\na01-000u\tJos\xe9\n".encode("latin-1"))
+    args = {"--raw": one_form, "--out": tmp_path / "out", "--splits": tmp_path / "splits", flag: make(tmp_path)}
+    r = run_script(*[x for kv in args.items() for x in kv])
+    assert r.returncode == 1 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert message in r.stderr and not (tmp_path / "out" / "iam_ondb.npz").exists()
+
+
 @pytest.mark.parametrize("case", ["no_dir", "no_strokes", "no_ascii", "damaged", "ascii_cut_short"])
 def test_missing_or_damaged_input_gives_one_line(tmp_path, case):
     raw = tmp_path / "raw"
@@ -202,6 +220,18 @@ def test_missing_or_damaged_input_gives_one_line(tmp_path, case):
     if case in ("no_strokes", "no_ascii"):
         assert missing in err
     assert not (tmp_path / "out" / "iam_ondb.npz").exists()
+
+
+def test_ctrl_c_is_one_line_and_writes_nothing(one_form, tmp_path, monkeypatch, capsys):
+    def interrupted(task):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(prepare_data, "process_line", interrupted)
+    with pytest.raises(SystemExit) as stop:
+        prepare_data.main(["--raw", str(one_form), "--out", str(tmp_path / "out"), "--splits", str(tmp_path / "s"),
+                           "--workers", "1"])
+    assert stop.value.code == 130 and not (tmp_path / "out" / "iam_ondb.npz").exists()
+    assert capsys.readouterr().err.strip().splitlines()[-1] == ("prepare_data.py: interrupted; nothing written (run it "
+                                                                "again: it starts from the beginning)")
 
 
 def test_help_lists_every_flag():
