@@ -416,6 +416,7 @@ def train(args):
     if master and not args.no_progress:
         from tqdm import tqdm
         progress = tqdm(initial=run.step, total=args.max_steps or None, unit="step", dynamic_ncols=True)
+        log = progress.write   # log lines above the bar, not stuck to its end (evaluate() and train_batch use it)
     metrics = None
     while stop["why"] is None and run.epoch < args.epochs:
         loader = make_loader(train_set, args.batch_size, shuffle=True, seed=args.seed + run.epoch, copies=copies)
