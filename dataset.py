@@ -5,6 +5,7 @@ training split's statistics, and its text as character ids c_u (section 5; id 0 
 """
 import json
 import math
+import unicodedata
 import zipfile
 import zlib
 from pathlib import Path
@@ -119,6 +120,16 @@ class Alphabet:
             if a not in self.index and all(c in self.index for c in b.strip() or b):
                 text = text.replace(a, b)
         return text
+
+    def fold(self, text):
+        """`text` with each character this alphabet lacks written as its compatibility form without accents, where the
+        alphabet has all of that ('é' -> 'e', 'ﬁ' -> 'fi', full-width 'A' -> 'A'). Returns (text, {character: its form})."""
+        forms = {}
+        for c in self.unknown(text):
+            form = "".join(d for d in unicodedata.normalize("NFKD", c) if not unicodedata.combining(d))
+            if form and all(d in self.index for d in form):
+                forms[c] = form
+        return "".join(forms.get(c, c) for c in text), forms
 
     def writable(self, text):
         """`text` as a model with this alphabet writes it: unknown characters left out, runs of spaces made one."""

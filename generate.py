@@ -20,6 +20,7 @@ import signal
 import sys
 import textwrap
 import time
+import unicodedata
 
 # numpy only; torch is imported after the fast checks
 from utils import (ALIGNS, MAX_LINE_CHARS, VIEWS, OneLineParser, at_least, checkpoint_norm, finite_float, ink_rgb,
@@ -267,16 +268,22 @@ def read_text(args):
 
 
 def prepare_lines(text, chars, max_chars, drop_unknown):
-    """Text -> page lines: typographic substitutes, unknown characters checked, spaces collapsed, long lines
-    wrapped at word boundaries (a longer word stays whole, up to MAX_LINE_CHARS). Blank lines are kept ('' = an empty
-    row). Returns (lines, dropped chars)."""
+    """Text -> page lines: typographic substitutes, unknown characters checked (with drop_unknown, accents left off
+    where that makes them known, the rest left out), spaces collapsed, long lines wrapped at word boundaries (a longer
+    word stays whole, up to MAX_LINE_CHARS). Blank lines are kept ('' = an empty row).
+    Returns (lines, dropped chars, {folded char: its form})."""
     from dataset import Alphabet
     alphabet = Alphabet(chars)
-    text = alphabet.plain(text)
+    text, folded = alphabet.plain(text), {}
     unknown = [c for c in alphabet.unknown(text) if c not in "\n\r "]          # in order of appearance
     if unknown and not drop_unknown:
-        shown = " ".join(repr(c) for c in unknown)
-        fail(f"characters not in the model's alphabet: {shown}; remove them or pass --drop-unknown")
+        shown = " ".join(repr(c) if c.isprintable() and not unicodedata.combining(c) else f"U+{ord(c):04X}"
+                         for c in unknown)
+        fail(f"characters not in the model's alphabet: {shown}; remove them or pass --drop-unknown (accents left "
+             f"off, the rest left out)")
+    if unknown:
+        text, folded = alphabet.fold(text)
+        unknown = [c for c in alphabet.unknown(text) if c not in "\n\r "]
     if unknown:
         text = "".join(c for c in text if c not in unknown)
     lines = []
@@ -291,7 +298,7 @@ def prepare_lines(text, chars, max_chars, drop_unknown):
     if not lines:
         fail("the text is empty" + (" once the unknown characters are dropped" if unknown else "") +
              '; give some words with --text "..."')
-    return lines, unknown
+    return lines, unknown, folded
 
 
 ### priming (paper section 5.5): a real line and its text, fed before the new text
@@ -392,7 +399,10 @@ def generate(args):
     if args.task == "synthesis":
         from dataset import Alphabet
         alphabet = Alphabet(ckpt["alphabet"])
-        lines, dropped = prepare_lines(raw_text, alphabet.chars, args.max_chars_per_line, args.drop_unknown)
+        lines, dropped, folded = prepare_lines(raw_text, alphabet.chars, args.max_chars_per_line, args.drop_unknown)
+        if folded:
+            print("generate.py: warning: wrote " + ", ".join(f"{a!r} as {b!r}" for a, b in folded.items())
+                  + " (not in the alphabet)", file=sys.stderr)
         if dropped:
             print(f"generate.py: warning: left out {' '.join(repr(c) for c in dropped)} (not in the alphabet)",
                   file=sys.stderr)

@@ -223,11 +223,16 @@ def test_paginate():
 
 
 def test_wrapping_and_cleaning():
-    lines, dropped = generate.prepare_lines("  one two\tthree \u2019four\u2019 five six seven\n\n\nend  ", CHARS, 12, False)
+    lines, dropped, folded = generate.prepare_lines("  one two\tthree \u2019four\u2019 five six seven\n\n\nend  ", CHARS,
+                                                    12, False)
     assert lines == ["one two", "three 'four'", "five six", "seven", "", "", "end"]
-    assert all(len(ln) <= 12 for ln in lines) and dropped == []
-    lines, dropped = generate.prepare_lines("na\u00efve caf\u00e9", CHARS, 40, True)
-    assert lines == ["nave caf"] and dropped == ["\u00ef", "\u00e9"]
+    assert all(len(ln) <= 12 for ln in lines) and dropped == [] and folded == {}
+    # --drop-unknown: accents left off (and compatibility forms: a ligature, full-width letters), the rest left out
+    lines, dropped, folded = generate.prepare_lines("na\u00efve caf\u00e9 \ufb01sh \uff21\uff22 5\u20ac", CHARS, 40, True)
+    assert lines == ["naive cafe fish AB"] and dropped == ["5", "\u20ac"]
+    assert folded == {"\u00ef": "i", "\u00e9": "e", "\ufb01": "fi", "\uff21": "A", "\uff22": "B"}
+    with pytest.raises(generate.GenerateError, match=r"alphabet: '\u00e9' U\+0301; remove them or pass --drop-unknown"):
+        generate.prepare_lines("\u00e9 e\u0301", CHARS, 40, False)          # a combining accent named by its code
 
 
 @pytest.mark.parametrize("prime", ["style", "file", "curly"])
