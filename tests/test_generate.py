@@ -663,9 +663,9 @@ def test_pages_of_one_text_share_one_size_and_no_ink_is_cut(files, tmp_path, mon
 
 
 def test_a_long_word_stays_whole():
-    lines, _ = generate.prepare_lines("Supercalifragilistic is long", CHARS, 10, False)
+    lines, *_ = generate.prepare_lines("Supercalifragilistic is long", CHARS, 10, False)
     assert lines == ["Supercalifragilistic", "is long"]
-    lines, _ = generate.prepare_lines("x" * 70, CHARS, 10, False)       # longer than any line the model saw: cut
+    lines, *_ = generate.prepare_lines("x" * 70, CHARS, 10, False)       # longer than any line the model saw: cut
     assert [len(ln) for ln in lines] == [64, 6]
 
 
