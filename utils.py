@@ -545,7 +545,7 @@ def load_styles(path):
     """The styles file (make_styles): {"reference": {...}, "styles": [{"text", "offsets", ...}, ...]}. Raises
     FileNotFoundError or ValueError with a one-line message."""
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:     # -sig: a byte-order mark (Notepad) is dropped
             data = json.load(f)
         styles = data["styles"]
         assert isinstance(styles, list) and styles
@@ -601,7 +601,7 @@ def load_prime_file(path, styles_path=None):
     first point (0, 0)), brought to the scale and point spacing of IAM-OnDB lines (the styles file's "reference" when
     it has one, else PRIME_REFERENCE). Raises FileNotFoundError or ValueError with a one-line message."""
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:     # -sig: a byte-order mark (Notepad) is dropped
             data = json.load(f)
     except FileNotFoundError:
         raise FileNotFoundError(f"--prime-file {path} does not exist") from None

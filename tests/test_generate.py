@@ -328,10 +328,15 @@ def test_unfinished_line_is_reported(files, tmp_path, capsys):
 
 
 def test_a_text_file_from_a_windows_editor(files, tmp_path, spy):
-    """A byte-order mark and CRLF line ends (Notepad's UTF-8) are not text to write."""
+    """A byte-order mark and CRLF line ends (Notepad's UTF-8) are not text to write; a prime or styles file edited
+    there (a byte-order mark before the JSON) loads too."""
     (tmp_path / "bom.txt").write_bytes("\ufeffthe hat\r\nsand\r\n".encode("utf-8"))
     assert run(files, "synthesis", tmp_path / "b.png", "--text-file", str(tmp_path / "bom.txt")) == 0
     assert ["".join(CHARS[i - 1] for i in row if i > 0) for row in spy[0]["text"].tolist()] == ["the hat", "sand"]
+    for name in ("prime", "styles"):
+        (tmp_path / f"{name}.json").write_bytes(b"\xef\xbb\xbf" + Path(files[name]).read_bytes().replace(b"\n", b"\r\n"))
+    assert run(files, "synthesis", tmp_path / "p.png", "--prime-file", str(tmp_path / "prime.json")) == 0
+    assert run(files, "synthesis", tmp_path / "s.png", "--styles", str(tmp_path / "styles.json"), "--style", "0") == 0
 
 
 def errors(files, tmp_path):
