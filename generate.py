@@ -39,6 +39,10 @@ MAX_FILE_LINES = 100_000    # lines of an .npz strokes file, counting every samp
 DEFAULT_STEPS = 700         # points per line for --task prediction (IAM-OnDB median: 620)
 MAX_STEPS = 5000            # at most, for --task prediction
 SHORT_HAND = 15             # --save-hand warns below this many characters: a short line shows little of a hand
+# flags that apply only to synthesis, or only to pictures, with their defaults: given where they do not apply, they stop
+# the run (get_args records which were typed: these flags default to argparse.SUPPRESS)
+TEXT_FLAGS = {"max_chars_per_line": 40, "max_steps_per_char": 40, "retries": 2, "retry_above": 32.0}
+PICTURE_FLAGS = {"stroke_width": 2.0, "color": "black", "line_height": 100}
 
 
 class GenerateError(Exception):
@@ -62,7 +66,7 @@ def get_args(argv=None):
     g.add_argument("--steps", type=int, metavar="N", default=None,
                    help=f"points per line for --task prediction (default: {DEFAULT_STEPS}; IAM-OnDB lines have a median "
                         f"of 620)")
-    g.add_argument("--max-chars-per-line", type=int, metavar="N", default=40,
+    g.add_argument("--max-chars-per-line", type=int, metavar="N", default=argparse.SUPPRESS,
                    help=f"wrap longer lines at word boundaries (characters, 5 to {MAX_LINE_CHARS}; default: 40; "
                         f"IAM-OnDB lines have 1-64, median 29)")
     g.add_argument("--drop-unknown", action="store_true",
@@ -76,13 +80,13 @@ def get_args(argv=None):
                    help="random seed; the same seed gives the same file (default: a random one, printed)")
     s.add_argument("--num-samples", type=int, metavar="N", default=1,
                    help="write the text N times, all sampled together in one batch, one block per sample (default: 1)")
-    s.add_argument("--max-steps-per-char", type=int, metavar="N", default=40,
+    s.add_argument("--max-steps-per-char", type=int, metavar="N", default=argparse.SUPPRESS,
                    help="safety cap for synthesis: a line stops after this many points per character of its text "
                         "(default: 40; real lines take about 21)")
-    s.add_argument("--retries", type=int, metavar="N", default=2,
+    s.add_argument("--retries", type=int, metavar="N", default=argparse.SUPPRESS,
                    help="a line whose window stalled (it reached that cap, or took more than --retry-above) is sampled "
                         "again, up to N more times, keeping the best attempt; 0 = keep the first (default: 2)")
-    s.add_argument("--retry-above", type=finite_float, metavar="PTS", default=32,
+    s.add_argument("--retry-above", type=finite_float, metavar="PTS", default=argparse.SUPPRESS,
                    help="with --retries, also sample again a line that finished but took more than PTS points per "
                         "character: a window that lingers writes loops (real lines take about 21); 0 = only lines "
                         "that reach the cap (default: 32, chosen on the validation split)")
@@ -116,9 +120,9 @@ def get_args(argv=None):
                    help="plain: ink only; strokes: one colour per pen-down stroke; eos: ink coloured by the "
                         "end-of-stroke probability (blue low, red high); density: the mixture density of every "
                         "next point as a heat-map under the ink (default: plain)")
-    o.add_argument("--stroke-width", type=finite_float, metavar="PX", default=2.0, help="ink width in pixels of the output (default: 2.0)")
-    o.add_argument("--color", default="black", metavar="C", help="ink colour: a name or #rrggbb (default: black)")
-    o.add_argument("--line-height", type=int, metavar="PX", default=100,
+    o.add_argument("--stroke-width", type=finite_float, metavar="PX", default=argparse.SUPPRESS, help="ink width in pixels of the output (default: 2.0)")
+    o.add_argument("--color", default=argparse.SUPPRESS, metavar="C", help="ink colour: a name or #rrggbb (default: black)")
+    o.add_argument("--line-height", type=int, metavar="PX", default=argparse.SUPPRESS,
                    help="distance between lines in pixels, 10 to 1000; sets the size of the picture (PNG and GIF: at most "
                         "8000 pixels a side; SVG: CSS pixels of 1/96 inch, so 38 = 10 mm) (default: 100)")
     o.add_argument("--align", choices=ALIGNS, default="left",
@@ -132,7 +136,11 @@ def get_args(argv=None):
                         "strokes), to write later texts in the same hand with --prime-file FILE (synthesis)")
     o.add_argument("--plot-attention", metavar="FILE",
                    help="also plot the window weights phi over time and characters (synthesis; .png, .svg or .pdf)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    args.typed = {k for k in {**TEXT_FLAGS, **PICTURE_FLAGS} if hasattr(args, k)}
+    for k, v in {**TEXT_FLAGS, **PICTURE_FLAGS}.items():
+        setattr(args, k, getattr(args, k, v))
+    return args
 
 
 def fail(message):
@@ -226,7 +234,8 @@ def check_args(args):
     if args.format == ".npz":
         picture = [f for f, on in (("--view", args.view != "plain"), ("--align", args.align != "left"),
                                    ("--plot-attention", args.plot_attention),
-                                   ("--show-prime", args.show_prime), ("--save-strokes", args.save_strokes)) if on]
+                                   ("--show-prime", args.show_prime), ("--save-strokes", args.save_strokes),
+                                   *((f"--{k.replace('_', '-')}", k in args.typed) for k in PICTURE_FLAGS)) if on]
         if picture:
             fail(f"{picture[0]} is for pictures; --out {args.out} writes only the strokes (use .png, .svg or .gif)")
     if args.plot_attention:
@@ -241,6 +250,9 @@ def check_args(args):
         check_output(args.save_hand, (".json",), "--save-hand", reads)
     if args.task == "prediction" and (args.text is not None or args.text_file):
         fail("--text/--text-file are for --task synthesis; the prediction network writes without text (see --steps)")
+    textual = [f"--{k.replace('_', '-')}" for k in TEXT_FLAGS if k in args.typed] + ["--drop-unknown"] * args.drop_unknown
+    if args.task == "prediction" and textual:
+        fail(f"{textual[0]} is for --task synthesis (writing a text); the prediction network writes --steps points")
     if args.show_prime and args.style is None and not args.prime_file:
         fail("--show-prime draws the priming line: give --style N or --prime-file FILE too")
     if args.task == "synthesis" and args.steps is not None:

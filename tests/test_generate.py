@@ -70,7 +70,8 @@ def files(tmp_path_factory):
 
 
 def run(files, task, out, *extra):
-    args = ["--task", task, "--checkpoint", files[task], "--styles", files["styles"], "--out", str(out), *FAST]
+    fast = FAST if task == "synthesis" else FAST[2:]                  # a text's flags stop a prediction run
+    args = ["--task", task, "--checkpoint", files[task], "--styles", files["styles"], "--out", str(out), *fast]
     if task == "synthesis" and "--text" not in extra and "--text-file" not in extra:
         args += ["--text", "hi there"]
     if task == "prediction" and "--steps" not in extra:
@@ -173,16 +174,15 @@ def test_npz_output_stopped_with_ctrl_c_keeps_the_lines_done(files, tmp_path, mo
         return original(self, *args, **kwargs)
     monkeypatch.setattr(model_module.HandwritingModel, "sample", sample)
     out = tmp_path / "stopped.npz"
-    what = ["--text", "ab\ncd ef\ng\nhij\nk l"] if task == "synthesis" else []
+    what = ["--text", "ab\ncd ef\ng\nhij\nk l", "--retries", "0"] if task == "synthesis" else []
     total = 25 if task == "synthesis" else 10                                # 5 lines x 5 samples, or 10 samples
-    assert run(files, task, out, *what, "--num-samples", str(total // 5 if what else total), "--batch-size", "4",
-               "--retries", "0") == 130
+    assert run(files, task, out, *what, "--num-samples", str(total // 5 if what else total), "--batch-size", "4") == 130
     assert f"interrupted: wrote the 8 of {total} lines" in capsys.readouterr().err
     ids, texts, lines = load_strokes(out)
     assert len(ids) == len(set(ids)) == 8 and all(1 <= int(i) <= total for i in ids)
     assert ids == sorted(ids, key=int)
     calls[:] = [1, 1]                                                        # stopped in the first batch: an earlier
-    assert run(files, task, out, *what, "--batch-size", "4", "--retries", "0") == 130   # file is left alone
+    assert run(files, task, out, *what, "--batch-size", "4") == 130                    # file is left alone
     assert "nothing written" in capsys.readouterr().err and load_strokes(out)[0] == ids
 
 
@@ -373,6 +373,11 @@ def errors(files, tmp_path):
         (syn + ["--text", "ab", "--out", str(tmp_path / "x.npz"), "--view", "eos"], "--view is for pictures"),
         (syn + ["--text", "ab", "--out", str(tmp_path / "x.npz"), "--show-prime"], "--show-prime is for pictures"),
         (syn + ["--text", "ab", "--out", str(tmp_path / "x.npz"), "--align", "right"], "--align is for pictures"),
+        (syn + ["--text", "ab", "--out", str(tmp_path / "x.npz"), "--line-height", "50"], "--line-height is for pictures"),
+        (syn + ["--text", "ab", "--out", str(tmp_path / "x.npz"), "--color", "black"], "--color is for pictures"),
+        (["--task", "prediction", "--checkpoint", files["prediction"], "--retries", "0"],
+         "--retries is for --task synthesis (writing a text)"),
+        (["--task", "prediction", "--checkpoint", files["prediction"], "--drop-unknown"], "--drop-unknown is for --task"),
         (syn + ["--text", "ab", "--save-hand", ""], "--save-hand"),
         (syn + ["--text", "ab", "--out", str(tmp_path / ("x" * 300 + ".png"))], "cannot be written"),   # name too long
         (syn + ["--text", "ab", "--prime-file", files["prime"], "--save-hand", files["prime"]], "is a file this run reads"),
