@@ -38,6 +38,7 @@ MAX_PAGES = 10              # pages of one run (a longer text: several runs, or 
 MAX_FILE_LINES = 100_000    # lines of an .npz strokes file, counting every sample (~2 GB of offsets held in memory)
 DEFAULT_STEPS = 700         # points per line for --task prediction (IAM-OnDB median: 620)
 MAX_STEPS = 5000            # at most, for --task prediction
+MAX_BIAS = 100              # --bias at most (sigma = exp(sigma_hat - b): far beyond any use; 1e308 overflowed)
 SHORT_HAND = 15             # --save-hand warns below this many characters: a short line shows little of a hand
 # flags that apply only to synthesis, or only to pictures, with their defaults: given where they do not apply, they stop
 # the run (get_args records which were typed: these flags default to argparse.SUPPRESS)
@@ -193,8 +194,9 @@ def check_output(path, formats, flag, reads=()):
 
 
 def check_args(args):
-    if args.bias < 0:
-        fail(f"--bias must be >= 0 (0 = unbiased), not {args.bias}")
+    if not 0 <= args.bias <= MAX_BIAS:
+        fail(f"--bias must be between 0 (unbiased) and {MAX_BIAS} (beyond about 5 the writing no longer changes), "
+             f"not {args.bias}")
     if args.batch_size < 1:
         fail(f"--batch-size must be >= 1, not {args.batch_size}")
     if not 5 <= args.max_chars_per_line <= MAX_LINE_CHARS:
@@ -210,8 +212,8 @@ def check_args(args):
         fail(f"--max-steps-per-char must be >= 1, not {args.max_steps_per_char}")
     if not 0 < args.stroke_width <= 50:
         fail(f"--stroke-width must be in (0, 50] pixels, not {args.stroke_width}")
-    if args.threads < 1:
-        fail(f"--threads must be >= 1, not {args.threads}")
+    if not 1 <= args.threads <= (os.cpu_count() or 1):
+        fail(f"--threads must be between 1 and {os.cpu_count() or 1} (the CPU cores here), not {args.threads}")
     if not 10 <= args.line_height <= 1000:
         fail(f"--line-height must be between 10 and 1000 pixels, not {args.line_height}")
     try:
@@ -501,8 +503,11 @@ def write_pages(args, model, ckpt, pages, lead, prime, prime_offsets, generator,
         steps, n_lines = max(steps, int(result["lengths"].max())), n_lines + B
         for b in np.flatnonzero(~result["finished"].numpy()):
             print(f"generate.py: warning: {where[b]} ({texts[b][:30]!r}) did not reach the end of its text within the "
-                  f"cap (--max-steps-per-char) in {int(result['attempts'][b])} attempt(s); try another --seed, a lower "
-                  f"--bias, a shorter line (--max-chars-per-line), another --style or a better-trained checkpoint",
+                  f"cap (--max-steps-per-char) in {int(result['attempts'][b])} attempt(s); try "
+                  + (f"a higher --max-steps-per-char (now {args.max_steps_per_char}; real lines take about 21), "
+                     if args.max_steps_per_char < TEXT_FLAGS["max_steps_per_char"] else "")
+                  + "another --seed, a lower --bias, a shorter line (--max-chars-per-line), another --style or a "
+                    "better-trained checkpoint",
                   file=sys.stderr)
 
         ### the page's lines

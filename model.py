@@ -600,7 +600,8 @@ def load_model(checkpoint, map_location="cpu", expect_task=None, task_flag=True)
     try:
         model.load_state_dict({k: v.float() for k, v in checkpoint["model"].items()})
     except RuntimeError as e:
-        raise ValueError(f"checkpoint weights do not match its config: {str(e).splitlines()[0]}") from None
+        detail = [ln.strip() for ln in str(e).splitlines()[1:] if ln.strip()] or [str(e)]   # line 1: "Error(s) in ..."
+        raise ValueError(f"checkpoint weights do not match its config: {detail[0][:200]}") from None
     check_loaded(model, checkpoint)
     return model.eval(), checkpoint
 

@@ -947,7 +947,11 @@ def load_checkpoint(path, map_location="cpu", config_key="model_config", writer=
                          + f"pass a .pt file written by {writer}") from None
     if not isinstance(checkpoint, dict) or config_key not in checkpoint or "model" not in checkpoint:
         kind = "handwriting" if config_key == "model_config" else config_key.split("_")[0]
-        raise ValueError(f"{path} is not a {kind} checkpoint (no {config_key}/model); pass a .pt file written by {writer}")
+        other = {"recognizer_config": "a recognizer checkpoint (recognizer.py)",
+                 "model_config": "a handwriting checkpoint (train.py)"}
+        what = next((other[k] for k in other if k != config_key and isinstance(checkpoint, dict) and k in checkpoint),
+                    f"not a {kind} checkpoint (no {config_key}/model)")
+        raise ValueError(f"{path} is {what}; pass a .pt file written by {writer}")
     if flag == "--resume" and "optimizer" not in checkpoint:
         raise ValueError(f"{path} holds weights only (no optimiser state, like model.pt and the shipped files): resume "
                          f"from a run's last.pt" + (", or train on from these weights with --init-from"

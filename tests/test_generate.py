@@ -355,6 +355,8 @@ def errors(files, tmp_path):
                "repeat": {"alphabet": good["alphabet"][:-1] + good["alphabet"][0]}, "short": {"alphabet": "ab"}}
     for name, change in damaged.items():
         torch.save({**good, **change}, d / f"{name}.pt")
+    torch.save({"recognizer_config": {}, "model": {}}, d / "rec.pt")
+    torch.save({**good, "model": {k: v for k, v in good["model"].items() if k != "mdn.bias"}}, d / "missing.pt")
     style = {"text": "ab", "offsets": to_offsets(loops("ab")).tolist()}
     (d / "text5.json").write_text(json.dumps({"styles": [{**style, "text": 5}]}))
     (d / "nan.json").write_text(json.dumps({"styles": [{**style, "offsets": [[0, 0, 0], [1, float("nan"), 1]]}]}))
@@ -402,6 +404,10 @@ def errors(files, tmp_path):
           for name in ("std0", "meanabc", "stdinf")),
         (syn[2:] + ["--text", "ab", "--checkpoint", str(d / "repeat.pt")], "alphabet is damaged"),
         (syn[2:] + ["--text", "ab", "--checkpoint", str(d / "short.pt")], "its alphabet has 2 characters but"),
+        (syn[2:] + ["--text", "ab", "--checkpoint", str(d / "rec.pt")], "rec.pt is a recognizer checkpoint (recognizer.py)"),
+        (syn[2:] + ["--text", "ab", "--checkpoint", str(d / "missing.pt")], 'Missing key(s) in state_dict: "mdn.bias"'),
+        (syn + ["--text", "ab", "--bias", "1e308"], "--bias must be between 0 (unbiased) and 100"),
+        (syn + ["--text", "ab", "--threads", "100000"], "--threads must be between 1 and"),
         (["--task", "prediction", "--checkpoint", files["synthesis"]], "is a synthesis model, not prediction"),
         (syn + ["--text", "ab", "--prime-file", str(d / "bad.json")], "is not valid JSON"),
         (syn + ["--text", "ab", "--prime-file", str(d / "shape.json")], "must hold"),
@@ -413,7 +419,7 @@ def errors(files, tmp_path):
         (syn + ["--text", "ab", "--out", str(tmp_path / "x.jpg")], "unsupported extension '.jpg'"),
         (syn + ["--text", "ab", "--plot-attention", str(tmp_path / "a.gif")], "unsupported extension '.gif'"),
         (syn + ["--text", "ab", "--color", "sparkly"], "is not a colour"),
-        (syn + ["--text", "ab", "--bias", "-1"], "--bias must be >= 0"),
+        (syn + ["--text", "ab", "--bias", "-1"], "--bias must be between 0"),
         (syn + ["--text", "ab", "--retries", "-1"], "--retries must be >= 0"),
         (syn + ["--text", "ab", "--retry-above", "-1"], "--retry-above must be >= 0"),
         (syn + ["--text", "ab", "--device", "nonsense"], "--device nonsense is not a device"),
