@@ -295,7 +295,7 @@ def test_missing_files_give_one_line_errors(trained, tiny_prepared, tmp_path):
     in_process = [
         (recognizer.main, ["read", str(tmp_path / "none.npz"), "--checkpoint", rec], "not found"),
         (recognizer.main, ["read", f"{tiny_prepared}:zz-000-99", "--checkpoint", rec], "no line 'zz-000-99'"),
-        (recognizer.main, ["read", str(tiny_prepared), "--checkpoint", syn], "not a recognizer checkpoint"),
+        (recognizer.main, ["read", str(tiny_prepared), "--checkpoint", syn], "is a handwriting checkpoint (train.py); pass a .pt file written by recognizer.py train"),
         (recognizer.main, ["evaluate", "--checkpoint", rec, "--data", str(tmp_path / "nowhere")], "prepare_data.py"),
         (recognizer.main, ["train", "--data", str(tmp_path / "nowhere")], "prepare_data.py"),
         (recognizer.main, ["train", "--data", str(tiny_prepared), "--out", str(trained / "rec"), *TINY_REC],
@@ -305,7 +305,7 @@ def test_missing_files_give_one_line_errors(trained, tiny_prepared, tmp_path):
                                        "resume from a run's last.pt"),
         (recognizer.main, ["evaluate", "--checkpoint", rec, "--data", str(tiny_prepared), "--out", str(tmp_path)],
          "is a folder or in a folder that does not exist"),
-        (evaluate.main, ["--checkpoint", rec, "--legibility", "--data", str(tiny_prepared)], "not a handwriting checkpoint"),
+        (evaluate.main, ["--checkpoint", rec, "--legibility", "--data", str(tiny_prepared)], "is a recognizer checkpoint (recognizer.py); pass a .pt file written by train.py"),
         (evaluate.main, ["--checkpoint", syn, "--legibility", "--prompts", str(tmp_path / "none.txt"),
                          "--recognizer", rec, "--data", str(tiny_prepared)], "cannot read --prompts"),
         (evaluate.main, ["--checkpoint", syn, "--legibility", "--recognizer", rec, "--data", str(tiny_prepared),
