@@ -28,7 +28,7 @@ from dataset import Alphabet, HandwritingDataset, augment, make_loader, normaliz
 from model import Recognizer, RecognizerConfig, ctc_loss, error_rates, load_recognizer, read_lines
 from utils import (OneLineParser, at_least, checkpoint_norm, export_weights, finite_float, learning_rate, load_checkpoint,
                    load_strokes, pick_device, quiet_broken_pipe, restore_training_state, resume_path, save_checkpoint, training_state,
-                   writable_folder)
+                   trim_metrics, writable_folder)
 
 DEFAULT_CHECKPOINT = "checkpoints/recognizer.pt"
 CKPT = dict(config_key="recognizer_config", writer="recognizer.py train")   # what load_checkpoint expects here
@@ -237,6 +237,7 @@ def train(args):
                   if args.max_steps and run.step >= args.max_steps else
                   f"already at --epochs {args.epochs} (epoch {run.epoch}): nothing to do; raise --epochs to train on")
             return 0
+        trim_metrics(os.path.join(out, "metrics.jsonl"), run.step)
         before = ckpt.get("train_args", {})
         changed = [f"--{k.replace('_', '-')} {getattr(args, k)} (was {before[k]})" for k in RESUME_FLAGS
                    if k in before and before[k] != getattr(args, k)]

@@ -26,10 +26,10 @@ import torch.distributed as dist
 from dataset import Alphabet, HandwritingDataset, augment, make_loader, prepared_file, rare_char_copies
 from model import (GraphedChunk, HandwritingModel, ModelConfig, WeightNoise, chunk_backward, error_rates, evaluate_nll,
                    load_recognizer, summarize_nll, teacher_forcing, write_and_read)
-from utils import (DTYPES, OneLineParser, WeightAverage, at_least, atomic_write, autocast_dtype, clipped_step,
+from utils import (DTYPES, OneLineParser, WeightAverage, at_least, autocast_dtype, clipped_step,
                    export_weights, finite_float, learning_rate, load_checkpoint, make_optimizer, pick_device,
                    plot_loss_curve, restore_training_state, resume_path, save_checkpoint, save_sample_image,
-                   training_state, writable_folder)
+                   training_state, trim_metrics, writable_folder)
 
 
 # training flags that shape a run: on --resume, those given otherwise than the run's are named
@@ -264,17 +264,8 @@ def train(args):
             if ddp:
                 dist.destroy_process_group()
             return
-        rows_path = os.path.join(out, "metrics.jsonl")
-        if master and os.path.exists(rows_path):   # rows of steps after the checkpoint (a run killed outright) go
-            with open(rows_path) as f:
-                lines = [line for line in f if line.strip()]
-            rows = [line for line in lines if row_step(line) <= run.step]
-
-            def write_rows(tmp):
-                with open(tmp, "w") as f:
-                    f.writelines(rows)
-            if len(rows) < len(lines):
-                atomic_write(rows_path, write_rows)
+        if master:
+            trim_metrics(os.path.join(out, "metrics.jsonl"), run.step)
         # the training flags come from this command line, not the checkpoint: name those that changed
         before = ckpt.get("train_args", {})
 
@@ -476,14 +467,6 @@ def train(args):
         sys.exit(f"error: {stop['why']}")
     if stop["why"] == "interrupted":
         sys.exit(130)                                   # saved, but not done: a job script can tell
-
-
-def row_step(line):
-    """The step of a metrics.jsonl row; a row cut short (a run killed while writing it) counts as after every step."""
-    try:
-        return json.loads(line)["step"]
-    except (ValueError, KeyError, TypeError):
-        return math.inf
 
 
 class RunningLoss:

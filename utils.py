@@ -38,6 +38,26 @@ def atomic_write(path, write_fn):
             os.remove(tmp)
 
 
+def trim_metrics(path, step):
+    """On resume: drop the rows of a metrics.jsonl after `step`, the checkpoint's (a run killed outright between its
+    last checkpoint and its next rows), and a row cut short; the rows the resumed run writes follow on."""
+    def row_step(line):
+        try:
+            return json.loads(line)["step"]
+        except (ValueError, KeyError, TypeError):
+            return math.inf
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        lines = [line for line in f if line.strip()]
+    rows = [line for line in lines if row_step(line) <= step]
+    def write(tmp):
+        with open(tmp, "w") as f:
+            f.writelines(rows)
+    if len(rows) < len(lines):
+        atomic_write(path, write)
+
+
 def writable_folder(path, flag="--out"):
     """Create folder path if needed and check that a file can be written in it, before hours of work go into it:
     ValueError with a one-line message if not."""

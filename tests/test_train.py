@@ -613,6 +613,15 @@ def test_resume_drops_metrics_rows_past_the_checkpoint(tiny_prepared, tmp_path):
                      task="prediction")
     steps = [r["step"] for r in rows]
     assert 99 not in steps and steps == sorted(set(steps)) and steps[-1] >= 12
+    import recognizer                                       # recognizer.py train resumes the same way
+    common = ["train", "--data", str(tiny_prepared), "--out", str(tmp_path / "r"), "--hidden-size", "16",
+              "--conv-channels", "8", "--batch-size", "8", "--no-progress", "--eval-interval", "2", "--eval-lines", "4"]
+    recognizer.main([*common, "--max-steps", "4"])
+    with open(tmp_path / "r" / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"step": 99}) + '\n{"step": 10')
+    recognizer.main([*common, "--max-steps", "6", "--resume", "auto"])
+    with open(tmp_path / "r" / "metrics.jsonl") as f:
+        assert [json.loads(line)["step"] for line in f] == [2, 4, 6]
 
 
 def test_a_full_disk_is_one_line(tiny_prepared, tmp_path, monkeypatch):
