@@ -292,6 +292,10 @@ def train(args):
         model.load_state_dict({k: v.float() for k, v in ckpt["model"].items()})
         log(f"initialised from the weights of {args.init_from} (trained {ckpt.get('step', '?')} steps there; "
             "its model config is used)")
+        was, now = [ckpt.get("mean"), ckpt.get("std")], [train_set.mean.tolist(), train_set.std.tolist()]
+        if None not in was and not torch.allclose(torch.tensor(was, dtype=torch.float64), torch.tensor(now, dtype=torch.float64), rtol=1e-4):
+            log(f"note: {args.init_from} was trained on data normalised otherwise (mean, std {fmt_norm(was)} there, "
+                f"{fmt_norm(now)} in {args.data}): its weights go on with this data's")
     run.best_by = args.select_by
     raw_model = model
     average = None   # --ema: the averaged weights; a checkpoint's "model" holds them, "train_weights" the optimiser's
@@ -467,6 +471,11 @@ def train(args):
         sys.exit(f"error: {stop['why']}")
     if stop["why"] == "interrupted":
         sys.exit(130)                                   # saved, but not done: a job script can tell
+
+
+def fmt_norm(norm):
+    """[mean (2,), std (2,)] -> '(8.30, -0.13), (42.43, 37.10)' for a log line."""
+    return ", ".join("(" + ", ".join(f"{v:.2f}" for v in pair) + ")" for pair in norm)
 
 
 class RunningLoss:

@@ -82,7 +82,13 @@ def test_init_from_starts_a_new_run_from_shipped_weights(tiny_prepared, tmp_path
     assert abs(scratch[0]["val_nll_per_line"] - first) > 5
     last = torch.load(tmp_path / "b" / "last.pt", weights_only=True)
     assert last["model_config"]["hidden_size"] == last["train_args"]["hidden_size"] == 16   # the args say what ran
-    assert "initialised from the weights" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "initialised from the weights" in out and "normalised otherwise" not in out      # the same data
+    ckpt = torch.load(tmp_path / "a" / "model.pt", weights_only=True)
+    ckpt["std"] = [s * 1.1 for s in ckpt["std"]]                             # trained on data prepared otherwise
+    torch.save(ckpt, tmp_path / "other.pt")
+    run_train(tiny_prepared, tmp_path / "d", "--init-from", str(tmp_path / "other.pt"), "--max-steps", "1")
+    assert "was trained on data normalised otherwise" in capsys.readouterr().out
 
 
 def test_kappa_init_sets_the_windows_starting_pace_and_is_kept(tiny_prepared, tmp_path):
