@@ -145,6 +145,8 @@ def legibility(args, device):
         prime_text, prime_offsets = load_prime(args.styles, args.style, args.prime_file)
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")
+    if not prompts:
+        sys.exit(f"error: --prompts {args.prompts} has no text lines; give one prompt per line")
     prompts = prompts[:args.max_lines or None]
     # the real line of every prompt: the split's own line for the default prompts, else the first line with that text
     by_text = {} if real is None else {t: i for i, t in reversed(list(enumerate(real.texts)))}

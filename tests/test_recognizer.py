@@ -319,6 +319,8 @@ def test_missing_files_give_one_line_errors(trained, tiny_prepared, tmp_path):
                          "--prime-file", str(tmp_path / "none.json")], "--prime-file"),
         (recognizer.main, ["read", str(tmp_path / "empty.npz"), "--checkpoint", rec], "no lines in"),
         (evaluate.main, ["--checkpoint", syn, "--legibility", "--recognizer", rec, "--data", str(tiny_prepared),
+                         "--prompts", str(tmp_path / "blank.txt")], "has no text lines; give one prompt per line"),
+        (evaluate.main, ["--checkpoint", syn, "--legibility", "--recognizer", rec, "--data", str(tiny_prepared),
                          "--out", str(tmp_path / "empty.npz")], "cannot write to --out"),       # before sampling
         (recognizer.main, ["train", "--data", str(tiny_prepared), "--out", str(tmp_path / "empty.npz"), *TINY_REC],
          "cannot write to --out"),
@@ -326,6 +328,7 @@ def test_missing_files_give_one_line_errors(trained, tiny_prepared, tmp_path):
                            *TINY_REC], "kernel_size (--kernel-size) must be odd"),
     ]
     save_strokes(tmp_path / "empty.npz", [], [])
+    (tmp_path / "blank.txt").write_text("\n  \n")
     for main, args, message in in_process:
         with pytest.raises(SystemExit) as e:
             main(args)
