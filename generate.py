@@ -516,6 +516,7 @@ def write_pages(args, model, ckpt, pages, lead, prime, prime_offsets, generator,
         for s in range(args.num_samples):
             if s:
                 page_lines.append(None)
+            shown = False                                     # --show-prime: before a sample's first line only
             for _, ln in page_rows:
                 if not ln:
                     page_lines.append(None)
@@ -525,8 +526,8 @@ def write_pages(args, model, ckpt, pages, lead, prime, prime_offsets, generator,
                 saved.append(off if prime is None else from_its_first_point(off))
                 value = result["eos_prob"][b, :T].numpy() if args.view == "eos" else None
                 start = 0
-                if args.show_prime and prime_offsets is not None:
-                    start = len(prime_offsets)
+                if args.show_prime and prime_offsets is not None and not shown:
+                    shown, start = True, len(prime_offsets)
                     off = np.concatenate([prime_offsets, off])
                     value = None if value is None else np.concatenate([np.zeros(start), value])
                 page_lines.append(utils.PageLine(off, value=value, start=start))

@@ -318,6 +318,16 @@ def test_views_and_attention(files, tmp_path, view):
                "--style", "0", "--show-prime") == 0
 
 
+def test_show_prime_draws_the_priming_line_once_per_sample(files, tmp_path, monkeypatch):
+    """--show-prime: the grey priming line before the first line of each sample, not before every line of a letter."""
+    pages, original = [], utils.layout_page
+    monkeypatch.setattr(utils, "layout_page", lambda *a, **k: pages.append(a[0]) or original(*a, **k))
+    assert run(files, "synthesis", tmp_path / "p.png", "--text", "ab\n\ncd\ne", "--num-samples", "2", "--style", "0",
+               "--show-prime") == 0
+    primed = len(utils.load_style(files["styles"], 0)[1])
+    assert [None if ln is None else ln.start for ln in pages[0]] == [primed, None, 0, 0, None, primed, None, 0, 0]
+
+
 def test_unfinished_line_is_reported(files, tmp_path, capsys):
     assert run(files, "synthesis", tmp_path / "x.png", "--text", "abc\ndefgh", "--max-steps-per-char", "1") == 0
     err = capsys.readouterr().err
