@@ -17,7 +17,6 @@ import argparse
 import json
 import math
 import os
-import signal
 import sys
 import time
 
@@ -27,8 +26,8 @@ import torch
 from dataset import Alphabet, HandwritingDataset, augment, make_loader, normalize
 from model import Recognizer, RecognizerConfig, ctc_loss, error_rates, load_recognizer, read_lines
 from utils import (OneLineParser, at_least, checkpoint_norm, export_weights, finite_float, learning_rate, load_checkpoint,
-                   load_strokes, pick_device, quiet_broken_pipe, restore_training_state, resume_path, save_checkpoint, training_state,
-                   trim_metrics, writable_folder)
+                   load_strokes, pick_device, quiet_broken_pipe, restore_training_state, resume_path, save_checkpoint,
+                   stop_on_signals, training_state, trim_metrics, writable_folder)
 
 DEFAULT_CHECKPOINT = "checkpoints/recognizer.pt"
 CKPT = dict(config_key="recognizer_config", writer="recognizer.py train")   # what load_checkpoint expects here
@@ -109,6 +108,10 @@ def main(argv=None):
         return code or 0
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")
+    except KeyboardInterrupt:                           # a second Ctrl-C in training, or one while reading
+        print("recognizer.py: stopped at once" + ("; the last checkpoint saved stands (--resume auto goes on from it)"
+                                                  if args.command == "train" else ""), file=sys.stderr)
+        return 130
     except BrokenPipeError:                             # `recognizer.py read ... | head`
         quiet_broken_pipe()
         sys.exit(1)
@@ -283,8 +286,7 @@ def train(args):
         return metrics
 
     stop = {"why": None}
-    for sig in (signal.SIGINT, signal.SIGTERM):   # Ctrl-C, or `timeout`, `kill`, a job scheduler: finish the batch, save
-        signal.signal(sig, lambda *_: stop.update(why="interrupted"))
+    stop_on_signals(stop, lambda message: log(message))   # (log: the progress bar's, once it exists)
     progress = None
     if not args.no_progress:
         from tqdm import tqdm

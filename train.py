@@ -16,7 +16,6 @@ import contextlib
 import json
 import math
 import os
-import signal
 import sys
 import time
 
@@ -29,7 +28,7 @@ from model import (GraphedChunk, HandwritingModel, ModelConfig, WeightNoise, chu
 from utils import (DTYPES, OneLineParser, WeightAverage, at_least, autocast_dtype, clipped_step,
                    export_weights, finite_float, learning_rate, load_checkpoint, make_optimizer, pick_device,
                    plot_loss_curve, restore_training_state, resume_path, save_checkpoint, save_sample_image,
-                   training_state, trim_metrics, writable_folder)
+                   stop_on_signals, training_state, trim_metrics, writable_folder)
 
 
 # training flags that shape a run: on --resume, those given otherwise than the run's are named
@@ -160,6 +159,10 @@ def main(argv=None):
         train(args)
     except OSError as e:   # a disk that fills up, a folder removed while training: one line, not a traceback
         sys.exit(f"error: {e.strerror or e}" + (f": {e.filename}" if e.filename else ""))
+    except KeyboardInterrupt:   # a second Ctrl-C, or one before training began
+        print("train.py: stopped at once; the last checkpoint saved stands (--resume auto goes on from it)",
+              file=sys.stderr)
+        sys.exit(130)
 
 
 def train(args):
@@ -400,8 +403,7 @@ def train(args):
 
     ### Ctrl-C, or SIGTERM (`timeout`, `kill`, job schedulers): finish the current batch, evaluate, save, exit
     stop = {"why": None}
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.update(why="interrupted"))
+    stop_on_signals(stop, lambda message: log(message))   # (log: the progress bar's, once it exists)
 
     ### training loop
     run_loss = RunningLoss()

@@ -38,6 +38,21 @@ def atomic_write(path, write_fn):
             os.remove(tmp)
 
 
+def stop_on_signals(stop, say):
+    """Training loops: Ctrl-C or SIGTERM (`timeout`, `kill`, a job scheduler) sets stop["why"] = "interrupted", so the
+    loop ends its batch, evaluates and saves; a second one stops at once (KeyboardInterrupt: the last checkpoint
+    saved stands, written atomically)."""
+    import signal
+
+    def handler(signum, frame):
+        if stop["why"] == "interrupted":
+            raise KeyboardInterrupt
+        stop["why"] = "interrupted"
+        say("interrupted: ending the batch, then evaluating and saving (press Ctrl-C again to stop at once)")
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, handler)
+
+
 def trim_metrics(path, step):
     """On resume: drop the rows of a metrics.jsonl after `step`, the checkpoint's (a run killed outright between its
     last checkpoint and its next rows), and a row cut short; the rows the resumed run writes follow on."""

@@ -494,6 +494,37 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tiny_prepared, tmp_path, si
     assert ckpt["step"] > 0 and ckpt["step"] == ckpt["run"]["last_eval_step"]
 
 
+def test_a_second_ctrl_c_stops_at_once(monkeypatch, capsys):
+    """The first Ctrl-C (or SIGTERM) asks the loop to end its batch, evaluate and save, and says so; a second one
+    stops at once, in one line (the last checkpoint, written atomically, stands), in train.py and recognizer.py."""
+    import os
+    import signal
+    import time
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        stop, said = {"why": None}, []
+        utils.stop_on_signals(stop, said.append)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.1)
+        assert stop["why"] == "interrupted" and "Ctrl-C again to stop at once" in said[0]
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(5)                                   # the handler raises here
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+    import recognizer
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(train, "train", interrupted)
+    with pytest.raises(SystemExit) as e:
+        train.main([])
+    assert e.value.code == 130 and "stopped at once; the last checkpoint saved stands" in capsys.readouterr().err
+    monkeypatch.setattr(recognizer, "train", interrupted)
+    assert recognizer.main(["train"]) == 130 and "stopped at once" in capsys.readouterr().err
+
+
 def test_gpu_session_script_trains_evaluates_and_resumes_from_parts(tiny_prepared, tmp_path):
     """docs/gpu_session.sh (CPU, tiny sizes): a stage leaves model.pt, metrics and last.pt in parts in $OUT; a call
     with the parts put back (beside an older last.pt) joins them and trains on."""
