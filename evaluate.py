@@ -34,6 +34,11 @@ from utils import (DTYPES, MAX_LINE_CHARS, OneLineParser, at_least, autocast_dty
                    load_prime, pick_device, plot_lines, save_strokes, writable_folder)
 
 
+LEGIBILITY_FLAGS = ("prompts", "recognizer", "bias", "seed", "max_steps_per_char", "retries", "retry_above", "style",
+                    "prime_file", "styles", "worst", "out")
+NLL_FLAGS = ("dtype", "text_ablation")
+
+
 def get_args(argv=None):
     p = OneLineParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--checkpoint", default="checkpoints/synthesis.pt", help="checkpoint written by train.py (last.pt, best.pt or a shipped one)")
@@ -73,7 +78,14 @@ def get_args(argv=None):
                                                                   "--prime-file)")
     g.add_argument("--worst", type=at_least(0), default=12, help="lines drawn in OUT/worst.png, highest CER first")
     g.add_argument("--out", default="samples/legibility", help="folder for legibility.jsonl, worst.png and generated.npz")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    # a flag given for the other measure would be ignored: say so instead
+    given = lambda names: [f"--{k.replace('_', '-')}" for k in names if getattr(args, k) != p.get_default(k)]
+    if not args.legibility and given(LEGIBILITY_FLAGS):
+        p.error(f"{given(LEGIBILITY_FLAGS)[0]} is for --legibility (how legible the model writes)")
+    if args.legibility and given(NLL_FLAGS):
+        p.error(f"{given(NLL_FLAGS)[0]} is for the NLL (without --legibility)")
+    return args
 
 
 def main(argv=None):
@@ -85,10 +97,6 @@ def main(argv=None):
         sys.exit(f"error: {e}")
     if args.legibility:
         return legibility(args, device)
-    given = [flag for flag, on in (("--style", args.style is not None), ("--prime-file", args.prime_file),
-                                   ("--prompts", args.prompts)) if on]
-    if given:
-        sys.exit(f"error: {given[0]} is for --legibility (how legible the model writes)")
     args.split = args.split or "valid"
     try:
         checkpoint = load_checkpoint(args.checkpoint, map_location=device)

@@ -290,7 +290,7 @@ def test_train_checks_legibility_and_selects_best_by_cer(trained, tiny_prepared,
         assert r.returncode != 0 and message in r.stderr and "Traceback" not in r.stderr, r.stderr
 
 
-def test_missing_files_give_one_line_errors(trained, tiny_prepared, tmp_path):
+def test_missing_files_give_one_line_errors(trained, tiny_prepared, tmp_path, capsys):
     rec, syn = str(trained / "rec" / "model.pt"), str(trained / "syn" / "last.pt")
     in_process = [
         (recognizer.main, ["read", str(tmp_path / "none.npz"), "--checkpoint", rec], "not found"),
@@ -312,9 +312,6 @@ def test_missing_files_give_one_line_errors(trained, tiny_prepared, tmp_path):
                          "--style", "0", "--styles", str(tmp_path / "none.json")], "no styles file"),
         (evaluate.main, ["--checkpoint", syn, "--legibility", "--recognizer", rec, "--data", str(tiny_prepared),
                          "--style", "-1", "--styles", str(ROOT / "data" / "styles.json")], "does not exist"),
-        (evaluate.main, ["--checkpoint", syn, "--data", str(tiny_prepared), "--style", "0"], "is for --legibility"),
-        (evaluate.main, ["--checkpoint", syn, "--data", str(tiny_prepared), "--prime-file", "me.json"],
-         "--prime-file is for --legibility"),
         (evaluate.main, ["--checkpoint", syn, "--legibility", "--recognizer", rec, "--data", str(tiny_prepared),
                          "--prime-file", str(tmp_path / "none.json")], "--prime-file"),
         (recognizer.main, ["read", str(tmp_path / "empty.npz"), "--checkpoint", rec], "no lines in"),
@@ -327,6 +324,14 @@ def test_missing_files_give_one_line_errors(trained, tiny_prepared, tmp_path):
         (recognizer.main, ["train", "--data", str(tiny_prepared), "--out", str(tmp_path / "k"), "--kernel-size", "4",
                            *TINY_REC], "kernel_size (--kernel-size) must be odd"),
     ]
+    for args, message in [(["--style", "0"], "--style is for --legibility"),
+                          (["--prime-file", "me.json"], "--prime-file is for --legibility"),
+                          (["--bias", "2"], "--bias is for --legibility"),               # was ignored
+                          (["--legibility", "--text-ablation"], "--text-ablation is for the NLL")]:
+        with pytest.raises(SystemExit) as e:
+            evaluate.main(["--checkpoint", syn, "--data", str(tiny_prepared), *args])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and message in err and err.count("\n") == 1, err
     save_strokes(tmp_path / "empty.npz", [], [])
     (tmp_path / "blank.txt").write_text("\n  \n")
     for main, args, message in in_process:
