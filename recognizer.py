@@ -25,9 +25,9 @@ import torch
 
 from dataset import Alphabet, HandwritingDataset, augment, make_loader, normalize
 from model import Recognizer, RecognizerConfig, ctc_loss, error_rates, load_recognizer, read_lines
-from utils import (OneLineParser, at_least, checkpoint_norm, export_weights, finite_float, learning_rate, load_checkpoint,
-                   load_strokes, pick_device, quiet_broken_pipe, restore_training_state, resume_path, save_checkpoint,
-                   stop_on_signals, training_state, trim_metrics, writable_folder)
+from utils import (OneLineParser, at_least, changed_flags, checkpoint_norm, export_weights, finite_float,
+                   learning_rate, load_checkpoint, load_strokes, pick_device, quiet_broken_pipe, restore_training_state,
+                   resume_path, save_checkpoint, stop_on_signals, training_state, trim_metrics, writable_folder)
 
 DEFAULT_CHECKPOINT = "checkpoints/recognizer.pt"
 CKPT = dict(config_key="recognizer_config", writer="recognizer.py train")   # what load_checkpoint expects here
@@ -242,11 +242,16 @@ def train(args):
             return 0
         trim_metrics(os.path.join(out, "metrics.jsonl"), run.step)
         before = ckpt.get("train_args", {})
-        changed = [f"--{k.replace('_', '-')} {getattr(args, k)} (was {before[k]})" for k in RESUME_FLAGS
-                   if k in before and before[k] != getattr(args, k)]
+        changed = changed_flags(before, args, RESUME_FLAGS)
         if changed:
-            print("note: flags that differ from the run's: " + ", ".join(changed) + "; pass the old values again to go "
-                  "on as it was")
+            print("note: flags that differ from the run's: " + ", ".join(
+                f"--{k.replace('_', '-')} {getattr(args, k)} (was {before[k]})" for k in changed)
+                + "; pass the old values again to go on as it was")
+        remeasured = [k for k in ("data", "eval_lines") if k in changed]
+        if remeasured:                                    # a CER on other lines is not compared with best.pt's
+            print("best figure reset: the validation CER is measured otherwise now (--"
+                  + ", --".join(k.replace("_", "-") for k in remeasured) + "); best.pt is replaced at the next evaluation")
+            run.best_cer = math.inf
     mean, std = train_set.mean.tolist(), train_set.std.tolist()
     batches_per_epoch = len(make_loader(train_set, args.batch_size, shuffle=True).batch_sampler)
     total_steps = args.max_steps or args.epochs * batches_per_epoch

@@ -22,10 +22,10 @@ import time
 import torch
 import torch.distributed as dist
 
-from dataset import Alphabet, HandwritingDataset, augment, make_loader, prepared_file, rare_char_copies
+from dataset import Alphabet, HandwritingDataset, augment, make_loader, rare_char_copies
 from model import (GraphedChunk, HandwritingModel, ModelConfig, WeightNoise, chunk_backward, error_rates, evaluate_nll,
                    load_recognizer, summarize_nll, teacher_forcing, write_and_read)
-from utils import (DTYPES, OneLineParser, WeightAverage, at_least, autocast_dtype, clipped_step,
+from utils import (DTYPES, OneLineParser, WeightAverage, at_least, autocast_dtype, changed_flags, clipped_step,
                    export_weights, finite_float, learning_rate, load_checkpoint, make_optimizer, pick_device,
                    plot_loss_curve, restore_training_state, resume_path, save_checkpoint, save_sample_image,
                    stop_on_signals, training_state, trim_metrics, writable_folder)
@@ -271,19 +271,13 @@ def train(args):
             trim_metrics(os.path.join(out, "metrics.jsonl"), run.step)
         # the training flags come from this command line, not the checkpoint: name those that changed
         before = ckpt.get("train_args", {})
-
-        def same(k, was, now):   # --data DIR and DIR/iam_ondb.npz are one file; a path typed elsewhere cannot be told
-            if k != "data" or was == now:
-                return was == now
-            was, now = prepared_file(was), prepared_file(now)
-            return not was.exists() or (now.exists() and os.path.samefile(was, now))
-        changed = [f"--{k.replace('_', '-')} {getattr(args, k)} (was {before[k]})" for k in RESUME_FLAGS
-                   if k in before and not same(k, before[k], getattr(args, k))]
+        changed = changed_flags(before, args, RESUME_FLAGS)
         if changed:
-            log("note: flags that differ from the run's: " + ", ".join(changed) + "; pass the old values again to go on "
-                "as it was")
+            log("note: flags that differ from the run's: " + ", ".join(
+                f"--{k.replace('_', '-')} {getattr(args, k)} (was {before[k]})" for k in changed)
+                + "; pass the old values again to go on as it was")
         best_by = run.best_by or before.get("select_by", "nll")
-        remeasured = [k for k in MEASURE_FLAGS[args.select_by] if k in before and not same(k, before[k], getattr(args, k))]
+        remeasured = [k for k in MEASURE_FLAGS[args.select_by] if k in changed]
         if best_by != args.select_by:   # a CER is not comparable with an NLL: best.pt is replaced at the next evaluation
             log(f"--select-by {args.select_by} (the run chose best.pt by {best_by} so far): best figure reset")
             run.best_val = math.inf

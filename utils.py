@@ -53,23 +53,40 @@ def stop_on_signals(stop, say):
         signal.signal(sig, handler)
 
 
+def changed_flags(before, args, keys):
+    """On resume: the flags among `keys` given otherwise than the run's (before: its checkpoint's train_args). A path
+    (data, recognizer) is the same file by any name (--data DIR is DIR/iam_ondb.npz); one the run typed in another
+    folder, which cannot be found from here, is not told apart."""
+    def same(k, was, now):
+        if was == now:
+            return True
+        if k not in ("data", "recognizer") or not was or not now:
+            return False
+        if k == "data":
+            from dataset import prepared_file
+            was, now = prepared_file(was), prepared_file(now)
+        return not os.path.exists(was) or (os.path.exists(now) and os.path.samefile(was, now))
+    return [k for k in keys if k in before and not same(k, before[k], getattr(args, k))]
+
+
 def trim_metrics(path, step):
     """On resume: drop the rows of a metrics.jsonl after `step`, the checkpoint's (a run killed outright between its
     last checkpoint and its next rows), and a row cut short; the rows the resumed run writes follow on."""
     def row_step(line):
         try:
-            return json.loads(line)["step"]
+            step = json.loads(line)["step"]
+            return step if isinstance(step, (int, float)) else math.inf
         except (ValueError, KeyError, TypeError):
             return math.inf
     if not os.path.exists(path):
         return
     with open(path) as f:
         lines = [line for line in f if line.strip()]
-    rows = [line for line in lines if row_step(line) <= step]
+    rows = [line if line.endswith("\n") else line + "\n" for line in lines if row_step(line) <= step]
     def write(tmp):
         with open(tmp, "w") as f:
             f.writelines(rows)
-    if len(rows) < len(lines):
+    if rows != lines:
         atomic_write(path, write)
 
 

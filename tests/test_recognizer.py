@@ -1,6 +1,7 @@
 """The recognizer (model.py, recognizer.py) and evaluate.py --legibility: CTC decoding and error rates exactly, learning
 on tiny data, checkpoints, and every command end to end on tiny models (CPU, one thread)."""
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -125,6 +126,9 @@ def test_resume_matches_an_unbroken_run(tiny_prepared, tmp_path, capsys):
     recognizer.main(["train", "--data", str(tiny_prepared), "--batch-size", "8", "--no-progress", "--eval-interval", "4",
                      "--max-steps", "10", "--out", str(tmp_path / "b"), "--resume", "auto", "--lr", "0.01"])
     assert "note: flags that differ from the run's: --lr 0.01 (was 0.002), --max-steps 10 (was 8);" in capsys.readouterr().out
+    recognizer.main([*common[:-1], "12", "--out", str(tmp_path / "b"), "--resume", "auto", "--eval-lines", "3"])
+    assert "best figure reset: the validation CER is measured otherwise now (--eval-lines)" in capsys.readouterr().out
+    assert torch.load(tmp_path / "b" / "best.pt", weights_only=True)["step"] == 12
     assert torch.load(tmp_path / "b" / "last.pt", weights_only=True)["recognizer_config"]["hidden_size"] == 16
 
 
@@ -276,8 +280,11 @@ def test_train_checks_legibility_and_selects_best_by_cer(trained, tiny_prepared,
     # resumed without --select-by, the run goes on choosing by CER (given its recognizer), else says how to go on
     with pytest.raises(SystemExit, match=r"chose best.pt by legibility \(--select-by cer\): pass --recognizer PATH again"):
         train.main([*common, "--max-steps", "8", "--resume", "auto"])
-    train.main([*common, "--max-steps", "8", "--resume", "auto", "--recognizer", rec, "--legibility-lines", "4"])
+    same_file = os.path.join(os.path.dirname(rec), ".", os.path.basename(rec))   # the run's recognizer, named otherwise
+    capsys.readouterr()
+    train.main([*common, "--max-steps", "8", "--resume", "auto", "--recognizer", same_file, "--legibility-lines", "4"])
     assert torch.load(tmp_path / "r" / "last.pt", weights_only=True)["run"]["best_by"] == "cer"
+    assert "best figure reset" not in capsys.readouterr().out
     # a figure measured on other lines is not compared with best.pt's: the next evaluation replaces it
     train.main([*common, "--max-steps", "10", "--resume", "auto", "--recognizer", rec, "--legibility-lines", "3"])
     out = capsys.readouterr().out

@@ -650,6 +650,10 @@ def test_resume_drops_metrics_rows_past_the_checkpoint(tiny_prepared, tmp_path):
                      task="prediction")
     steps = [r["step"] for r in rows]
     assert 99 not in steps and steps == sorted(set(steps)) and steps[-1] >= 12
+    rows_path = tmp_path / "m.jsonl"                        # a step that is no number; a last row with no newline
+    rows_path.write_text('{"step": 1}\n\n{"step": null}\n{"step": 2}')
+    utils.trim_metrics(rows_path, 5)
+    assert rows_path.read_text() == '{"step": 1}\n{"step": 2}\n'
     import recognizer                                       # recognizer.py train resumes the same way
     common = ["train", "--data", str(tiny_prepared), "--out", str(tmp_path / "r"), "--hidden-size", "16",
               "--conv-channels", "8", "--batch-size", "8", "--no-progress", "--eval-interval", "2", "--eval-lines", "4"]
