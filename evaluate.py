@@ -154,16 +154,22 @@ def legibility(args, device):
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")
     if not prompts:
-        sys.exit(f"error: --prompts {args.prompts} has no text lines; give one prompt per line")
+        sys.exit(f"error: --prompts {args.prompts} has no text lines; give one prompt per line" if args.prompts else
+                 f"error: the {split} split of {args.data} has no lines; choose another --split")
     prompts = prompts[:args.max_lines or None]
     # the real line of every prompt: the split's own line for the default prompts, else the first line with that text
     by_text = {} if real is None else {t: i for i, t in reversed(list(enumerate(real.texts)))}
     real_index = (list(range(len(prompts))) if args.prompts is None else [by_text.get(p) for p in prompts])
     alphabet = Alphabet(ckpt["alphabet"])
-    unknown = list(dict.fromkeys(c for p in prompts for c in alphabet.unknown(p)))
+    folded = [alphabet.fold(alphabet.plain(p)) for p in prompts]          # as generate.py --drop-unknown writes them
+    forms = {a: b for _, f in folded for a, b in f.items()}
+    unknown = list(dict.fromkeys(c for t, _ in folded for c in alphabet.unknown(t)))
+    if forms:
+        print("evaluate.py: warning: wrote " + ", ".join(f"{a!r} as {b!r}" for a, b in forms.items())
+              + " (not in the alphabet)", file=sys.stderr)
     if unknown:
         print(f"evaluate.py: warning: left out characters the model lacks: {' '.join(map(repr, unknown))}", file=sys.stderr)
-    asked = [alphabet.writable(p) for p in prompts]                       # what the model writes
+    asked = [alphabet.writable(t) for t, _ in folded]                     # what the model writes
     keep = [i for i, t in enumerate(asked) if t]
     if not keep:
         sys.exit("error: no prompt has a character the model can write")

@@ -13,6 +13,7 @@ any number of them, sampled in batches; e.g. training data for a recogniser).
 Errors are one line on stderr and a non-zero exit.
 """
 import argparse
+import json
 import math
 import os
 import shlex
@@ -71,7 +72,8 @@ def get_args(argv=None):
                    help=f"wrap longer lines at word boundaries (characters, 5 to {MAX_LINE_CHARS}; default: 40; "
                         f"IAM-OnDB lines have 1-64, median 29)")
     g.add_argument("--drop-unknown", action="store_true",
-                   help="leave out characters the model's alphabet lacks instead of stopping with an error")
+                   help="write characters the model's alphabet lacks without their accents where that makes them "
+                        "known (é as e), and leave the rest out, instead of stopping with an error")
     s = p.add_argument_group("sampling")
     s.add_argument("--bias", type=finite_float, metavar="B", default=0.75,
                    help="Graves' biased sampling (section 5.4, eq. 61-62): sigma = exp(sigma_hat - b), pi = softmax(pi_hat (1 + b)); "
@@ -179,8 +181,12 @@ def check_output(path, formats, flag, reads=()):
             try:
                 load_prime_file(path)
             except ValueError:
-                fail(f"{flag} {path} exists and is not a prime file (a styles file?), not to be written over; "
-                     f"give another file")
+                try:
+                    with open(path, encoding="utf-8-sig") as f:
+                        what = "a styles file" if "styles" in json.load(f) else "not a prime file"
+                except (OSError, ValueError, TypeError):
+                    what = "not a prime file"
+                fail(f"{flag} {path} exists and is {what}, not to be written over; give another file")
     probe = f"{path}.tmp"                                # where utils.atomic_write will write first
     try:
         with open(probe, "xb"):
@@ -281,6 +287,11 @@ def read_text(args):
         fail(f"cannot read --text-file {args.text_file}: {e.strerror}")
 
 
+def show_chars(chars):
+    """Characters for a message: quoted, or by code point where quoting shows nothing (a lone accent, a control)."""
+    return " ".join(repr(c) if c.isprintable() and not unicodedata.combining(c) else f"U+{ord(c):04X}" for c in chars)
+
+
 def prepare_lines(text, chars, max_chars, drop_unknown):
     """Text -> page lines: typographic substitutes, unknown characters checked (with drop_unknown, accents left off
     where that makes them known, the rest left out), spaces collapsed, long lines wrapped at word boundaries (a longer
@@ -291,10 +302,8 @@ def prepare_lines(text, chars, max_chars, drop_unknown):
     text, folded = alphabet.plain(text), {}
     unknown = [c for c in alphabet.unknown(text) if c not in "\n\r "]          # in order of appearance
     if unknown and not drop_unknown:
-        shown = " ".join(repr(c) if c.isprintable() and not unicodedata.combining(c) else f"U+{ord(c):04X}"
-                         for c in unknown)
-        fail(f"characters not in the model's alphabet: {shown}; remove them or pass --drop-unknown (accents left "
-             f"off, the rest left out)")
+        fail(f"characters not in the model's alphabet: {show_chars(unknown)}; remove them or pass --drop-unknown "
+             f"(accents left off, the rest left out)")
     if unknown:
         text, folded = alphabet.fold(text)
         unknown = [c for c in alphabet.unknown(text) if c not in "\n\r "]
@@ -418,7 +427,7 @@ def generate(args):
             print("generate.py: warning: wrote " + ", ".join(f"{a!r} as {b!r}" for a, b in folded.items())
                   + " (not in the alphabet)", file=sys.stderr)
         if dropped:
-            print(f"generate.py: warning: left out {' '.join(repr(c) for c in dropped)} (not in the alphabet)",
+            print(f"generate.py: warning: left out {show_chars(dropped)} (not in the alphabet)",
                   file=sys.stderr)
         if prime_text is not None:
             prime_text = alphabet.plain(prime_text)                           # curly quotes from a phone's keyboard
@@ -479,6 +488,7 @@ def write_pages(args, model, ckpt, pages, lead, prime, prime_offsets, generator,
     alphabet = Alphabet(ckpt["alphabet"]) if args.task == "synthesis" else None
     saved, saved_texts, t_sampling, steps, n_lines = [], [], 0.0, 0, 0
     sampled = []                                                              # per page: (texts, result, rows, lines)
+    shown = set()                                             # --show-prime: the samples whose first line has it
     for page_rows in pages:
         ### the batch: one row per line of the page and sample
         texts, where = [], []                                                 # batch rows, sample-major
@@ -516,7 +526,6 @@ def write_pages(args, model, ckpt, pages, lead, prime, prime_offsets, generator,
         for s in range(args.num_samples):
             if s:
                 page_lines.append(None)
-            shown = False                                     # --show-prime: before a sample's first line only
             for _, ln in page_rows:
                 if not ln:
                     page_lines.append(None)
@@ -526,8 +535,9 @@ def write_pages(args, model, ckpt, pages, lead, prime, prime_offsets, generator,
                 saved.append(off if prime is None else from_its_first_point(off))
                 value = result["eos_prob"][b, :T].numpy() if args.view == "eos" else None
                 start = 0
-                if args.show_prime and prime_offsets is not None and not shown:
-                    shown, start = True, len(prime_offsets)
+                if args.show_prime and prime_offsets is not None and s not in shown:
+                    shown.add(s)
+                    start = len(prime_offsets)
                     off = np.concatenate([prime_offsets, off])
                     value = None if value is None else np.concatenate([np.zeros(start), value])
                 page_lines.append(utils.PageLine(off, value=value, start=start))

@@ -326,6 +326,10 @@ def test_show_prime_draws_the_priming_line_once_per_sample(files, tmp_path, monk
                "--show-prime") == 0
     primed = len(utils.load_style(files["styles"], 0)[1])
     assert [None if ln is None else ln.start for ln in pages[0]] == [primed, None, 0, 0, None, primed, None, 0, 0]
+    pages.clear()                                              # a text of two pages: on page 1 only
+    assert run(files, "synthesis", tmp_path / "q.png", "--text", "\n".join(["ab"] * 45), "--style", "0",
+               "--show-prime") == 0
+    assert len(pages) == 2 and [ln.start for ln in pages[0]][:2] == [primed, 0] and pages[1][0].start == 0
 
 
 def test_unfinished_line_is_reported(files, tmp_path, capsys):
@@ -394,7 +398,7 @@ def errors(files, tmp_path):
         (syn + ["--text", "ab", "--out", str(tmp_path / ("x" * 300 + ".png"))], "cannot be written"),   # name too long
         (syn + ["--text", "ab", "--prime-file", files["prime"], "--save-hand", files["prime"]], "is a file this run reads"),
         (syn + ["--text", "ab", "--style", "0", "--save-hand", files["styles"]], "is a file this run reads"),
-        (syn + ["--text", "ab", "--save-hand", files["styles"]], "exists and is not a prime file (a styles file?)"),
+        (syn + ["--text", "ab", "--save-hand", files["styles"]], "exists and is a styles file, not to be written over"),
         (syn + ["--text", "ab", "--out", str(d / "prepared.npz")], "is a prepared IAM-OnDB file (prepare_data.py)"),
         (syn + ["--text", "ab", "--save-strokes", str(d / "prepared.npz")], "is a prepared IAM-OnDB file"),
         (syn + ["--text", "ab", "--save-hand", str(tmp_path / "h.png")], "--save-hand"),

@@ -189,10 +189,16 @@ def test_legibility_end_to_end(trained, tiny_prepared, tmp_path, capsys):
     assert retried["retry_above"] == 32 and retried["attempts_per_line"] == sum(r["attempts"] for r in rows2) / 5
     # a prompts file: one text with a real test line, one without
     real_text = HandwritingDataset(tiny_prepared, "test").texts[2]
-    (tmp_path / "prompts.txt").write_text(f"{real_text}\n\nnot a real  line\n", encoding="utf-8")
+    (tmp_path / "prompts.txt").write_text(f"{real_text}\n\nnot a r\u00e9al  line \u20ac\n", encoding="utf-8")
     evaluate.main([*base, "--out", str(tmp_path / "b"), "--prompts", str(tmp_path / "prompts.txt")])
-    result = json.loads(capsys.readouterr().out)
+    said = capsys.readouterr()
+    result = json.loads(said.out)
     assert result["lines"] == 2 and result["real_lines"] == 1
+    left_out = said.err.split("lacks: ")[-1]
+    assert "wrote '\u00e9' as 'e'" in said.err and "'\u20ac'" in left_out and "'\u00e9'" not in left_out
+    rows = [json.loads(line) for line in open(tmp_path / "b" / "legibility.jsonl")]
+    alphabet = HandwritingDataset(tiny_prepared, "test").alphabet
+    assert rows[1]["text"] == alphabet.writable("not a real line")       # as generate.py --drop-unknown writes it
     (tmp_path / "long.txt").write_text("the hat " * 9 + "\n", encoding="utf-8")       # 71 characters: one line said
     evaluate.main([*base, "--out", str(tmp_path / "c"), "--prompts", str(tmp_path / "long.txt")])
     err = capsys.readouterr().err
