@@ -302,12 +302,15 @@ def get_args(argv=None):
 
 def main(argv=None):
     args = get_args(argv)
+    args.written = None
     try:
         prepare(args)
     except DataError as e:
         sys.exit(f"error: {e}")
     except KeyboardInterrupt:
-        print("prepare_data.py: interrupted; nothing written (run it again: it starts from the beginning)", file=sys.stderr)
+        print(f"prepare_data.py: interrupted after writing {args.written} (only the --plot was left)" if args.written
+              else "prepare_data.py: interrupted; nothing written (run it again: it starts from the beginning)",
+              file=sys.stderr)
         sys.exit(130)
 
 
@@ -432,6 +435,7 @@ def prepare(args):
         with open(tmp, "wb") as f:
             np.savez_compressed(f, **arrays)
     atomic_write(path, write)
+    args.written = path                                      # (for the Ctrl-C message)
 
     ### summary
     n_drop = sum(map(len, dropped.values()))

@@ -232,6 +232,13 @@ def test_ctrl_c_is_one_line_and_writes_nothing(one_form, tmp_path, monkeypatch, 
     assert stop.value.code == 130 and not (tmp_path / "out" / "iam_ondb.npz").exists()
     assert capsys.readouterr().err.strip().splitlines()[-1] == ("prepare_data.py: interrupted; nothing written (run it "
                                                                 "again: it starts from the beginning)")
+    monkeypatch.undo()                                         # stopped while drawing --plot: the data file stands
+    monkeypatch.setattr(prepare_data, "plot_lines", lambda *a: interrupted(None))
+    with pytest.raises(SystemExit) as stop:
+        prepare_data.main(["--raw", str(one_form), "--out", str(tmp_path / "out"), "--splits", str(tmp_path / "s"),
+                           "--workers", "1", "--plot", "2"])
+    assert stop.value.code == 130 and (tmp_path / "out" / "iam_ondb.npz").exists()
+    assert "interrupted after writing" in capsys.readouterr().err
 
 
 def test_help_lists_every_flag():
