@@ -29,7 +29,8 @@ import numpy as np
 import torch
 
 from dataset import Alphabet, HandwritingDataset, make_loader, prime_strokes
-from model import error_rates, evaluate_nll, load_model, load_recognizer, read_lines, summarize_nll, write_and_read
+from model import evaluate_nll, load_model, summarize_nll
+from recognition import error_rates, load_recognizer, read_lines, write_and_read
 from utils import (DTYPES, MAX_LINE_CHARS, OneLineParser, at_least, autocast_dtype, checkpoint_norm, load_checkpoint,
                    load_prime, pick_device, plot_lines, save_strokes, writable_folder)
 

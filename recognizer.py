@@ -6,7 +6,7 @@ Online handwriting recognizer for IAM-OnDB lines (CTC), the legibility measure o
     python recognizer.py read samples/hello.npz                            # lines saved by generate.py --save-strokes
     python recognizer.py evaluate --checkpoint checkpoints/recognizer.pt --split test
 
-The network (model.py, section "the recognizer") reads the same normalised (dx, dy, eos) sequences as the handwriting
+The network (recognition.py) reads the same normalised (dx, dy, eos) sequences as the handwriting
 model: strided 1-D convolutions (4x fewer frames than points), a bidirectional LSTM, and per-frame character
 probabilities trained with CTC; it reads by greedy (best path) decoding, with no dictionary or language model.
 `train` writes last.pt / best.pt (lowest validation CER) atomically and resumes exactly; at the end model.pt holds
@@ -24,10 +24,10 @@ import numpy as np
 import torch
 
 from dataset import Alphabet, HandwritingDataset, augment, make_loader, normalize
-from model import Recognizer, RecognizerConfig, ctc_loss, error_rates, load_recognizer, read_lines
-from utils import (OneLineParser, at_least, changed_flags, checkpoint_norm, export_weights, finite_float,
-                   learning_rate, load_checkpoint, load_strokes, pick_device, quiet_broken_pipe, restore_training_state,
-                   resume_path, save_checkpoint, stop_on_signals, training_state, trim_metrics, writable_folder)
+from recognition import Recognizer, RecognizerConfig, ctc_loss, error_rates, load_recognizer, read_lines
+from utils import (OneLineParser, at_least, checkpoint_norm, export_weights, finite_float, learning_rate, load_checkpoint,
+                   load_strokes, note_changed_flags, pick_device, quiet_broken_pipe, restore_training_state, resume_path,
+                   save_checkpoint, stop_on_signals, training_state, trim_metrics, writable_folder)
 
 DEFAULT_CHECKPOINT = "checkpoints/recognizer.pt"
 CKPT = dict(config_key="recognizer_config", writer="recognizer.py train")   # what load_checkpoint expects here
@@ -241,16 +241,8 @@ def train(args):
                   f"already at --epochs {args.epochs} (epoch {run.epoch}): nothing to do; raise --epochs to train on")
             return 0
         trim_metrics(os.path.join(out, "metrics.jsonl"), run.step)
-        before = ckpt.get("train_args", {})
-        changed = changed_flags(before, args, RESUME_FLAGS)
-        if changed:
-            print("note: flags that differ from the run's: " + ", ".join(
-                f"--{k.replace('_', '-')} {getattr(args, k)} (was {before[k]})" for k in changed)
-                + "; pass the old values again to go on as it was")
-        remeasured = [k for k in ("data", "eval_lines") if k in changed]
-        if remeasured:                                    # a CER on other lines is not compared with best.pt's
-            print("best figure reset: the validation CER is measured otherwise now (--"
-                  + ", --".join(k.replace("_", "-") for k in remeasured) + "); best.pt is replaced at the next evaluation")
+        if note_changed_flags(ckpt.get("train_args", {}), args, RESUME_FLAGS, ("data", "eval_lines"), "the validation CER",
+                              print):                     # a CER on other lines is not compared with best.pt's
             run.best_cer = math.inf
     mean, std = train_set.mean.tolist(), train_set.std.tolist()
     batches_per_epoch = len(make_loader(train_set, args.batch_size, shuffle=True).batch_sampler)

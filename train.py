@@ -23,10 +23,11 @@ import torch
 import torch.distributed as dist
 
 from dataset import Alphabet, HandwritingDataset, augment, make_loader, rare_char_copies
-from model import (GraphedChunk, HandwritingModel, ModelConfig, WeightNoise, chunk_backward, error_rates, evaluate_nll,
-                   load_recognizer, summarize_nll, teacher_forcing, write_and_read)
-from utils import (DTYPES, OneLineParser, WeightAverage, at_least, autocast_dtype, changed_flags, clipped_step,
-                   export_weights, finite_float, learning_rate, load_checkpoint, make_optimizer, pick_device,
+from model import (GraphedChunk, HandwritingModel, ModelConfig, WeightNoise, chunk_backward, evaluate_nll, summarize_nll,
+                   teacher_forcing)
+from recognition import error_rates, load_recognizer, write_and_read
+from utils import (DTYPES, OneLineParser, WeightAverage, at_least, autocast_dtype, clipped_step, export_weights,
+                   finite_float, learning_rate, load_checkpoint, make_optimizer, note_changed_flags, pick_device,
                    plot_loss_curve, restore_training_state, resume_path, save_checkpoint, save_sample_image,
                    stop_on_signals, training_state, trim_metrics, writable_folder)
 
@@ -271,19 +272,13 @@ def train(args):
             trim_metrics(os.path.join(out, "metrics.jsonl"), run.step)
         # the training flags come from this command line, not the checkpoint: name those that changed
         before = ckpt.get("train_args", {})
-        changed = changed_flags(before, args, RESUME_FLAGS)
-        if changed:
-            log("note: flags that differ from the run's: " + ", ".join(
-                f"--{k.replace('_', '-')} {getattr(args, k)} (was {before[k]})" for k in changed)
-                + "; pass the old values again to go on as it was")
         best_by = run.best_by or before.get("select_by", "nll")
-        remeasured = [k for k in MEASURE_FLAGS[args.select_by] if k in changed]
-        if best_by != args.select_by:   # a CER is not comparable with an NLL: best.pt is replaced at the next evaluation
-            log(f"--select-by {args.select_by} (the run chose best.pt by {best_by} so far): best figure reset")
+        # a figure measured on other lines or otherwise is not compared with best.pt's, nor a CER with an NLL
+        if note_changed_flags(before, args, RESUME_FLAGS, MEASURE_FLAGS[args.select_by] if best_by == args.select_by
+                              else (), args.select_by, log):
             run.best_val = math.inf
-        elif remeasured:                # nor a figure measured on other lines or otherwise
-            log(f"best figure reset: {args.select_by} is measured otherwise now (--"
-                + ", --".join(k.replace("_", "-") for k in remeasured) + "); best.pt is replaced at the next evaluation")
+        if best_by != args.select_by:
+            log(f"--select-by {args.select_by} (the run chose best.pt by {best_by} so far): best figure reset")
             run.best_val = math.inf
     elif ckpt:   # --init-from: weights only (float16 files are cast back), a new optimiser and run
         model.load_state_dict({k: v.float() for k, v in ckpt["model"].items()})

@@ -53,10 +53,12 @@ def stop_on_signals(stop, say):
         signal.signal(sig, handler)
 
 
-def changed_flags(before, args, keys):
-    """On resume: the flags among `keys` given otherwise than the run's (before: its checkpoint's train_args). A path
-    (data, recognizer) is the same file by any name (--data DIR is DIR/iam_ondb.npz); one the run typed in another
-    folder, which cannot be found from here, is not told apart."""
+def note_changed_flags(before, args, keys, measured, figure, say):
+    """On resume: name (say) the flags among `keys` given otherwise than the run's (before: its checkpoint's
+    train_args), and whether the best figure (`figure`) must be measured anew: True when one of `measured`, the flags
+    that measure it, changed (best.pt's figure is then not comparable). A path (data, recognizer) is the same file by
+    any name (--data DIR is DIR/iam_ondb.npz); one the run typed in another folder, not found from here, is not told
+    apart."""
     def same(k, was, now):
         if was == now:
             return True
@@ -66,7 +68,17 @@ def changed_flags(before, args, keys):
             from dataset import prepared_file
             was, now = prepared_file(was), prepared_file(now)
         return not os.path.exists(was) or (os.path.exists(now) and os.path.samefile(was, now))
-    return [k for k in keys if k in before and not same(k, before[k], getattr(args, k))]
+    changed = [k for k in keys if k in before and not same(k, before[k], getattr(args, k))]
+    flag = lambda k: "--" + k.replace("_", "-")
+    if changed:
+        say("note: flags that differ from the run's: " + ", ".join(f"{flag(k)} {getattr(args, k)} (was {before[k]})"
+                                                                     for k in changed)
+            + "; pass the old values again to go on as it was")
+    remeasured = [flag(k) for k in measured if k in changed]
+    if remeasured:
+        say(f"best figure reset: {figure} is measured otherwise now ({', '.join(remeasured)}); best.pt is replaced at "
+            f"the next evaluation")
+    return bool(remeasured)
 
 
 def trim_metrics(path, step):

@@ -372,6 +372,17 @@ def test_sampling_stops_when_window_passes_the_text():
     assert r["strokes"][1, 3 * 2 + 1:].abs().sum() == 0
 
 
+@pytest.mark.parametrize("device", ["cpu", "cuda", "mps"])
+def test_sampling_never_records_gradients(device):
+    """On every device: sampling results that required grad crashed train.py's sample image on the GPU
+    (torch.inference_mode(False) turns gradients on, even inside no_grad). Only the device's kind is used here."""
+    from model import sampling_mode
+    with sampling_mode(torch.device(device)):
+        assert not torch.is_grad_enabled()
+        assert not (torch.zeros(2, requires_grad=True) * 2).requires_grad
+    assert torch.is_grad_enabled()
+
+
 def test_sampling_in_training_mode_is_sampling_in_evaluation_mode():
     """sample() is evaluation even on a model left in training mode: no dropout on the prime's forward pass either,
     and the model's mode is left as it was."""

@@ -1,4 +1,4 @@
-"""The recognizer (model.py, recognizer.py) and evaluate.py --legibility: CTC decoding and error rates exactly, learning
+"""The recognizer (recognition.py, recognizer.py) and evaluate.py --legibility: CTC decoding and error rates exactly, learning
 on tiny data, checkpoints, and every command end to end on tiny models (CPU, one thread)."""
 import json
 import os
@@ -15,8 +15,9 @@ import generate
 import recognizer
 import train
 from dataset import Alphabet, HandwritingDataset, collate, prime_strokes
-from model import (Recognizer, RecognizerConfig, ctc_loss, edit_distance, error_rates, greedy_decode, load_model,
-                   load_recognizer, read_lines, write_and_read)
+from model import load_model
+from recognition import (Recognizer, RecognizerConfig, ctc_loss, edit_distance, error_rates, greedy_decode, load_recognizer,
+                         read_lines, write_and_read)
 from utils import load_prime_file, load_strokes, save_strokes
 
 ROOT = Path(__file__).resolve().parents[1]
