@@ -503,6 +503,20 @@ def test_command_line_exit_codes(files, args, code, message):
     assert "Traceback" not in proc.stderr and proc.stderr.count("\n") == 1
 
 
+@pytest.mark.parametrize("name, task, hidden", [("synthesis.pt", "synthesis", 256), ("synthesis_h100.pt", "synthesis", 400),
+                                                ("prediction.pt", "prediction", 400)])
+def test_shipped_checkpoints_load_plainly_and_write(name, task, hidden, tmp_path):
+    """Every shipped model: weights only, float16, under 16 MB, loadable with weights_only=True, the size
+    checkpoints/README.md gives, and generate.py writes with it."""
+    path = ROOT / "checkpoints" / name
+    ckpt = torch.load(path, weights_only=True)
+    assert path.stat().st_size < 16e6 and "optimizer" not in ckpt
+    assert all(v.dtype == torch.float16 for v in ckpt["model"].values())
+    assert ckpt["model_config"]["task"] == task and ckpt["model_config"]["hidden_size"] == hidden
+    what = ["--text", "hi"] if task == "synthesis" else ["--task", "prediction", "--steps", "40"]
+    assert generate.main(["--checkpoint", str(path), *what, "--seed", "1", "--out", str(tmp_path / "x.png")]) == 0
+
+
 def test_shipped_styles():
     path = ROOT / "data" / "styles.json"
     if not path.exists():
