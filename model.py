@@ -602,14 +602,20 @@ def load_model(checkpoint, map_location="cpu", expect_task=None, task_flag=True)
     if expect_task and config.task != expect_task:
         raise ValueError(f"this checkpoint is a {config.task} model, not {expect_task}; "
                          f"pass a {expect_task} checkpoint" + (f" or --task {config.task}" if task_flag else ""))
-    model = HandwritingModel(config)
-    try:
-        model.load_state_dict({k: v.float() for k, v in checkpoint["model"].items()})
-    except RuntimeError as e:
-        detail = [ln.strip() for ln in str(e).splitlines()[1:] if ln.strip()] or [str(e)]   # line 1: "Error(s) in ..."
-        raise ValueError(f"checkpoint weights do not match its config: {detail[0][:200]}") from None
+    model = load_weights(HandwritingModel(config), checkpoint["model"], "checkpoint")
     check_loaded(model, checkpoint)
     return model.eval(), checkpoint
+
+
+def load_weights(model, weights, what):
+    """A checkpoint's weights (float16 or float32) into model, in float32; a ValueError naming the first missing,
+    unexpected or misshapen weight (`what`'s weights) if they do not fit."""
+    try:
+        model.load_state_dict({k: v.float() for k, v in weights.items()})
+    except RuntimeError as e:
+        detail = [ln.strip() for ln in str(e).splitlines()[1:] if ln.strip()] or [str(e)]   # line 1: "Error(s) in ..."
+        raise ValueError(f"{what} weights do not match its config: {detail[0][:200]}") from None
+    return model
 
 
 def check_loaded(model, checkpoint):

@@ -16,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from dataset import normalize
-from model import Config, write_lines
+from model import Config, load_weights, write_lines
 from utils import load_checkpoint
 
 BLANK = 0   # CTC blank = the dataset's padding id
@@ -154,10 +154,6 @@ def load_recognizer(checkpoint, map_location="cpu", flag="--checkpoint"):
     if not isinstance(checkpoint, dict):
         checkpoint = load_checkpoint(checkpoint, map_location, config_key="recognizer_config", writer="recognizer.py train",
                                      flag=flag)
-    model = Recognizer(RecognizerConfig.from_dict(checkpoint["recognizer_config"]))
-    try:
-        model.load_state_dict({k: v.float() for k, v in checkpoint["model"].items()})
-    except RuntimeError as e:
-        detail = [ln.strip() for ln in str(e).splitlines()[1:] if ln.strip()] or [str(e)]   # line 1: "Error(s) in ..."
-        raise ValueError(f"recognizer weights do not match its config: {detail[0][:200]}") from None
+    model = load_weights(Recognizer(RecognizerConfig.from_dict(checkpoint["recognizer_config"])), checkpoint["model"],
+                         "recognizer")
     return model.eval(), checkpoint
