@@ -820,7 +820,7 @@ def _on_side_stream(device, fn):
     torch.cuda.current_stream(device).wait_stream(side)
 
 
-### the recognizer (legibility measure)
+### writing many lines (generate.py's .npz output; the legibility measure in recognition.py)
 def iter_write_lines(model, texts, alphabet, norm, bias=1.0, generator=None, batch_size=64, max_steps_per_char=40,
                      progress=False, retries=0, retry_above=None, prime=None, prime_chars=0):
     """Write many lines with the synthesis model, batched by text length so that a batch's lines end at about the

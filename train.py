@@ -23,8 +23,8 @@ import torch
 import torch.distributed as dist
 
 from dataset import Alphabet, HandwritingDataset, augment, make_loader, rare_char_copies
-from model import (GraphedChunk, HandwritingModel, ModelConfig, WeightNoise, chunk_backward, evaluate_nll, summarize_nll,
-                   teacher_forcing)
+from model import (GraphedChunk, HandwritingModel, ModelConfig, WeightNoise, chunk_backward, evaluate_nll, load_weights,
+                   summarize_nll, teacher_forcing)
 from recognition import error_rates, load_recognizer, write_and_read
 from utils import (DTYPES, OneLineParser, WeightAverage, at_least, autocast_dtype, clipped_step, export_weights,
                    finite_float, learning_rate, load_checkpoint, make_optimizer, note_changed_flags, pick_device,
@@ -281,7 +281,10 @@ def train(args):
             log(f"--select-by {args.select_by} (the run chose best.pt by {best_by} so far): best figure reset")
             run.best_val = math.inf
     elif ckpt:   # --init-from: weights only (float16 files are cast back), a new optimiser and run
-        model.load_state_dict({k: v.float() for k, v in ckpt["model"].items()})
+        try:
+            load_weights(model, ckpt["model"], args.init_from)
+        except ValueError as e:
+            sys.exit(f"error: {e}")
         log(f"initialised from the weights of {args.init_from} (trained {ckpt.get('step', '?')} steps there; "
             "its model config is used)")
         was, now = [ckpt.get("mean"), ckpt.get("std")], [train_set.mean.tolist(), train_set.std.tolist()]
