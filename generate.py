@@ -577,6 +577,11 @@ def write_pages(args, model, ckpt, pages, lead, prime, prime_offsets, generator,
         utils.say(f"wrote {out} ({B // args.num_samples} line(s) x {args.num_samples} sample(s), "
                   f"{args.task}, bias {args.bias}, seed {seed}{f', model step {step}' if step is not None else ''}"
                   f"{f'; {retried} stalled or lingering line(s) sampled again (--retries)' if retried else ''})")
+    stale = [f for k in range(len(pages) if len(pages) > 1 else 0, MAX_PAGES)
+             if os.path.isfile(f := page_path(args.out, k, MAX_PAGES))]
+    if stale:                                          # an earlier, longer run's pages: left alone, but said
+        print(f"generate.py: note: {', '.join(stale)} from an earlier run {'is' if len(stale) == 1 else 'are'} still "
+              f"there (not written by this run)", file=sys.stderr)
     t_written = time.perf_counter()
     if args.save_strokes:
         utils.save_strokes(args.save_strokes, saved, saved_texts)

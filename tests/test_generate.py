@@ -213,6 +213,10 @@ def test_a_long_text_fills_numbered_pages(files, tmp_path, spy, capsys, ext):
     assert f"wrote {tmp_path / f'letter-2{ext}'} (10 line(s)" in captured.out and "on 2 pages" in captured.out
     assert "line 42 ('wo')" in captured.err and "line 41 " not in captured.err      # row 41 is the blank one
     assert load_strokes(tmp_path / "all.npz")[1] == words
+    assert run(files, "synthesis", out, "--text", "ab") == 0 and out.exists()    # one page now: the old pages stay,
+    pages = f"{tmp_path / f'letter-1{ext}'}, {tmp_path / f'letter-2{ext}'}"       # and the run says so
+    assert f"note: {pages} from an earlier run are still there" in capsys.readouterr().err
+    assert (tmp_path / f"letter-2{ext}").exists()
 
 
 def test_paginate():
