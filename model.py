@@ -626,10 +626,12 @@ def check_loaded(model, checkpoint):
         raise ValueError(f"the checkpoint's weights are not finite ({bad}): the run that wrote it diverged; use an "
                          f"earlier checkpoint")
     if "mean" in checkpoint or "std" in checkpoint:
+        import numpy as np
+        from utils import checkpoint_norm
         try:
-            mean, std = (torch.as_tensor(checkpoint[k], dtype=torch.float64) for k in ("mean", "std"))
-            ok = mean.shape == std.shape == (2,) and bool(mean.isfinite().all() and std.isfinite().all() and (std > 0).all())
-        except (KeyError, TypeError, ValueError, RuntimeError):
+            mean, std = checkpoint_norm(checkpoint)
+            ok = mean.shape == std.shape == (2,) and bool(np.isfinite([mean, std]).all() and (std > 0).all())
+        except (KeyError, TypeError, ValueError):
             ok = False
         if not ok:
             raise ValueError("the checkpoint's normalisation is damaged ('mean' and 'std' must be two finite numbers "

@@ -25,9 +25,10 @@ import torch
 
 from dataset import Alphabet, HandwritingDataset, augment, make_loader, normalize
 from recognition import Recognizer, RecognizerConfig, ctc_loss, error_rates, load_recognizer, read_lines
-from utils import (OneLineParser, at_least, checkpoint_norm, export_weights, finite_float, learning_rate, load_checkpoint,
-                   load_strokes, note_changed_flags, pick_device, quiet_broken_pipe, restore_training_state, resume_path,
-                   save_checkpoint, stop_on_signals, training_state, trim_metrics, writable_folder)
+from utils import (OneLineParser, already_done, at_least, checkpoint_norm, export_weights, finite_float, learning_rate,
+                   load_checkpoint, load_strokes, note_changed_flags, pick_device, quiet_broken_pipe,
+                   restore_training_state, resume_path, save_checkpoint, stop_on_signals, training_state, trim_metrics,
+                   writable_folder)
 
 DEFAULT_CHECKPOINT = "checkpoints/recognizer.pt"
 CKPT = dict(config_key="recognizer_config", writer="recognizer.py train")   # what load_checkpoint expects here
@@ -235,10 +236,8 @@ def train(args):
     if ckpt:
         restore_training_state(ckpt, model, optimizer, run, device)
         print(f"resumed from {resume} at step {run.step} (epoch {run.epoch}, batch {run.batch_in_epoch})")
-        if (args.max_steps and run.step >= args.max_steps) or run.epoch >= args.epochs:   # files left as they are
-            print(f"already at --max-steps {args.max_steps} (step {run.step}): nothing to do; raise --max-steps to train on"
-                  if args.max_steps and run.step >= args.max_steps else
-                  f"already at --epochs {args.epochs} (epoch {run.epoch}): nothing to do; raise --epochs to train on")
+        if already_done(args, run):
+            print(already_done(args, run))
             return 0
         trim_metrics(os.path.join(out, "metrics.jsonl"), run.step)
         if note_changed_flags(ckpt.get("train_args", {}), args, RESUME_FLAGS, ("data", "eval_lines"), "the validation CER",

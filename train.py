@@ -19,6 +19,7 @@ import os
 import sys
 import time
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -26,10 +27,10 @@ from dataset import Alphabet, HandwritingDataset, augment, make_loader, rare_cha
 from model import (GraphedChunk, HandwritingModel, ModelConfig, WeightNoise, chunk_backward, evaluate_nll, load_weights,
                    summarize_nll, teacher_forcing)
 from recognition import error_rates, load_recognizer, write_and_read
-from utils import (DTYPES, OneLineParser, WeightAverage, at_least, autocast_dtype, clipped_step, export_weights,
-                   finite_float, learning_rate, load_checkpoint, make_optimizer, note_changed_flags, pick_device,
-                   plot_loss_curve, restore_training_state, resume_path, save_checkpoint, save_sample_image,
-                   stop_on_signals, training_state, trim_metrics, writable_folder)
+from utils import (DTYPES, OneLineParser, WeightAverage, already_done, at_least, autocast_dtype, checkpoint_norm,
+                   clipped_step, export_weights, finite_float, learning_rate, load_checkpoint, make_optimizer,
+                   note_changed_flags, pick_device, plot_loss_curve, restore_training_state, resume_path, save_checkpoint,
+                   save_sample_image, stop_on_signals, training_state, trim_metrics, writable_folder)
 
 
 # training flags that shape a run: on --resume, those given otherwise than the run's are named
@@ -261,10 +262,8 @@ def train(args):
         if noise:
             noise.load_state_dict(ckpt["weight_noise"])
         log(f"resumed from {resume} at step {run.step} (epoch {run.epoch}, batch {run.batch_in_epoch})")
-        if (args.max_steps and run.step >= args.max_steps) or run.epoch >= args.epochs:   # files left as they are
-            log(f"already at --max-steps {args.max_steps} (step {run.step}): nothing to do; raise --max-steps to train on"
-                if args.max_steps and run.step >= args.max_steps else
-                f"already at --epochs {args.epochs} (epoch {run.epoch}): nothing to do; raise --epochs to train on")
+        if already_done(args, run):
+            log(already_done(args, run))
             if ddp:
                 dist.destroy_process_group()
             return
@@ -287,8 +286,8 @@ def train(args):
             sys.exit(f"error: {e}")
         log(f"initialised from the weights of {args.init_from} (trained {ckpt.get('step', '?')} steps there; "
             "its model config is used)")
-        was, now = [ckpt.get("mean"), ckpt.get("std")], [train_set.mean.tolist(), train_set.std.tolist()]
-        if None not in was and not torch.allclose(torch.tensor(was, dtype=torch.float64), torch.tensor(now, dtype=torch.float64), rtol=1e-4):
+        was, now = checkpoint_norm(ckpt) if "mean" in ckpt else None, (train_set.mean, train_set.std)
+        if was is not None and not np.allclose(was, now, rtol=1e-4):
             log(f"note: {args.init_from} was trained on data normalised otherwise (mean, std {fmt_norm(was)} there, "
                 f"{fmt_norm(now)} in {args.data}): its weights go on with this data's")
     run.best_by = args.select_by

@@ -53,6 +53,15 @@ def stop_on_signals(stop, say):
         signal.signal(sig, handler)
 
 
+def already_done(args, run):
+    """On resume: why a run has nothing left to do (at --max-steps or --epochs), or None; its files are left as they are."""
+    if args.max_steps and run.step >= args.max_steps:
+        return f"already at --max-steps {args.max_steps} (step {run.step}): nothing to do; raise --max-steps to train on"
+    if run.epoch >= args.epochs:
+        return f"already at --epochs {args.epochs} (epoch {run.epoch}): nothing to do; raise --epochs to train on"
+    return None
+
+
 def note_changed_flags(before, args, keys, measured, figure, say):
     """On resume: name (say) the flags among `keys` given otherwise than the run's (before: its checkpoint's
     train_args), and whether the best figure (`figure`) must be measured anew: True when one of `measured`, the flags
