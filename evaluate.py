@@ -238,6 +238,8 @@ def legibility(args, device):
                       "retries": args.retries, "retry_above": args.retry_above if args.retries else None,
                       "lines": len(keep), "cer_generated": gen["cer"], "wer_generated": gen["wer"],
                       "cer_real": rea and rea["cer"], "wer_real": rea and rea["wer"], "real_lines": len(with_real),
+                      **{f"{k}_{who}": r and r[k] for k in ("first_word_wrong", "last_word_wrong")
+                         for who, r in (("generated", gen), ("real", rea))},
                       "finished_fraction": sum(finished.values()) / len(keep),
                       "steps_per_char": sum(steps.values()) / max(sum(len(asked[i]) for i in keep), 1),
                       "attempts_per_line": sum(attempts.values()) / len(keep),

@@ -48,6 +48,12 @@ def test_edit_distance_and_error_rates():
     assert r["cer"] == pytest.approx(1 / 10) and r["wer"] == pytest.approx(1 / 3)
     assert (r["lines"], r["chars"], r["words"]) == (2, 10, 3)
     assert error_rates(["ab"], [""])["cer"] == 1.0 and error_rates(["ab"], ["abcd"])["cer"] == 1.0
+    # where the errors fall: lines of one word do not count; an empty reading misses both ends
+    r = error_rates(["the cat sat", "a dog", "one", "to be"], ["the cat set", "o dog", "once", ""])
+    assert (r["first_word_wrong"], r["last_word_wrong"]) == (pytest.approx(2 / 3), pytest.approx(2 / 3))
+    r = error_rates(["the cat sat", "a dog"], ["the cat sat", "a dig"])
+    assert (r["first_word_wrong"], r["last_word_wrong"]) == (0, 1 / 2)
+    assert error_rates(["one"], ["one"])["last_word_wrong"] is None
 
 
 def test_frames_and_padding_do_not_depend_on_the_batch():
@@ -166,7 +172,8 @@ def test_legibility_end_to_end(trained, tiny_prepared, tmp_path, capsys):
             "--batch-size", "3"]
     evaluate.main([*base, "--out", str(tmp_path / "a")])
     result = json.loads(capsys.readouterr().out)
-    assert {"cer_generated", "cer_real", "finished_fraction", "lines", "bias"} <= result.keys()
+    assert {"cer_generated", "cer_real", "finished_fraction", "lines", "bias", "first_word_wrong_generated",
+            "last_word_wrong_generated", "last_word_wrong_real"} <= result.keys()
     assert result["lines"] == result["real_lines"] == 5 and result["bias"] == 1.0
     assert 0 <= result["finished_fraction"] <= 1 and result["cer_real"] >= 0
     rows = [json.loads(line) for line in open(tmp_path / "a" / "legibility.jsonl")]
