@@ -104,7 +104,8 @@ def get_args(argv=None):
     p.add_argument("--sample-text", default="The quick brown fox jumps over the lazy dog", help="phrase drawn at every evaluation (synthesis)")
     p.add_argument("--recognizer", default=None,
                    help="recognizer checkpoint (recognizer.py train; synthesis only): every evaluation also writes "
-                        "--legibility-lines validation texts and reads them back: val_cer and val_finished in metrics.jsonl")
+                        "--legibility-lines validation texts and reads them back: val_cer, val_last_word_wrong and "
+                        "val_finished in metrics.jsonl")
     p.add_argument("--legibility-lines", type=at_least(1), default=64, help="validation texts written per legibility check")
     p.add_argument("--legibility-bias", type=at_least(0.0), default=1.0, help="sampling bias of the legibility check (section 5.4)")
     p.add_argument("--select-by", choices=["nll", "cer"], default=None,
@@ -361,7 +362,9 @@ def train(args):
                     raw_model, recognizer, legible_texts, train_set.alphabet, Alphabet(rec_ckpt["alphabet"]),
                     (train_set.mean, train_set.std), (rec_ckpt["mean"], rec_ckpt["std"]), args.legibility_bias,
                     generator, args.batch_size)
-                metrics.update(val_cer=error_rates(legible_texts, read)["cer"], val_finished=sum(finished) / len(finished))
+                rates = error_rates(legible_texts, read)
+                metrics.update(val_cer=rates["cer"], val_last_word_wrong=rates["last_word_wrong"],
+                               val_finished=sum(finished) / len(finished))
             if master:
                 save_sample_image(raw_model, train_set.alphabet, train_set.mean, train_set.std,
                                   os.path.join(out, f"sample_{run.step:06d}.png"), text=args.sample_text, seed=args.seed)

@@ -275,7 +275,9 @@ def test_train_checks_legibility_and_selects_best_by_cer(trained, tiny_prepared,
     _, read, finished, *_ = write_and_read(syn, rmodel, texts, data.alphabet, Alphabet(rckpt["alphabet"]),
                                           (ckpt["mean"], ckpt["std"]), (rckpt["mean"], rckpt["std"]), 0.5,
                                           torch.Generator().manual_seed(1337), 8)
-    assert rows[-1]["val_cer"] == pytest.approx(error_rates(texts, read)["cer"])
+    rates = error_rates(texts, read)
+    assert rows[-1]["val_cer"] == pytest.approx(rates["cer"])
+    assert rows[-1]["val_last_word_wrong"] == rates["last_word_wrong"]
     assert rows[-1]["val_finished"] == pytest.approx(sum(finished) / 4)
     assert (tmp_path / "loss.png").stat().st_size > 0
     # a run chosen by NLL so far, resumed with --select-by cer: a CER is never compared with the best (negative) NLL,
