@@ -185,9 +185,12 @@ class HandwritingDataset(Dataset):
         return len(self.lengths)
 
     def __getitem__(self, i):
+        return torch.from_numpy(normalize(self.raw(i), self.mean, self.std)), self.text_ids[i]
+
+    def raw(self, i):
+        """Line i as stored, not normalised: (dx, dy, eos) (T, 3) float32."""
         rows = slice(self.starts[i], self.starts[i] + self.lengths[i])
-        strokes = np.column_stack([self.offsets[rows], self.eos[rows]]).astype(np.float32)   # (T, 3)
-        return torch.from_numpy(normalize(strokes, self.mean, self.std)), self.text_ids[i]
+        return np.column_stack([self.offsets[rows], self.eos[rows]]).astype(np.float32)
 
 
 def collate(batch):

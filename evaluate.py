@@ -32,7 +32,7 @@ from dataset import Alphabet, HandwritingDataset, make_loader, prime_strokes
 from model import evaluate_nll, load_model, summarize_nll
 from recognition import error_rates, load_recognizer, read_lines, write_and_read
 from utils import (DTYPES, MAX_LINE_CHARS, OneLineParser, at_least, autocast_dtype, checkpoint_norm, load_checkpoint,
-                   load_prime, pick_device, plot_lines, save_strokes, writable_folder)
+                   load_prime, pick_device, plot_lines, save_strokes, size_drift, writable_folder)
 
 
 LEGIBILITY_FLAGS = ("prompts", "recognizer", "bias", "seed", "max_steps_per_char", "retries", "retry_above", "style",
@@ -231,6 +231,9 @@ def legibility(args, device):
     plot_lines([(raw[r["index"]], f"#{r['index']}  CER {r['cer']:.2f}{'' if r['finished'] else ' (unfinished)'}  "
                                   f"asked: “{r['text']}”  read: “{r['recognised']}”") for r in worst],
                os.path.join(args.out, "worst.png"))
+    def mean_of(values):   # over the lines that have a figure
+        values = [v for v in values if v is not None]
+        return float(np.mean(values)) if values else None
     gen = error_rates([asked[i] for i in keep], [hyps[i] for i in keep])
     rea = error_rates([real.texts[real_index[i]] for i in with_real], [real_hyps[i] for i in with_real]) if with_real else None
     print(json.dumps({"checkpoint": args.checkpoint, "recognizer": args.recognizer, "bias": args.bias, "seed": args.seed,
@@ -240,6 +243,8 @@ def legibility(args, device):
                       "cer_real": rea and rea["cer"], "wer_real": rea and rea["wer"], "real_lines": len(with_real),
                       **{f"{k}_{who}": r and r[k] for k in ("first_word_wrong", "last_word_wrong")
                          for who, r in (("generated", gen), ("real", rea))},
+                      "size_drift_generated": mean_of(size_drift(raw[i]) for i in keep),
+                      "size_drift_real": mean_of(size_drift(real.raw(real_index[i])) for i in with_real),
                       "finished_fraction": sum(finished.values()) / len(keep),
                       "steps_per_char": sum(steps.values()) / max(sum(len(asked[i]) for i in keep), 1),
                       "attempts_per_line": sum(attempts.values()) / len(keep),

@@ -531,6 +531,17 @@ def _line_features(off):
     return height, float(median_slant), float(np.linalg.norm(down, axis=1).max()) if len(down) else 0.0
 
 
+def size_drift(off):
+    """How the size of the writing changes along a line (raw offsets (T, 3)): the mean pen-down step in the last
+    third of the line's pen-down steps over the mean in the first third; 1 = even, < 1 = it shrinks (None below 6
+    pen-down steps). Real lines stay near 1; biased sampling can shrink as a line goes on (docs/results.md)."""
+    down = np.linalg.norm(off[1:][off[:-1, 2] == 0, :2], axis=1)
+    third = len(down) // 3
+    if third < 2 or down[:third].mean() == 0:
+        return None
+    return float(down[-third:].mean() / down[:third].mean())
+
+
 def _words_agree(off, text, ratio=1.5):
     """True when the ink splits naturally into as many words as `text` has: the (W-1)th widest horizontal gap
     between strokes is `ratio` times the Wth. Catches transcriptions with a word too many or too few."""

@@ -18,7 +18,7 @@ from dataset import Alphabet, HandwritingDataset, collate, prime_strokes
 from model import load_model
 from recognition import (Recognizer, RecognizerConfig, ctc_loss, edit_distance, error_rates, greedy_decode, load_recognizer,
                          read_lines, write_and_read)
-from utils import load_prime_file, load_strokes, save_strokes
+from utils import load_prime_file, load_strokes, save_strokes, size_drift
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_REC = ["--conv-channels", "16", "--hidden-size", "16", "--layers", "1", "--batch-size", "8", "--no-progress"]
@@ -54,6 +54,17 @@ def test_edit_distance_and_error_rates():
     r = error_rates(["the cat sat", "a dog"], ["the cat sat", "a dig"])
     assert (r["first_word_wrong"], r["last_word_wrong"]) == (0, 1 / 2)
     assert error_rates(["one"], ["one"])["last_word_wrong"] is None
+
+
+def test_size_drift():
+    # 13 pen-down steps: the first four of length 2, the last four of length 1 (3-4-5 triangles); the long jump
+    # after the pen lifts (a pen-up step) does not count
+    down = lambda n, scale: [[3 * scale, 4 * scale, 0]] * n
+    line = np.array([[0, 0, 0]] + down(4, 0.4) + down(3, 0.3) + [[0, 0, 1], [500, 0, 0]] + down(1, 0.3) + down(4, 0.2),
+                    dtype=np.float32)
+    assert size_drift(line) == pytest.approx(0.5)
+    assert size_drift(line * np.array([2, 2, 1], dtype=np.float32)) == pytest.approx(0.5)    # not the scale
+    assert size_drift(line[:6]) is None                                                   # too short to say
 
 
 def test_frames_and_padding_do_not_depend_on_the_batch():
@@ -181,6 +192,13 @@ def test_legibility_end_to_end(trained, tiny_prepared, tmp_path, capsys):
     assert all(r["steps"] <= 5 * len(r["text"]) + 1 for r in rows)
     assert (tmp_path / "a" / "worst.png").stat().st_size > 0
     assert len(load_strokes(tmp_path / "a" / "generated.npz")[2]) == 5
+    # size drift: the generated lines' figure from the strokes file, the real ones' from the data as stored
+    drifts = [d for d in map(size_drift, load_strokes(tmp_path / "a" / "generated.npz")[2]) if d is not None]
+    assert result["size_drift_generated"] == (pytest.approx(np.mean(drifts), rel=1e-3) if drifts else None)
+    test = HandwritingDataset(tiny_prepared, "test")
+    real_ids = {r["real_line_id"] for r in rows}
+    drifts = [size_drift(test.raw(j)) for j in range(len(test)) if test.line_ids[j] in real_ids]
+    assert len(drifts) == 5 and result["size_drift_real"] == pytest.approx(np.mean(drifts))
     with np.load(tmp_path / "a" / "generated.npz") as f:                   # as generate.py's strokes files
         assert list(f["finished"]) == [r["finished"] for r in rows] and list(f["attempts"]) == [r["attempts"] for r in rows]
     # --retries (as generate.py), all lines in one batch: lines finished at the first attempt stay as they were,
