@@ -236,8 +236,9 @@ def train(args):
     if ckpt:
         restore_training_state(ckpt, model, optimizer, run, device)
         print(f"resumed from {resume} at step {run.step} (epoch {run.epoch}, batch {run.batch_in_epoch})")
-        if already_done(args, run):
-            print(already_done(args, run))
+        done = already_done(args, run)
+        if done:
+            print(done)
             return 0
         trim_metrics(os.path.join(out, "metrics.jsonl"), run.step)
         if note_changed_flags(ckpt.get("train_args", {}), args, RESUME_FLAGS, ("data", "eval_lines"), "the validation CER",

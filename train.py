@@ -263,8 +263,9 @@ def train(args):
         if noise:
             noise.load_state_dict(ckpt["weight_noise"])
         log(f"resumed from {resume} at step {run.step} (epoch {run.epoch}, batch {run.batch_in_epoch})")
-        if already_done(args, run):
-            log(already_done(args, run))
+        done = already_done(args, run)
+        if done:
+            log(done)
             if ddp:
                 dist.destroy_process_group()
             return

@@ -517,11 +517,17 @@ def plot_attention(phis, texts, path, prime_chars=0, max_rows=8):
 STYLE_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ .,'")   # common, well-learnt characters
 
 
+def pen_down_steps(off):
+    """The steps of a line (raw offsets (T, 3)) drawn with the pen down, (N, 2): those after a point that did not
+    lift the pen (the step after a lift is a jump to the next stroke)."""
+    return off[1:][off[:-1, 2] == 0, :2]
+
+
 def _line_features(off):
     """Looks of one line (raw offsets (T, 3)): height (5-95 % of y), slant (degrees, + = leaning right, from
     near-vertical pen-down segments), and the longest pen-down step."""
     p = np.cumsum(off[:, :2], axis=0)
-    down = off[1:][off[:-1, 2] == 0, :2]                        # segments drawn with the pen down
+    down = pen_down_steps(off)
     steep = down[np.abs(down[:, 1]) > np.abs(down[:, 0])]
     w = np.linalg.norm(steep, axis=1)
     slant = np.degrees(np.arctan2(steep[:, 0] * np.sign(steep[:, 1]), np.abs(steep[:, 1])))
@@ -535,7 +541,7 @@ def size_drift(off):
     """How the size of the writing changes along a line (raw offsets (T, 3)): the mean pen-down step in the last
     third of the line's pen-down steps over the mean in the first third; 1 = even, < 1 = it shrinks (None below 6
     pen-down steps). Real lines stay near 1; biased sampling can shrink as a line goes on (docs/results.md)."""
-    down = np.linalg.norm(off[1:][off[:-1, 2] == 0, :2], axis=1)
+    down = np.linalg.norm(pen_down_steps(off), axis=1)
     third = len(down) // 3
     if third < 2 or down[:third].mean() == 0:
         return None
@@ -569,7 +575,7 @@ def make_styles(data="data/processed/iam_ondb.npz", out="data/styles.json", prev
                                      d["eos"][starts[i]:starts[i + 1], None].astype(np.int64)], axis=1)
     heights = [np.ptp(np.percentile(np.cumsum(line(i)[:, :2], axis=0)[:, 1], [5, 95]))
                for i in np.flatnonzero(d["split"] == 0)[::10]]
-    steps = [np.median(np.linalg.norm(line(i)[1:][line(i)[:-1, 2] == 0, :2], axis=1))
+    steps = [np.median(np.linalg.norm(pen_down_steps(line(i)), axis=1))
              for i in np.flatnonzero(d["split"] == 0)[::10]]
     ref_height, ref_step = float(np.median(heights)), float(np.median(steps))
     by_writer = {}
