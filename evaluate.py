@@ -32,7 +32,7 @@ from dataset import Alphabet, HandwritingDataset, make_loader, prime_strokes
 from model import evaluate_nll, load_model, summarize_nll
 from recognition import error_rates, load_recognizer, read_lines, write_and_read
 from utils import (DTYPES, MAX_LINE_CHARS, OneLineParser, at_least, autocast_dtype, checkpoint_norm, load_checkpoint,
-                   load_prime, pick_device, plot_lines, save_strokes, size_drift, writable_folder)
+                   load_prime, pick_device, plot_lines, save_strokes, size_drift, warn_unwritten, writable_folder)
 
 
 LEGIBILITY_FLAGS = ("prompts", "recognizer", "bias", "seed", "max_steps_per_char", "retries", "retry_above", "style",
@@ -79,9 +79,9 @@ def get_args(argv=None):
                                                                   "--prime-file)")
     g.add_argument("--worst", type=at_least(0), default=12, help="lines drawn in OUT/worst.png, highest CER first")
     g.add_argument("--out", default="samples/legibility", help="folder for legibility.jsonl, worst.png and generated.npz")
-    args = p.parse_args(argv)
+    args = p.parse_typed(argv)
     # a flag given for the other measure would be ignored: say so instead
-    given = lambda names: [f"--{k.replace('_', '-')}" for k in names if getattr(args, k) != p.get_default(k)]
+    given = lambda names: [f"--{k.replace('_', '-')}" for k in names if k in args.typed]
     if not args.legibility and given(LEGIBILITY_FLAGS):
         p.error(f"{given(LEGIBILITY_FLAGS)[0]} is for --legibility (how legible the model writes)")
     if args.legibility and given(NLL_FLAGS):
@@ -165,11 +165,7 @@ def legibility(args, device):
     folded = [alphabet.fold(alphabet.plain(p)) for p in prompts]          # as generate.py --drop-unknown writes them
     forms = {a: b for _, f in folded for a, b in f.items()}
     unknown = list(dict.fromkeys(c for t, _ in folded for c in alphabet.unknown(t)))
-    if forms:
-        print("evaluate.py: warning: wrote " + ", ".join(f"{a!r} as {b!r}" for a, b in forms.items())
-              + " (not in the alphabet)", file=sys.stderr)
-    if unknown:
-        print(f"evaluate.py: warning: left out characters the model lacks: {' '.join(map(repr, unknown))}", file=sys.stderr)
+    warn_unwritten("evaluate.py", forms, unknown)
     asked = [alphabet.writable(t) for t, _ in folded]                     # what the model writes
     keep = [i for i, t in enumerate(asked) if t]
     if not keep:

@@ -21,11 +21,10 @@ import signal
 import sys
 import textwrap
 import time
-import unicodedata
 
 # numpy only; torch is imported after the fast checks
 from utils import (ALIGNS, MAX_LINE_CHARS, VIEWS, OneLineParser, at_least, checkpoint_norm, finite_float, ink_rgb,
-                   is_prepared_file, load_prime, load_prime_file)
+                   is_prepared_file, load_prime, load_prime_file, show_chars, warn_unwritten)
 
 HERE = os.path.dirname(os.path.abspath(__file__))   # shipped files are found wherever the command runs from
 DEFAULT_CHECKPOINTS = {"synthesis": "checkpoints/synthesis.pt", "prediction": "checkpoints/prediction.pt"}
@@ -41,10 +40,10 @@ DEFAULT_STEPS = 700         # points per line for --task prediction (IAM-OnDB me
 MAX_STEPS = 5000            # at most, for --task prediction
 MAX_BIAS = 100              # --bias at most (sigma = exp(sigma_hat - b): far beyond any use; 1e308 overflowed)
 SHORT_HAND = 15             # --save-hand warns below this many characters: a short line shows little of a hand
-# flags that apply only to synthesis, or only to pictures, with their defaults: given where they do not apply, they stop
-# the run (get_args records which were typed: these flags default to argparse.SUPPRESS)
-TEXT_FLAGS = {"max_chars_per_line": 40, "max_steps_per_char": 40, "retries": 2, "retry_above": 32.0}
-PICTURE_FLAGS = {"stroke_width": 2.0, "color": "black", "line_height": 100}
+# flags that apply only to synthesis, or only to pictures: typed where they do not apply (args.typed), they stop the run
+TEXT_FLAGS = ("max_chars_per_line", "max_steps_per_char", "retries", "retry_above")
+PICTURE_FLAGS = ("stroke_width", "color", "line_height")
+MAX_STEPS_PER_CHAR = 40     # --max-steps-per-char's default
 
 
 class GenerateError(Exception):
@@ -68,7 +67,7 @@ def get_args(argv=None):
     g.add_argument("--steps", type=int, metavar="N", default=None,
                    help=f"points per line for --task prediction (default: {DEFAULT_STEPS}; IAM-OnDB lines have a median "
                         f"of 620)")
-    g.add_argument("--max-chars-per-line", type=int, metavar="N", default=argparse.SUPPRESS,
+    g.add_argument("--max-chars-per-line", type=int, metavar="N", default=40,
                    help=f"wrap longer lines at word boundaries (characters, 5 to {MAX_LINE_CHARS}; default: 40; "
                         f"IAM-OnDB lines have 1-64, median 29)")
     g.add_argument("--drop-unknown", action="store_true",
@@ -83,13 +82,13 @@ def get_args(argv=None):
                    help="random seed; the same seed gives the same file (default: a random one, printed)")
     s.add_argument("--num-samples", type=int, metavar="N", default=1,
                    help="write the text N times, all sampled together in one batch, one block per sample (default: 1)")
-    s.add_argument("--max-steps-per-char", type=int, metavar="N", default=argparse.SUPPRESS,
+    s.add_argument("--max-steps-per-char", type=int, metavar="N", default=MAX_STEPS_PER_CHAR,
                    help="safety cap for synthesis: a line stops after this many points per character of its text "
                         "(default: 40; real lines take about 21)")
-    s.add_argument("--retries", type=int, metavar="N", default=argparse.SUPPRESS,
+    s.add_argument("--retries", type=int, metavar="N", default=2,
                    help="a line whose window stalled (it reached that cap, or took more than --retry-above) is sampled "
                         "again, up to N more times, keeping the best attempt; 0 = keep the first (default: 2)")
-    s.add_argument("--retry-above", type=finite_float, metavar="PTS", default=argparse.SUPPRESS,
+    s.add_argument("--retry-above", type=finite_float, metavar="PTS", default=32.0,
                    help="with --retries, also sample again a line that finished but took more than PTS points per "
                         "character: a window that lingers writes loops (real lines take about 21); 0 = only lines "
                         "that reach the cap (default: 32, chosen on the validation split)")
@@ -123,9 +122,9 @@ def get_args(argv=None):
                    help="plain: ink only; strokes: one colour per pen-down stroke; eos: ink coloured by the "
                         "end-of-stroke probability (blue low, red high); density: the mixture density of every "
                         "next point as a heat-map under the ink (default: plain)")
-    o.add_argument("--stroke-width", type=finite_float, metavar="PX", default=argparse.SUPPRESS, help="ink width in pixels of the output (default: 2.0)")
-    o.add_argument("--color", default=argparse.SUPPRESS, metavar="C", help="ink colour: a name or #rrggbb (default: black)")
-    o.add_argument("--line-height", type=int, metavar="PX", default=argparse.SUPPRESS,
+    o.add_argument("--stroke-width", type=finite_float, metavar="PX", default=2.0, help="ink width in pixels of the output (default: 2.0)")
+    o.add_argument("--color", default="black", metavar="C", help="ink colour: a name or #rrggbb (default: black)")
+    o.add_argument("--line-height", type=int, metavar="PX", default=100,
                    help="distance between lines in pixels, 10 to 1000; sets the size of the picture (PNG and GIF: at most "
                         "8000 pixels a side; SVG: CSS pixels of 1/96 inch, so 38 = 10 mm) (default: 100)")
     o.add_argument("--align", choices=ALIGNS, default="left",
@@ -139,11 +138,7 @@ def get_args(argv=None):
                         "strokes), to write later texts in the same hand with --prime-file FILE (synthesis)")
     o.add_argument("--plot-attention", metavar="FILE",
                    help="also plot the window weights phi over time and characters (synthesis; .png, .svg or .pdf)")
-    args = p.parse_args(argv)
-    args.typed = {k for k in {**TEXT_FLAGS, **PICTURE_FLAGS} if hasattr(args, k)}
-    for k, v in {**TEXT_FLAGS, **PICTURE_FLAGS}.items():
-        setattr(args, k, getattr(args, k, v))
-    return args
+    return p.parse_typed(argv)
 
 
 def fail(message):
@@ -287,11 +282,6 @@ def read_text(args):
         fail(f"cannot read --text-file {args.text_file}: {e.strerror}")
 
 
-def show_chars(chars):
-    """Characters for a message: quoted, or by code point where quoting shows nothing (a lone accent, a control)."""
-    return " ".join(repr(c) if c.isprintable() and not unicodedata.combining(c) else f"U+{ord(c):04X}" for c in chars)
-
-
 def prepare_lines(text, chars, max_chars, drop_unknown):
     """Text -> page lines: typographic substitutes, unknown characters checked (with drop_unknown, accents left off
     where that makes them known, the rest left out), spaces collapsed, long lines wrapped at word boundaries (a longer
@@ -423,12 +413,7 @@ def generate(args):
         from dataset import Alphabet
         alphabet = Alphabet(ckpt["alphabet"])
         lines, dropped, folded = prepare_lines(raw_text, alphabet.chars, args.max_chars_per_line, args.drop_unknown)
-        if folded:
-            print("generate.py: warning: wrote " + ", ".join(f"{a!r} as {b!r}" for a, b in folded.items())
-                  + " (not in the alphabet)", file=sys.stderr)
-        if dropped:
-            print(f"generate.py: warning: left out {show_chars(dropped)} (not in the alphabet)",
-                  file=sys.stderr)
+        warn_unwritten("generate.py", folded, dropped)
         if prime_text is not None:
             prime_text = alphabet.plain(prime_text)                           # curly quotes from a phone's keyboard
             missing = sorted(alphabet.unknown(prime_text))
@@ -515,7 +500,7 @@ def write_pages(args, model, ckpt, pages, lead, prime, prime_offsets, generator,
             print(f"generate.py: warning: {where[b]} ({texts[b][:30]!r}) did not reach the end of its text within the "
                   f"cap (--max-steps-per-char) in {int(result['attempts'][b])} attempt(s); try "
                   + (f"a higher --max-steps-per-char (now {args.max_steps_per_char}; real lines take about 21), "
-                     if args.max_steps_per_char < TEXT_FLAGS["max_steps_per_char"] else "")
+                     if args.max_steps_per_char < MAX_STEPS_PER_CHAR else "")
                   + "another --seed, a lower --bias, a shorter line (--max-chars-per-line), another --style or a "
                     "better-trained checkpoint",
                   file=sys.stderr)

@@ -892,6 +892,22 @@ class WeightAverage:
                 a.copy_(state[name])
 
 
+def show_chars(chars):
+    """Characters for a message: quoted, or by code point where quoting shows nothing (a lone accent, a control)."""
+    import unicodedata
+    return " ".join(repr(c) if c.isprintable() and not unicodedata.combining(c) else f"U+{ord(c):04X}" for c in chars)
+
+
+def warn_unwritten(prog, forms, dropped):
+    """One warning line each for the characters the model's alphabet lacks: those written in another form
+    ({character: form}, Alphabet.fold: 'é' as 'e') and those left out."""
+    if forms:
+        print(f"{prog}: warning: wrote " + ", ".join(f"{show_chars(a)} as {b!r}" for a, b in forms.items())
+              + " (not in the alphabet)", file=sys.stderr)
+    if dropped:
+        print(f"{prog}: warning: left out {show_chars(dropped)} (not in the alphabet)", file=sys.stderr)
+
+
 def finite_float(text):
     """argparse type for float flags: a number, but not nan or inf (they would reach the model as garbage)."""
     import argparse
@@ -909,6 +925,16 @@ class OneLineParser(argparse.ArgumentParser):
 
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+    def parse_typed(self, argv=None):
+        """parse_args, plus args.typed: the flags (dests) given on the command line, even at their default value, so
+        that a script can refuse one that does not apply to the run rather than ignore it. (Parsed a second time into a
+        namespace that already holds a marker for every flag: argparse fills in defaults only where nothing is set.)"""
+        args = self.parse_args(argv)
+        unset = object()
+        seen = self.parse_args(argv, argparse.Namespace(**{a.dest: unset for a in self._actions}))
+        args.typed = {k for k, v in vars(seen).items() if v is not unset}
+        return args
 
 
 def at_least(low, below=None, exclusive=False):

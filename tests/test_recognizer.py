@@ -220,7 +220,7 @@ def test_legibility_end_to_end(trained, tiny_prepared, tmp_path, capsys):
     said = capsys.readouterr()
     result = json.loads(said.out)
     assert result["lines"] == 2 and result["real_lines"] == 1
-    left_out = said.err.split("lacks: ")[-1]
+    left_out = said.err.split("left out ")[-1]
     assert "wrote '\u00e9' as 'e'" in said.err and "'\u20ac'" in left_out and "'\u00e9'" not in left_out
     rows = [json.loads(line) for line in open(tmp_path / "b" / "legibility.jsonl")]
     alphabet = HandwritingDataset(tiny_prepared, "test").alphabet
@@ -368,6 +368,8 @@ def test_missing_files_give_one_line_errors(trained, tiny_prepared, tmp_path, ca
     for args, message in [(["--style", "0"], "--style is for --legibility"),
                           (["--prime-file", "me.json"], "--prime-file is for --legibility"),
                           (["--bias", "2"], "--bias is for --legibility"),               # was ignored
+                          (["--bias", "1"], "--bias is for --legibility"),               # typed, though the default
+                          (["--legibility", "--dtype", "float32"], "--dtype is for the NLL"),
                           (["--legibility", "--text-ablation"], "--text-ablation is for the NLL")]:
         with pytest.raises(SystemExit) as e:
             evaluate.main(["--checkpoint", syn, "--data", str(tiny_prepared), *args])

@@ -690,3 +690,19 @@ def test_every_script_gives_one_line_flag_errors(args, flag):
     """A wrong flag: one line naming it (utils.OneLineParser; the usage block is left to --help), exit status 2."""
     r = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and flag in r.stderr and r.stderr.count("\n") == 1 and "(see --help)" in r.stderr, r.stderr
+
+
+def test_parse_typed_knows_the_flags_typed():
+    """OneLineParser.parse_typed: args.typed holds the flags on the command line (a default value typed, an =, an
+    abbreviation), not the others, and the values are parse_args' own (defaults filled in, strings converted)."""
+    p = utils.OneLineParser()
+    p.add_argument("--bias", type=float, default=1.0)
+    p.add_argument("--line-height", type=int, default="100")
+    p.add_argument("--view", default="plain")
+    p.add_argument("--show", action="store_true")
+    args = p.parse_typed(["--bias", "1", "--line-h=100"])
+    assert args.typed == {"bias", "line_height"}
+    assert (args.bias, args.line_height, args.view, args.show) == (1.0, 100, "plain", False)
+    args = p.parse_typed(["--show"])
+    assert args.typed == {"show"} and args.line_height == 100 and args.show
+    assert p.parse_typed([]).typed == set()
