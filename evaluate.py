@@ -30,13 +30,13 @@ import torch
 
 from dataset import Alphabet, HandwritingDataset, make_loader, prime_strokes
 from model import evaluate_nll, load_model, summarize_nll
-from recognition import error_rates, load_recognizer, read_lines, write_and_read
+from recognition import error_rates, legibility_score, load_recognizer, read_lines, write_and_read
 from utils import (DTYPES, MAX_LINE_CHARS, OneLineParser, at_least, autocast_dtype, checkpoint_norm, load_checkpoint,
                    load_prime, pick_device, plot_lines, save_strokes, size_drift, warn_unwritten, writable_folder)
 
 
 LEGIBILITY_FLAGS = ("prompts", "recognizer", "bias", "seed", "max_steps_per_char", "retries", "retry_above", "style",
-                    "prime_file", "styles", "worst", "out")
+                    "prime_file", "styles", "worst", "out", "candidates", "pick_with")
 NLL_FLAGS = ("dtype", "text_ablation")
 
 
@@ -69,6 +69,13 @@ def get_args(argv=None):
     g.add_argument("--retry-above", type=at_least(0.0), default=32,
                    help="with --retries, a line that took more than this many points per character counts as stalled, "
                         "as in generate.py (real lines take about 21; 0 = only lines that reach the cap)")
+    g.add_argument("--candidates", type=at_least(1, below=17), default=1,
+                   help="write every prompt K times and keep the attempt --pick-with reads most surely as its text, as "
+                        "generate.py --candidates does")
+    g.add_argument("--pick-with", default="checkpoints/recognizer.pt",
+                   help="with --candidates, the recognizer that ranks the attempts; judged by the same --recognizer, "
+                        "the lines are judged by the reader that chose them: give another one (a second recognizer.py "
+                        "train run) for a fair figure")
     prime = g.add_mutually_exclusive_group()
     prime.add_argument("--style", type=int, default=None, metavar="N",
                        help="write every prompt in style N of --styles (priming, paper section 5.5, as generate.py "
@@ -149,6 +156,7 @@ def legibility(args, device):
     try:
         model, ckpt = load_model(args.checkpoint, map_location=device, expect_task="synthesis", task_flag=False)
         recognizer, rec_ckpt = load_recognizer(args.recognizer, map_location=device, flag="--recognizer")
+        picker = load_recognizer(args.pick_with, map_location=device, flag="--pick-with") if args.candidates > 1 else None
         real = HandwritingDataset(args.data, split) if args.prompts is None or os.path.exists(args.data) else None
         prompts = read_prompts(args.prompts) if args.prompts else list(real.texts)
         prime_text, prime_offsets = load_prime(args.styles, args.style, args.prime_file)
@@ -194,12 +202,19 @@ def legibility(args, device):
     generator = torch.Generator(device=device).manual_seed(args.seed)
     rec_alphabet = Alphabet(rec_ckpt["alphabet"])
     rec_mean, rec_std = checkpoint_norm(rec_ckpt, np.float32)
+    score = None
+    if picker is not None:
+        score = legibility_score(picker[0].to(device), Alphabet(picker[1]["alphabet"]),
+                                 checkpoint_norm(picker[1], np.float32), alphabet, (ckpt["mean"], ckpt["std"]), len(lead))
+        if os.path.realpath(args.pick_with) == os.path.realpath(args.recognizer):
+            print("evaluate.py: warning: --pick-with is --recognizer: the lines are read by the recognizer that chose "
+                  "them, so the CER flatters them; train a second recognizer to judge", file=sys.stderr)
     with warnings.catch_warnings():                                       # (the long prompts: said above)
         warnings.simplefilter("ignore", UserWarning)
         out = write_and_read(model, recognizer, [lead + asked[i] for i in keep], alphabet, rec_alphabet,
                              (ckpt["mean"], ckpt["std"]), (rec_mean, rec_std), args.bias, generator, args.batch_size,
                              args.max_steps_per_char, progress=True, retries=args.retries, retry_above=args.retry_above,
-                             prime=prime, prime_chars=len(lead))
+                             prime=prime, prime_chars=len(lead), candidates=args.candidates, score=score)
     raw, hyps, finished, steps, attempts = (dict(zip(keep, values)) for values in out)
     with_real = [i for i in keep if real_index[i] is not None]
     real_hyps = {}
@@ -235,6 +250,7 @@ def legibility(args, device):
     print(json.dumps({"checkpoint": args.checkpoint, "recognizer": args.recognizer, "bias": args.bias, "seed": args.seed,
                       "style": args.style, "prime_file": args.prime_file,
                       "retries": args.retries, "retry_above": args.retry_above if args.retries else None,
+                      "candidates": args.candidates, "pick_with": args.pick_with if args.candidates > 1 else None,
                       "lines": len(keep), "cer_generated": gen["cer"], "wer_generated": gen["wer"],
                       "cer_real": rea and rea["cer"], "wer_real": rea and rea["wer"], "real_lines": len(with_real),
                       **{f"{k}_{who}": r and r[k] for k in ("first_word_wrong", "last_word_wrong")

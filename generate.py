@@ -28,6 +28,7 @@ from utils import (ALIGNS, MAX_LINE_CHARS, VIEWS, OneLineParser, at_least, check
 
 HERE = os.path.dirname(os.path.abspath(__file__))   # shipped files are found wherever the command runs from
 DEFAULT_CHECKPOINTS = {"synthesis": "checkpoints/synthesis.pt", "prediction": "checkpoints/prediction.pt"}
+DEFAULT_RECOGNIZER = "checkpoints/recognizer.pt"
 DEFAULT_OUT = os.path.join("samples", "handwriting.png")
 DEFAULT_STYLES = os.path.join("data", "styles.json")
 FORMATS = (".png", ".svg", ".gif", ".npz")   # .npz: a strokes file, no picture
@@ -38,10 +39,11 @@ MAX_PAGES = 10              # pages of one run (a longer text: several runs, or 
 MAX_FILE_LINES = 100_000    # lines of an .npz strokes file, counting every sample (~2 GB of offsets held in memory)
 DEFAULT_STEPS = 700         # points per line for --task prediction (IAM-OnDB median: 620)
 MAX_STEPS = 5000            # at most, for --task prediction
+MAX_CANDIDATES = 16         # --candidates at most (attempts per line, all in one batch)
 MAX_BIAS = 100              # --bias at most (sigma = exp(sigma_hat - b): far beyond any use; 1e308 overflowed)
 SHORT_HAND = 15             # --save-hand warns below this many characters: a short line shows little of a hand
 # flags that apply only to synthesis, or only to pictures: typed where they do not apply (args.typed), they stop the run
-TEXT_FLAGS = ("max_chars_per_line", "max_steps_per_char", "retries", "retry_above")
+TEXT_FLAGS = ("max_chars_per_line", "max_steps_per_char", "retries", "retry_above", "candidates", "pick_with")
 PICTURE_FLAGS = ("stroke_width", "color", "line_height")
 MAX_STEPS_PER_CHAR = 40     # --max-steps-per-char's default
 
@@ -92,6 +94,13 @@ def get_args(argv=None):
                    help="with --retries, also sample again a line that finished but took more than PTS points per "
                         "character: a window that lingers writes loops (real lines take about 21); 0 = only lines "
                         "that reach the cap (default: 32, chosen on the validation split)")
+    s.add_argument("--candidates", type=int, metavar="K", default=1,
+                   help="write every line K times, all in one batch, and keep the attempt the recognizer (--pick-with) "
+                        "reads most surely as its text: fewer misread or garbled words, about K/2 times the sampling "
+                        "time on a CPU (see README) (default: 1)")
+    s.add_argument("--pick-with", default=DEFAULT_RECOGNIZER, metavar="PATH",
+                   help=f"recognizer checkpoint that ranks the --candidates (recognizer.py train) (default: "
+                        f"{DEFAULT_RECOGNIZER})")
     s.add_argument("--batch-size", type=int, metavar="N", default=256,
                    help="lines sampled together for .npz output (a page is always one batch); larger batches write "
                         "more lines per second, on a GPU most (default: 256)")
@@ -211,6 +220,8 @@ def check_args(args):
         fail(f"--retry-above must be >= 0 points per character, not {args.retry_above}")
     if args.max_steps_per_char < 1:
         fail(f"--max-steps-per-char must be >= 1, not {args.max_steps_per_char}")
+    if not 1 <= args.candidates <= MAX_CANDIDATES:
+        fail(f"--candidates must be between 1 and {MAX_CANDIDATES} attempts per line, not {args.candidates}")
     if not 0 < args.stroke_width <= 50:
         fail(f"--stroke-width must be in (0, 50] pixels, not {args.stroke_width}")
     if not 1 <= args.threads <= (os.cpu_count() or 1):
@@ -350,6 +361,21 @@ def load_checkpoint_model(args):
     return model.to(device), ckpt, device
 
 
+def load_scorer(args, ckpt, device, prime_chars):
+    """--candidates: the score that ranks a line's attempts (recognition.legibility_score) with the --pick-with
+    recognizer; the priming text, not written, is not scored."""
+    import numpy as np
+    from dataset import Alphabet
+    from recognition import legibility_score, load_recognizer
+    path = shipped(args.pick_with) if args.pick_with == DEFAULT_RECOGNIZER else args.pick_with
+    try:
+        recognizer, rec_ckpt = load_recognizer(path, map_location=device, flag="--pick-with")
+    except (ValueError, FileNotFoundError) as e:
+        fail(str(e).strip().splitlines()[0])
+    return legibility_score(recognizer.to(device), Alphabet(rec_ckpt["alphabet"]), checkpoint_norm(rec_ckpt, np.float32),
+                            Alphabet(ckpt["alphabet"]), checkpoint_norm(ckpt), prime_chars)
+
+
 def density_map(page, results, rows, mean, std, bias, shape):
     """The mixture density of every sampled point's offset, summed over the page: (H, W) array.
     Each step's mixture (eq. 23) is evaluated on a patch of pixels around the pen position it predicts from."""
@@ -450,6 +476,7 @@ def generate(args):
     prime = None if prime_offsets is None else prime_strokes(prime_offsets, mean, std)
     lead = "" if prime is None else f"{prime_text} "                          # the priming text leads every text
     prime_chars = len(lead)
+    args.score = None if args.candidates == 1 else load_scorer(args, ckpt, device, prime_chars)
     seed = args.seed if args.seed is not None else int.from_bytes(os.urandom(4), "little") % 1_000_000
     generator = torch.Generator(device=device).manual_seed(seed)
     record = args.view in ("eos", "density") or bool(args.plot_attention)
@@ -489,7 +516,8 @@ def write_pages(args, model, ckpt, pages, lead, prime, prime_offsets, generator,
             text_ids = torch.nn.utils.rnn.pad_sequence([alphabet.encode(t) for t in joined], batch_first=True)
             result = model.sample(text=text_ids.to(device), bias=args.bias, prime=prime, generator=generator,
                                   max_steps_per_char=args.max_steps_per_char, record=record, retries=args.retries,
-                                  retry_above=args.retry_above, prime_chars=prime_chars)
+                                  retry_above=args.retry_above, prime_chars=prime_chars, candidates=args.candidates,
+                                  score=args.score)
         else:
             result = model.sample(steps=args.steps, bias=args.bias, prime=prime, generator=generator, batch_size=B,
                                   record=record)
@@ -561,7 +589,8 @@ def write_pages(args, model, ckpt, pages, lead, prime, prime_offsets, generator,
         retried = int((result["attempts"] > 1).sum())
         utils.say(f"wrote {out} ({B // args.num_samples} line(s) x {args.num_samples} sample(s), "
                   f"{args.task}, bias {args.bias}, seed {seed}{f', model step {step}' if step is not None else ''}"
-                  f"{f'; {retried} stalled or lingering line(s) sampled again (--retries)' if retried else ''})")
+                  f"{f'; {retried} stalled or lingering line(s) sampled again (--retries)' if retried else ''}"
+                  f"{f'; best of {args.candidates} attempts per line (--candidates)' if args.candidates > 1 else ''})")
     stale = [f for k in range(len(pages) if len(pages) > 1 else 0, MAX_PAGES)
              if os.path.isfile(f := page_path(args.out, k, MAX_PAGES))]
     if stale:                                          # an earlier, longer run's pages: left alone, but said
@@ -641,7 +670,7 @@ def write_strokes_file(args, model, ckpt, joined, texts, prime, prime_chars, gen
                                           generator=generator, batch_size=args.batch_size,
                                           max_steps_per_char=args.max_steps_per_char, progress=True,
                                           retries=args.retries, retry_above=args.retry_above, prime=prime,
-                                          prime_chars=prime_chars):
+                                          prime_chars=prime_chars, candidates=args.candidates, score=args.score):
                 done.update(zip(batch["index"], zip(batch["raw"], batch["finished"], batch["attempts"])))
         else:
             with tqdm(total=len(texts), desc="generating", unit="line", disable=None) as bar:

@@ -329,7 +329,8 @@ class HandwritingModel(nn.Module):
         return y, State(h, c, kappa, w), phi
 
     def sample(self, text=None, steps=None, bias=0.0, prime=None, generator=None, batch_size=None,
-               max_steps_per_char=40, record=False, retries=0, retry_above=None, cuda_graph=True, prime_chars=0):
+               max_steps_per_char=40, record=False, retries=0, retry_above=None, cuda_graph=True, prime_chars=0,
+               candidates=1, score=None):
         """Sample handwriting, all lines of the batch together.
 
         text: (B, U) ids (synthesis; padded with 0), which should already include the priming text
@@ -349,6 +350,11 @@ class HandwritingModel(nn.Module):
         finished within retry_above, else its best one (finished first, then fewest points per character).
         cuda_graph: on a GPU, replay each block of SAMPLE_BLOCK steps as a CUDA graph (_SamplingGraph): the same
         lines as the eager loop (tested), one 40-character line 0.28 s instead of 1.3-2.3 s on an H100; ignored on CPU.
+        candidates, score (synthesis): write every line `candidates` times, all in one batch (on a CPU, where a step is
+        bound by reading the weights, extra rows cost little), and keep the attempt that score(strokes, lengths, text)
+        ranks best: score takes N rows of a result and their text and returns (N,) (lower is better;
+        recognition.legibility_score: how badly a recognizer reads each line as its text); a finished attempt beats an
+        unfinished one, and retries apply to each attempt before the choice.
         Returns dict: strokes (B, T, 3) normalised offsets with eos in {0, 1}; lengths (B,) points per line;
         finished (B,) bool (synthesis: False when the cap was hit); attempts (B,) samplings per line; and if
         record: eos_prob (B, T), mixture (B, T, 1 + 6M raw outputs, for density plots), phi (B, T, U + 1)."""
@@ -356,7 +362,11 @@ class HandwritingModel(nn.Module):
         # a GPU replays graphs recorded under no_grad, as tested there. The results are cloned out of inference mode,
         # so callers may edit them in place.
         self._check_sample_args(text, steps, bias, prime, generator, batch_size, max_steps_per_char, retries,
-                                retry_above, prime_chars)
+                                retry_above, prime_chars, candidates, score)
+        if candidates > 1:                              # row b * candidates + k: attempt k at line b
+            text = text.repeat_interleave(candidates, dim=0)
+            if prime is not None and prime.dim() == 3 and prime.shape[0] > 1:
+                prime = prime.repeat_interleave(candidates, dim=0)
         training = self.training                        # sampling is evaluation: no dropout on the prime either
         try:
             with sampling_mode(self.mdn.weight.device):
@@ -364,10 +374,11 @@ class HandwritingModel(nn.Module):
                                              retries, retry_above, cuda_graph, prime_chars)
         finally:
             self.train(training)
-        return {k: v.clone() if v.is_inference() else v for k, v in result.items()}
+        result = {k: v.clone() if v.is_inference() else v for k, v in result.items()}
+        return pick_candidates(result, text, candidates, score) if candidates > 1 else result
 
     def _check_sample_args(self, text, steps, bias, prime, generator, batch_size, max_steps_per_char, retries,
-                           retry_above, prime_chars):
+                           retry_above, prime_chars, candidates=1, score=None):
         """sample()'s arguments: a TypeError or ValueError that names the wrong one (generate.py checks its flags)."""
         if self.mdn.weight.dtype not in (torch.float32, torch.float64):
             raise ValueError(f"sampling needs float32 weights, not {self.mdn.weight.dtype}: call model.float() "
@@ -388,6 +399,12 @@ class HandwritingModel(nn.Module):
         check_whole("retries", retries, 0)
         check_whole("max_steps_per_char", max_steps_per_char, 1)
         check_whole("prime_chars", prime_chars, 0)
+        check_whole("candidates", candidates, 1)
+        if candidates > 1 and not self.synthesis:
+            raise ValueError("candidates is for the synthesis model (attempts are ranked by how they write their text)")
+        if candidates > 1 and not callable(score):
+            raise TypeError("candidates > 1 needs score: a function (strokes, lengths, text) -> (N,) tensor, lower is "
+                            "better (recognition.legibility_score)")
         if retry_above is not None and (not isinstance(retry_above, numbers.Real) or not 0 <= retry_above < math.inf):
             raise ValueError(f"retry_above must be None or a number of points per character >= 0, not {retry_above!r}")
         if steps is not None:
@@ -573,6 +590,16 @@ def sampling_mode(device):
     """No autograd while sampling: inference mode on a CPU (no bookkeeping at all), no_grad elsewhere (a GPU replays
     graphs recorded under no_grad). Not inference_mode(False), which turns gradients back on, even inside no_grad."""
     return torch.inference_mode() if device.type == "cpu" else torch.no_grad()
+
+
+def pick_candidates(result, text, k, score):
+    """sample(candidates=k): of each line's k attempts (consecutive rows of result), keep the one `score` ranks best
+    (lowest), a finished one before any unfinished one. Returns a result with one row per line."""
+    s = score(result["strokes"], result["lengths"], text).float().to(result["lengths"].device).view(-1, k)
+    done = result["finished"].view(-1, k)
+    best = torch.where(done.any(dim=1), s.masked_fill(~done, math.inf).argmin(dim=1), s.argmin(dim=1))   # (B,)
+    rows = torch.arange(best.shape[0], device=best.device) * k + best
+    return {key: v[rows] for key, v in result.items()}
 
 
 def replace_rows(result, other, rows):
@@ -824,12 +851,13 @@ def _on_side_stream(device, fn):
 
 ### writing many lines (generate.py's .npz output; the legibility measure in recognition.py)
 def iter_write_lines(model, texts, alphabet, norm, bias=1.0, generator=None, batch_size=64, max_steps_per_char=40,
-                     progress=False, retries=0, retry_above=None, prime=None, prime_chars=0):
+                     progress=False, retries=0, retry_above=None, prime=None, prime_chars=0, candidates=1, score=None):
     """Write many lines with the synthesis model, batched by text length so that a batch's lines end at about the
     same step (generate.py's .npz output, legibility). texts: strings in the model's alphabet (with prime, each one
     already "prime text" + " " + "new text", as sample() wants); norm: (mean, std) of the model's data; prime: (Tp, 3)
     normalised strokes fed before every line, prime_chars the characters it wrote (a primed line's offsets start at its
-    own first point); the rest as in sample() (retries: stalled lines are written again).
+    own first point); the rest as in sample() (retries: stalled lines are written again; candidates: each line is
+    written that many times, a batch of batch_size lines being batch_size x candidates rows, and the best one kept).
     Yields one dict per batch: index (positions in texts), raw offsets [(T_i, 3) float64], finished, steps and
     attempts (samplings per line), so that a caller can keep what is done if it is stopped."""
     import numpy as np
@@ -876,7 +904,7 @@ def iter_write_lines(model, texts, alphabet, norm, bias=1.0, generator=None, bat
             text = nn.utils.rnn.pad_sequence([alphabet.encode(texts[i]) for i in idx], batch_first=True)
             result = model.sample(text=text.to(device), bias=bias, prime=prime, generator=generator,
                                   max_steps_per_char=max_steps_per_char, retries=retries, retry_above=retry_above,
-                                  prime_chars=prime_chars)
+                                  prime_chars=prime_chars, candidates=candidates, score=score)
             steps = result["lengths"].tolist()
             strokes = denormalize(result["strokes"].cpu().double().numpy(), mean, std)
             raw = [strokes[b, :n] if prime is None else from_its_first_point(strokes[b, :n]) for b, n in enumerate(steps)]

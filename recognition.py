@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from dataset import normalize
+from dataset import denormalize, normalize
 from model import Config, load_weights, write_lines
 from utils import load_checkpoint
 
@@ -80,10 +80,11 @@ class Recognizer(nn.Module):
         return torch.log_softmax(self.out(self.dropout(h)).float(), dim=-1), lengths   # CTC in float32
 
 
-def ctc_loss(log_probs, frames, targets, target_lengths):
-    """CTC loss summed over the batch (float32). log_probs (B, T', C), frames (B,), targets (B, U) padded ids."""
+def ctc_loss(log_probs, frames, targets, target_lengths, per_line=False):
+    """CTC loss (float32) summed over the batch (a line too short for its text counts 0), or with per_line (B,) losses
+    (inf for such a line). log_probs (B, T', C), frames (B,), targets (B, U) padded ids."""
     return F.ctc_loss(log_probs.transpose(0, 1), targets, frames, target_lengths, blank=BLANK,
-                      reduction="sum", zero_infinity=True)
+                      reduction="none" if per_line else "sum", zero_infinity=not per_line)
 
 
 def greedy_decode(log_probs, frames):
@@ -138,20 +139,47 @@ def read_lines(model, strokes, alphabet, batch_size=64):
 @torch.no_grad()
 def write_and_read(model, recognizer, texts, alphabet, rec_alphabet, norm, rec_norm, bias=1.0, generator=None,
                    batch_size=64, max_steps_per_char=40, progress=False, retries=0, retry_above=None, prime=None,
-                   prime_chars=0):
+                   prime_chars=0, candidates=1, score=None):
     """Legibility (evaluate.py --legibility, train.py --recognizer): write every text with the synthesis model
     (write_lines) and read the lines back with the recognizer. rec_norm: (mean, std) of the recognizer's data.
-    With prime (style priming, as in write_lines) only the new writing is read: texts[i][prime_chars:].
+    With prime (style priming, as in write_lines) only the new writing is read: texts[i][prime_chars:]. candidates,
+    score: as in sample() (best of K attempts; with a score from another recognizer than this one, so that the lines
+    are not judged by the one that chose them).
     Returns raw offsets [(T_i, 3) float64], recognised texts, finished flags, step counts and attempts (samplings per
     line), in the order of texts."""
     raw, finished, steps, attempts = write_lines(model, texts, alphabet, norm, bias=bias, generator=generator,
                                                  batch_size=batch_size, max_steps_per_char=max_steps_per_char,
                                                  progress=progress, retries=retries, retry_above=retry_above,
-                                                 prime=prime, prime_chars=prime_chars)
+                                                 prime=prime, prime_chars=prime_chars, candidates=candidates,
+                                                 score=score)
     rec_mean, rec_std = (np.asarray(v, np.float32) for v in rec_norm)
     read = read_lines(recognizer, [torch.from_numpy(normalize(r.astype(np.float32), rec_mean, rec_std)) for r in raw],
                       rec_alphabet, batch_size)
     return raw, read, finished, steps, attempts
+
+
+def legibility_score(recognizer, rec_alphabet, rec_norm, alphabet, norm, prime_chars=0):
+    """The score for HandwritingModel.sample(candidates=K, score=...): how badly the recognizer reads each written
+    line as its own text, the CTC loss -log p(text | line) in nats (lower: read more surely as the text asked for).
+    alphabet, norm: the synthesis model's; rec_norm: (mean, std) of the recognizer's data; prime_chars: the characters
+    at the start of every text that a prime wrote (not in the written line, so not scored)."""
+    device = recognizer.out.weight.device
+
+    @torch.no_grad()
+    def score(strokes, lengths, text):                       # strokes (N, T, 3) normalised, lengths (N,), text (N, U)
+        raw = denormalize(strokes.float(), *norm)
+        if prime_chars:                                      # from its own first point, as write_lines gives it
+            raw[:, 0, :2] = 0
+        x = normalize(raw, *rec_norm)
+        x *= (torch.arange(x.shape[1], device=x.device)[None] < lengths[:, None]).unsqueeze(-1)   # zero after the end
+        targets = [rec_alphabet.encode(alphabet.decode(t)[prime_chars:], drop_unknown=True) for t in text.cpu()]
+        target_lengths = torch.tensor([len(t) for t in targets])
+        was_training = recognizer.training
+        log_probs, frames = recognizer.eval()(x.to(device), lengths.to(device))
+        recognizer.train(was_training)
+        return ctc_loss(log_probs, frames, nn.utils.rnn.pad_sequence(targets, batch_first=True).to(device),
+                        target_lengths.to(device), per_line=True)
+    return score
 
 
 def load_recognizer(checkpoint, map_location="cpu", flag="--checkpoint"):

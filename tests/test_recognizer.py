@@ -12,10 +12,11 @@ import torch
 
 import evaluate
 import generate
+import recognition
 import recognizer
 import train
-from dataset import Alphabet, HandwritingDataset, collate, prime_strokes
-from model import load_model
+from dataset import Alphabet, HandwritingDataset, collate, denormalize, normalize, prime_strokes
+from model import load_model, pick_candidates
 from recognition import (Recognizer, RecognizerConfig, ctc_loss, edit_distance, error_rates, greedy_decode, load_recognizer,
                          read_lines, write_and_read)
 from utils import load_prime_file, load_strokes, save_strokes, size_drift
@@ -388,3 +389,80 @@ def test_missing_files_give_one_line_errors(trained, tiny_prepared, tmp_path, ca
         r = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
         assert r.returncode == 1 and message in r.stderr and "Traceback" not in r.stderr, r.stderr
         assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_legibility_score_is_each_lines_ctc_loss(trained):
+    """recognition.legibility_score on a batch: each line's CTC loss -log p(its text) as the recognizer reads that line
+    alone in its own units (padding and batch change nothing); a prime's text is not scored; a line too short for its
+    text scores inf (never chosen over a readable one)."""
+    syn, ck = load_model(str(trained / "syn" / "last.pt"))
+    rec, rck = load_recognizer(str(trained / "rec" / "model.pt"))
+    alphabet, rec_alphabet = Alphabet(ck["alphabet"]), Alphabet(rck["alphabet"])
+    norm, rec_norm = (ck["mean"], ck["std"]), (np.asarray(rck["mean"], np.float32), np.asarray(rck["std"], np.float32))
+    g = torch.Generator().manual_seed(0)
+    texts = ["at as", "s a", "at"]
+    ids = torch.nn.utils.rnn.pad_sequence([alphabet.encode(t) for t in texts], batch_first=True)
+    lengths = torch.tensor([60, 41, 2])                                        # the last: 1 frame for 2 characters
+    strokes = torch.randn(3, 60, 3, generator=g)
+    strokes[..., 2] = (strokes[..., 2] > 1).float()
+    strokes *= (torch.arange(60)[None] < lengths[:, None]).unsqueeze(-1)       # as sample() returns them
+    for prime_chars in (0, 2):
+        got = recognition.legibility_score(rec, rec_alphabet, rec_norm, alphabet, norm, prime_chars)(strokes, lengths, ids)
+        for b in range(2):
+            raw = denormalize(strokes[b, :lengths[b]].double().numpy(), *norm)
+            if prime_chars:
+                raw[0, :2] = 0
+            x = torch.from_numpy(normalize(raw.astype(np.float32), *rec_norm))[None]
+            with torch.no_grad():
+                log_probs, frames = rec(x, lengths[b:b + 1])
+            target = rec_alphabet.encode(texts[b][prime_chars:])[None]
+            want = ctc_loss(log_probs, frames, target, torch.tensor([target.shape[1]]), per_line=True)
+            assert float(got[b]) == pytest.approx(want.item(), rel=1e-4, abs=1e-4)
+        assert got.shape == (3,) and bool(torch.isfinite(got[:2]).all())
+        assert got[2] == float("inf") if not prime_chars else torch.isfinite(got[2])   # "at" in 1 frame; "" is fine
+
+
+def test_candidates_keep_the_best_attempt_of_each_line(trained, tiny_prepared, tmp_path, capsys):
+    """sample(candidates=K, score=...) is the K-fold batch sampled as usual, then per line the attempt with the lowest
+    score, a finished one before any unfinished one; generate.py and evaluate.py --candidates use the recognizer."""
+    syn, ck = load_model(str(trained / "syn" / "last.pt"))
+    alphabet = Alphabet(ck["alphabet"])
+    text = torch.nn.utils.rnn.pad_sequence([alphabet.encode(t) for t in ("at a", "s", "a t")], batch_first=True)
+    K = 4
+    kw = dict(bias=0.5, max_steps_per_char=9, retries=0)           # "s" finishes, the others do not
+    every = syn.sample(text=text.repeat_interleave(K, 0), generator=torch.Generator().manual_seed(3), **kw)
+    calls = []
+
+    def score(strokes, lengths, t):                                             # the longest line wins
+        calls.append(t)
+        return -lengths.float()
+    best = syn.sample(text=text, generator=torch.Generator().manual_seed(3), candidates=K, score=score, **kw)
+    assert len(calls) == 1 and torch.equal(calls[0], text.repeat_interleave(K, 0))
+    for b in range(3):
+        rows = range(b * K, (b + 1) * K)
+        done = [r for r in rows if every["finished"][r]] or list(rows)
+        r = max(done, key=lambda r: (int(every["lengths"][r]), -r))            # the first of the longest
+        n = int(best["lengths"][b])
+        assert n == int(every["lengths"][r]) and bool(best["finished"][b]) == bool(every["finished"][r])
+        assert torch.equal(best["strokes"][b, :n], every["strokes"][r, :n])
+    assert not all(every["finished"]) and any(every["finished"])
+    # a finished attempt beats an unfinished one however it scores; with none finished, the best score wins
+    result = {"finished": torch.tensor([False, True, True, False, False, False]), "lengths": torch.arange(6),
+              "strokes": torch.arange(6.0)[:, None, None].expand(6, 2, 3)}
+    picked = pick_candidates(result, None, 3, lambda strokes, lengths, t: torch.tensor([0.0, 5, 2, 1, 3, -1]))
+    assert picked["lengths"].tolist() == [2, 5] and picked["strokes"][:, 0, 0].tolist() == [2, 5]
+    with pytest.raises(TypeError, match="needs score"):
+        syn.sample(text=text, candidates=2)
+    # the scripts: generate.py picks with --pick-with, evaluate.py says which recognizer picked
+    rec = str(trained / "rec" / "model.pt")
+    assert generate.main(["--checkpoint", str(trained / "syn" / "last.pt"), "--text", "at a", "--candidates", "3",
+                          "--pick-with", rec, "--out", str(tmp_path / "c.png"), "--seed", "1"]) == 0
+    assert (tmp_path / "c.png").stat().st_size > 0 and "best of 3" in capsys.readouterr().out
+    assert generate.main(["--checkpoint", str(trained / "syn" / "last.pt"), "--text", "at", "--candidates", "2",
+                          "--pick-with", str(tmp_path / "none.pt"), "--out", str(tmp_path / "d.png")]) == 1
+    assert "none.pt" in capsys.readouterr().err
+    evaluate.main(["--checkpoint", str(trained / "syn" / "last.pt"), "--legibility", "--data", str(tiny_prepared),
+                   "--recognizer", rec, "--pick-with", rec, "--candidates", "2", "--max-lines", "2",
+                   "--out", str(tmp_path / "e")])
+    said = capsys.readouterr()
+    assert json.loads(said.out)["candidates"] == 2 and "the recognizer that chose them" in said.err
