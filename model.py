@@ -354,7 +354,7 @@ class HandwritingModel(nn.Module):
         bound by reading the weights, extra rows cost little), and keep the attempt that score(strokes, lengths, text)
         ranks best: score takes N rows of a result and their text and returns (N,) (lower is better;
         recognition.legibility_score: how badly a recognizer reads each line as its text); a finished attempt beats an
-        unfinished one, and retries apply to each attempt before the choice.
+        unfinished one. retries write a line's attempts again only when none of them needs no retry.
         Returns dict: strokes (B, T, 3) normalised offsets with eos in {0, 1}; lengths (B,) points per line;
         finished (B,) bool (synthesis: False when the cap was hit); attempts (B,) samplings per line; and if
         record: eos_prob (B, T), mixture (B, T, 1 + 6M raw outputs, for density plots), phi (B, T, U + 1)."""
@@ -371,7 +371,7 @@ class HandwritingModel(nn.Module):
         try:
             with sampling_mode(self.mdn.weight.device):
                 result = self.eval()._sample(text, steps, bias, prime, generator, batch_size, max_steps_per_char, record,
-                                             retries, retry_above, cuda_graph, prime_chars)
+                                             retries, retry_above, cuda_graph, prime_chars, candidates)
         finally:
             self.train(training)
         result = {k: v.clone() if v.is_inference() else v for k, v in result.items()}
@@ -428,8 +428,8 @@ class HandwritingModel(nn.Module):
                              f"the priming text, a space and the new text")
 
     def _sample(self, text, steps, bias, prime, generator, batch_size, max_steps_per_char, record, retries,
-                retry_above, cuda_graph, prime_chars):
-        """sample() under no_grad (and on a CPU inference mode)."""
+                retry_above, cuda_graph, prime_chars, candidates=1):
+        """sample() under no_grad (and on a CPU inference mode); text already holds each line's candidates."""
         device = self.mdn.weight.device
         if self.synthesis:
             text = text.to(device)
@@ -503,6 +503,7 @@ class HandwritingModel(nn.Module):
                 result["phi"] = torch.cat(phis, dim=1)
         if self.synthesis and retries > 0:
             good = finished & (lengths <= retry_above * new_len) if retry_above else finished   # needs no retry
+            good |= good.view(-1, candidates).any(dim=1).repeat_interleave(candidates)     # nor does a good one's sibling
             if not bool(good.all()):
                 again = torch.nonzero(~good).squeeze(1)
                 retry = self._sample(text[again], steps, bias, None if prime is None else prime[again], generator, None,

@@ -451,6 +451,13 @@ def test_candidates_keep_the_best_attempt_of_each_line(trained, tiny_prepared, t
               "strokes": torch.arange(6.0)[:, None, None].expand(6, 2, 3)}
     picked = pick_candidates(result, None, 3, lambda strokes, lengths, t: torch.tensor([0.0, 5, 2, 1, 3, -1]))
     assert picked["lengths"].tolist() == [2, 5] and picked["strokes"][:, 0, 0].tolist() == [2, 5]
+    # retries: a line is written again only when none of its attempts is good (finished within retry_above): "s"
+    # has one (8 points), so its lingering ones (9 > 8.5) are not retried, and the longest of them is kept
+    kw.update(retries=1, retry_above=8.5)
+    alone = syn.sample(text=text.repeat_interleave(K, 0), generator=torch.Generator().manual_seed(3), **kw)
+    assert alone["attempts"][K:2 * K].tolist().count(2) >= 1                   # on its own, a lingering one is retried
+    again = syn.sample(text=text, generator=torch.Generator().manual_seed(3), candidates=K, score=score, **kw)
+    assert again["attempts"].tolist() == [2, 1, 2] and again["lengths"][1] == 9 and bool(again["finished"][1])
     with pytest.raises(TypeError, match="needs score"):
         syn.sample(text=text, candidates=2)
     # the scripts: generate.py picks with --pick-with, evaluate.py says which recognizer picked
