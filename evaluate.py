@@ -17,7 +17,8 @@ finished_fraction (lines whose window reached the end of the text within the ste
 character and, with --retries, attempts per line, and writes
 OUT/legibility.jsonl (one row per line), OUT/worst.png (the least legible lines) and OUT/generated.npz (the strokes).
 With --style N (or --prime-file FILE, your own handwriting) every prompt is written in that style (priming, as
-generate.py does) and only the new writing is read.
+generate.py does) and only the new writing is read. With --candidates K every prompt is written K times and the attempt the --pick-with
+recognizer reads best is kept (as generate.py --candidates does); read it with another --recognizer for a fair figure.
 """
 import argparse
 import json

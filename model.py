@@ -350,11 +350,11 @@ class HandwritingModel(nn.Module):
         finished within retry_above, else its best one (finished first, then fewest points per character).
         cuda_graph: on a GPU, replay each block of SAMPLE_BLOCK steps as a CUDA graph (_SamplingGraph): the same
         lines as the eager loop (tested), one 40-character line 0.28 s instead of 1.3-2.3 s on an H100; ignored on CPU.
-        candidates, score (synthesis): write every line `candidates` times, all in one batch (on a CPU, where a step is
-        bound by reading the weights, extra rows cost little), and keep the attempt that score(strokes, lengths, text)
-        ranks best: score takes N rows of a result and their text and returns (N,) (lower is better;
-        recognition.legibility_score: how badly a recognizer reads each line as its text); a finished attempt beats an
-        unfinished one. retries write a line's attempts again only when none of them needs no retry.
+        candidates, score (synthesis): write every line `candidates` times, all in one batch (4 attempts took about
+        twice the time of one on a 2-core CPU), and keep the attempt that score(strokes, lengths, text) ranks best:
+        score takes N rows of a result and their text and returns (N,) (lower is better; recognition.legibility_score:
+        how badly a recognizer reads each line as its text); a finished attempt beats an unfinished one. retries write
+        a line's attempts again only when none of them is good (finished, within retry_above).
         Returns dict: strokes (B, T, 3) normalised offsets with eos in {0, 1}; lengths (B,) points per line;
         finished (B,) bool (synthesis: False when the cap was hit); attempts (B,) samplings per line; and if
         record: eos_prob (B, T), mixture (B, T, 1 + 6M raw outputs, for density plots), phi (B, T, U + 1)."""
