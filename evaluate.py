@@ -74,9 +74,9 @@ def get_args(argv=None):
                    help="write every prompt K times and keep the attempt --pick-with reads most surely as its text, as "
                         "generate.py --candidates does")
     g.add_argument("--pick-with", default="checkpoints/recognizer.pt",
-                   help="with --candidates, the recognizer that ranks the attempts; judged by the same --recognizer, "
-                        "the lines are judged by the reader that chose them: give another one (a second recognizer.py "
-                        "train run) for a fair figure")
+                   help="with --candidates, the recognizer that ranks the attempts; read by the same --recognizer, "
+                        "the lines are judged by the reader that chose them: read them with --recognizer "
+                        "checkpoints/judge.pt (a second recognizer, trained apart) for a fair figure")
     prime = g.add_mutually_exclusive_group()
     prime.add_argument("--style", type=int, default=None, metavar="N",
                        help="write every prompt in style N of --styles (priming, paper section 5.5, as generate.py "
@@ -209,7 +209,8 @@ def legibility(args, device):
                                  checkpoint_norm(picker[1], np.float32), alphabet, (ckpt["mean"], ckpt["std"]), len(lead))
         if os.path.realpath(args.pick_with) == os.path.realpath(args.recognizer):
             print("evaluate.py: warning: --pick-with is --recognizer: the lines are read by the recognizer that chose "
-                  "them, so the CER flatters them; train a second recognizer to judge", file=sys.stderr)
+                  "them, so the CER flatters them; read them with --recognizer checkpoints/judge.pt (trained apart)",
+                  file=sys.stderr)
     with warnings.catch_warnings():                                       # (the long prompts: said above)
         warnings.simplefilter("ignore", UserWarning)
         out = write_and_read(model, recognizer, [lead + asked[i] for i in keep], alphabet, rec_alphabet,
