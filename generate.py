@@ -589,8 +589,7 @@ def write_pages(args, model, ckpt, pages, lead, prime, prime_offsets, generator,
         retried = int((result["attempts"] > 1).sum())
         utils.say(f"wrote {out} ({B // args.num_samples} line(s) x {args.num_samples} sample(s), "
                   f"{args.task}, bias {args.bias}, seed {seed}{f', model step {step}' if step is not None else ''}"
-                  f"{f'; {retried} stalled or lingering line(s) sampled again (--retries)' if retried else ''}"
-                  f"{f'; best of {args.candidates} attempts per line (--candidates)' if args.candidates > 1 else ''})")
+                  f"{attempts_note(args, retried)})")
     stale = [f for k in range(len(pages) if len(pages) > 1 else 0, MAX_PAGES)
              if os.path.isfile(f := page_path(args.out, k, MAX_PAGES))]
     if stale:                                          # an earlier, longer run's pages: left alone, but said
@@ -612,6 +611,12 @@ def write_pages(args, model, ckpt, pages, lead, prime, prime_offsets, generator,
               f"(sampling {t_sampling:.2f} s, {steps} steps x {n_lines} lines{f' on {len(pages)} pages' if len(pages) > 1 else ''}); "
               f"{time.perf_counter() - t_start:.2f} s in main")
     return code
+
+
+def attempts_note(args, retried):
+    """The summary line's end: lines sampled again (--retries) and the best of --candidates."""
+    return ((f"; {retried} stalled or lingering line(s) sampled again (--retries)" if retried else "")
+            + (f"; best of {args.candidates} attempts per line (--candidates)" if args.candidates > 1 else ""))
 
 
 def save_hand(args, ckpt, seed, text, offsets, finished):
@@ -704,7 +709,7 @@ def write_strokes_file(args, model, ckpt, joined, texts, prime, prime_chars, gen
     step, retried, points = ckpt.get("step"), sum(a > 1 for a in attempts), sum(len(r) for r in raw)
     utils.say(f"wrote {args.out} ({len(texts):,} line(s) = {len(texts) // args.num_samples:,} x {args.num_samples} sample(s), "
               f"{points:,} points, {args.task}, bias {args.bias}, seed {seed}{f', model step {step}' if step is not None else ''}"
-              f"{f'; {retried} stalled or lingering line(s) sampled again (--retries)' if retried else ''})")
+              f"{attempts_note(args, retried)})")
     utils.say(f"time: {t_sampled - t_load:.2f} s from checkpoint load to sampled lines ({len(texts) / (t_sampled - t_load):.1f} "
               f"lines/s, batches of {args.batch_size}); {time.perf_counter() - t_start:.2f} s in main")
     return code
