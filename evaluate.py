@@ -205,8 +205,7 @@ def legibility(args, device):
     rec_mean, rec_std = checkpoint_norm(rec_ckpt, np.float32)
     score = None
     if picker is not None:
-        score = legibility_score(picker[0].to(device), Alphabet(picker[1]["alphabet"]),
-                                 checkpoint_norm(picker[1], np.float32), alphabet, (ckpt["mean"], ckpt["std"]), len(lead))
+        score = legibility_score(picker[0].to(device), picker[1], alphabet, (ckpt["mean"], ckpt["std"]), len(lead))
         if os.path.realpath(args.pick_with) == os.path.realpath(args.recognizer):
             print("evaluate.py: warning: --pick-with is --recognizer: the lines are read by the recognizer that chose "
                   "them, so the CER flatters them; read them with --recognizer checkpoints/judge.pt (trained apart)",

@@ -364,7 +364,6 @@ def load_checkpoint_model(args):
 def load_scorer(args, ckpt, device, prime_chars):
     """--candidates: the score that ranks a line's attempts (recognition.legibility_score) with the --pick-with
     recognizer; the priming text, not written, is not scored."""
-    import numpy as np
     from dataset import Alphabet
     from recognition import legibility_score, load_recognizer
     path = shipped(args.pick_with) if args.pick_with == DEFAULT_RECOGNIZER else args.pick_with
@@ -372,8 +371,7 @@ def load_scorer(args, ckpt, device, prime_chars):
         recognizer, rec_ckpt = load_recognizer(path, map_location=device, flag="--pick-with")
     except (ValueError, FileNotFoundError) as e:
         fail(str(e).strip().splitlines()[0])
-    return legibility_score(recognizer.to(device), Alphabet(rec_ckpt["alphabet"]), checkpoint_norm(rec_ckpt, np.float32),
-                            Alphabet(ckpt["alphabet"]), checkpoint_norm(ckpt), prime_chars)
+    return legibility_score(recognizer.to(device), rec_ckpt, Alphabet(ckpt["alphabet"]), checkpoint_norm(ckpt), prime_chars)
 
 
 def density_map(page, results, rows, mean, std, bias, shape):

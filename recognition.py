@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from dataset import denormalize, normalize
+from dataset import Alphabet, denormalize, normalize
 from model import Config, load_weights, write_lines
 from utils import load_checkpoint
 
@@ -158,12 +158,14 @@ def write_and_read(model, recognizer, texts, alphabet, rec_alphabet, norm, rec_n
     return raw, read, finished, steps, attempts
 
 
-def legibility_score(recognizer, rec_alphabet, rec_norm, alphabet, norm, prime_chars=0):
+def legibility_score(recognizer, rec_ckpt, alphabet, norm, prime_chars=0):
     """The score for HandwritingModel.sample(candidates=K, score=...): how badly the recognizer reads each written
     line as its own text, the CTC loss -log p(text | line) in nats (lower: read more surely as the text asked for).
-    alphabet, norm: the synthesis model's; rec_norm: (mean, std) of the recognizer's data; prime_chars: the characters
-    at the start of every text that a prime wrote (not in the written line, so not scored)."""
+    recognizer, rec_ckpt: as load_recognizer returns them; alphabet, norm: the synthesis model's; prime_chars: the
+    characters at the start of every text that a prime wrote (not in the written line, so not scored)."""
     device = recognizer.out.weight.device
+    rec_alphabet = Alphabet(rec_ckpt["alphabet"])
+    rec_norm = tuple(np.asarray(rec_ckpt[k], np.float32) for k in ("mean", "std"))
 
     @torch.no_grad()
     def score(strokes, lengths, text):                       # strokes (N, T, 3) normalised, lengths (N,), text (N, U)

@@ -407,7 +407,7 @@ def test_legibility_score_is_each_lines_ctc_loss(trained):
     strokes[..., 2] = (strokes[..., 2] > 1).float()
     strokes *= (torch.arange(60)[None] < lengths[:, None]).unsqueeze(-1)       # as sample() returns them
     for prime_chars in (0, 2):
-        got = recognition.legibility_score(rec, rec_alphabet, rec_norm, alphabet, norm, prime_chars)(strokes, lengths, ids)
+        got = recognition.legibility_score(rec, rck, alphabet, norm, prime_chars)(strokes, lengths, ids)
         for b in range(2):
             raw = denormalize(strokes[b, :lengths[b]].double().numpy(), *norm)
             if prime_chars:
