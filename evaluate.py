@@ -17,8 +17,9 @@ finished_fraction (lines whose window reached the end of the text within the ste
 character and, with --retries, attempts per line, and writes
 OUT/legibility.jsonl (one row per line), OUT/worst.png (the least legible lines) and OUT/generated.npz (the strokes).
 With --style N (or --prime-file FILE, your own handwriting) every prompt is written in that style (priming, as
-generate.py does) and only the new writing is read. With --candidates K every prompt is written K times and the attempt the --pick-with
-recognizer reads best is kept (as generate.py --candidates does); read it with another --recognizer for a fair figure.
+generate.py does) and only the new writing is read. With --candidates K every prompt is written K times and the
+attempt the --pick-with recognizer reads best is kept (as generate.py --candidates does); read the lines with another
+--recognizer (checkpoints/judge.pt) for a fair figure.
 """
 import argparse
 import json
@@ -32,7 +33,7 @@ import torch
 from dataset import Alphabet, HandwritingDataset, make_loader, prime_strokes
 from model import evaluate_nll, load_model, summarize_nll
 from recognition import error_rates, legibility_score, load_recognizer, read_lines, write_and_read
-from utils import (DTYPES, MAX_LINE_CHARS, OneLineParser, at_least, autocast_dtype, checkpoint_norm, load_checkpoint,
+from utils import (DTYPES, MAX_CANDIDATES, MAX_LINE_CHARS, OneLineParser, at_least, autocast_dtype, checkpoint_norm, load_checkpoint,
                    load_prime, pick_device, plot_lines, save_strokes, size_drift, warn_unwritten, writable_folder)
 
 
@@ -70,7 +71,7 @@ def get_args(argv=None):
     g.add_argument("--retry-above", type=at_least(0.0), default=32,
                    help="with --retries, a line that took more than this many points per character counts as stalled, "
                         "as in generate.py (real lines take about 21; 0 = only lines that reach the cap)")
-    g.add_argument("--candidates", type=at_least(1, below=17), default=1,
+    g.add_argument("--candidates", type=at_least(1, below=MAX_CANDIDATES + 1), default=1,
                    help="write every prompt K times and keep the attempt --pick-with reads most surely as its text, as "
                         "generate.py --candidates does")
     g.add_argument("--pick-with", default="checkpoints/recognizer.pt",

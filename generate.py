@@ -23,7 +23,7 @@ import textwrap
 import time
 
 # numpy only; torch is imported after the fast checks
-from utils import (ALIGNS, MAX_LINE_CHARS, VIEWS, OneLineParser, at_least, checkpoint_norm, finite_float, ink_rgb,
+from utils import (ALIGNS, MAX_CANDIDATES, MAX_LINE_CHARS, VIEWS, OneLineParser, at_least, checkpoint_norm, finite_float, ink_rgb,
                    is_prepared_file, load_prime, load_prime_file, show_chars, warn_unwritten)
 
 HERE = os.path.dirname(os.path.abspath(__file__))   # shipped files are found wherever the command runs from
@@ -39,7 +39,6 @@ MAX_PAGES = 10              # pages of one run (a longer text: several runs, or 
 MAX_FILE_LINES = 100_000    # lines of an .npz strokes file, counting every sample (~2 GB of offsets held in memory)
 DEFAULT_STEPS = 700         # points per line for --task prediction (IAM-OnDB median: 620)
 MAX_STEPS = 5000            # at most, for --task prediction
-MAX_CANDIDATES = 16         # --candidates at most (attempts per line, all in one batch)
 MAX_BIAS = 100              # --bias at most (sigma = exp(sigma_hat - b): far beyond any use; 1e308 overflowed)
 SHORT_HAND = 15             # --save-hand warns below this many characters: a short line shows little of a hand
 # flags that apply only to synthesis, or only to pictures: typed where they do not apply (args.typed), they stop the run

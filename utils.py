@@ -16,6 +16,7 @@ import numpy as np
 
 SPLITS = ("train", "valid", "test")   # split codes 0, 1, 2 in the prepared file (prepare_data.py writes, dataset.py reads)
 MAX_LINE_CHARS = 64   # the longest line of IAM-OnDB's transcriptions: longer lines are outside what the models saw
+MAX_CANDIDATES = 16   # --candidates at most (generate.py, evaluate.py): attempts per line, in one batch
 
 # -----------------------------------------------------------------------------
 # I/O and stroke drawing (data pipeline: prepare_data.py, dataset.py)
