@@ -158,7 +158,9 @@ def legibility(args, device):
     try:
         model, ckpt = load_model(args.checkpoint, map_location=device, expect_task="synthesis", task_flag=False)
         recognizer, rec_ckpt = load_recognizer(args.recognizer, map_location=device, flag="--recognizer")
-        picker = load_recognizer(args.pick_with, map_location=device, flag="--pick-with") if args.candidates > 1 else None
+        same_reader = os.path.realpath(args.pick_with) == os.path.realpath(args.recognizer)
+        picker = None if args.candidates == 1 else (recognizer, rec_ckpt) if same_reader else \
+            load_recognizer(args.pick_with, map_location=device, flag="--pick-with")
         real = HandwritingDataset(args.data, split) if args.prompts is None or os.path.exists(args.data) else None
         prompts = read_prompts(args.prompts) if args.prompts else list(real.texts)
         prime_text, prime_offsets = load_prime(args.styles, args.style, args.prime_file)
@@ -207,7 +209,7 @@ def legibility(args, device):
     score = None
     if picker is not None:
         score = legibility_score(picker[0].to(device), picker[1], alphabet, (ckpt["mean"], ckpt["std"]), len(lead))
-        if os.path.realpath(args.pick_with) == os.path.realpath(args.recognizer):
+        if same_reader:
             print("evaluate.py: warning: --pick-with is --recognizer: the lines are read by the recognizer that chose "
                   "them, so the CER flatters them; read them with --recognizer checkpoints/judge.pt (trained apart)",
                   file=sys.stderr)

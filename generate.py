@@ -95,8 +95,8 @@ def get_args(argv=None):
                         "that reach the cap (default: 32, chosen on the validation split)")
     s.add_argument("--candidates", type=int, metavar="K", default=1,
                    help="write every line K times, all in one batch, and keep the attempt the recognizer (--pick-with) "
-                        "reads most surely as its text: fewer misread or garbled words, about K/2 times the sampling "
-                        "time on a CPU (see README) (default: 1)")
+                        "reads most surely as its text: fewer misread or garbled words; K = 4 took about twice the "
+                        "sampling time on a 2-core CPU (see README) (default: 1)")
     s.add_argument("--pick-with", default=DEFAULT_RECOGNIZER, metavar="PATH",
                    help=f"recognizer checkpoint that ranks the --candidates (recognizer.py train) (default: "
                         f"{DEFAULT_RECOGNIZER})")

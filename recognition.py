@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from dataset import Alphabet, denormalize, normalize
 from model import Config, load_weights, write_lines
-from utils import load_checkpoint
+from utils import checkpoint_norm, load_checkpoint
 
 BLANK = 0   # CTC blank = the dataset's padding id
 
@@ -163,9 +163,8 @@ def legibility_score(recognizer, rec_ckpt, alphabet, norm, prime_chars=0):
     line as its own text, the CTC loss -log p(text | line) in nats (lower: read more surely as the text asked for).
     recognizer, rec_ckpt: as load_recognizer returns them; alphabet, norm: the synthesis model's; prime_chars: the
     characters at the start of every text that a prime wrote (not in the written line, so not scored)."""
-    device = recognizer.out.weight.device
-    rec_alphabet = Alphabet(rec_ckpt["alphabet"])
-    rec_norm = tuple(np.asarray(rec_ckpt[k], np.float32) for k in ("mean", "std"))
+    device = recognizer.eval().out.weight.device
+    rec_alphabet, rec_norm = Alphabet(rec_ckpt["alphabet"]), checkpoint_norm(rec_ckpt, np.float32)
 
     @torch.no_grad()
     def score(strokes, lengths, text):                       # strokes (N, T, 3) normalised, lengths (N,), text (N, U)
@@ -176,9 +175,7 @@ def legibility_score(recognizer, rec_ckpt, alphabet, norm, prime_chars=0):
         x *= (torch.arange(x.shape[1], device=x.device)[None] < lengths[:, None]).unsqueeze(-1)   # zero after the end
         targets = [rec_alphabet.encode(alphabet.decode(t)[prime_chars:], drop_unknown=True) for t in text.cpu()]
         target_lengths = torch.tensor([len(t) for t in targets])
-        was_training = recognizer.training
-        log_probs, frames = recognizer.eval()(x.to(device), lengths.to(device))
-        recognizer.train(was_training)
+        log_probs, frames = recognizer(x.to(device), lengths.to(device))
         return ctc_loss(log_probs, frames, nn.utils.rnn.pad_sequence(targets, batch_first=True).to(device),
                         target_lengths.to(device), per_line=True)
     return score
