@@ -26,9 +26,8 @@ import statistics
 import sys
 import time
 
-# Idle OpenMP threads sleep instead of spinning. On cores shared with other jobs, a spinning thread that loses its
-# core stalls every parallel op: a 2-thread run on 2 busy cores took over 40 times as long as with this setting.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")   # idle OpenMP threads sleep, not spin: on cores other jobs use,
+                                                    # spinning made runs 10-40x slower (README, Troubleshooting)
 
 import torch  # noqa: E402  (after the OpenMP setting, which is read when torch loads)
 

@@ -27,14 +27,16 @@ import os
 import sys
 import warnings
 
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")   # idle OpenMP threads sleep, not spin: on cores other jobs use,
+                                                    # spinning made runs 10-40x slower (README, Troubleshooting)
 import numpy as np
 import torch
 
 from dataset import Alphabet, HandwritingDataset, make_loader, prime_strokes
 from model import evaluate_nll, load_model, summarize_nll
 from recognition import error_rates, legibility_score, load_recognizer, read_lines, write_and_read
-from utils import (DTYPES, MAX_CANDIDATES, MAX_LINE_CHARS, OneLineParser, at_least, autocast_dtype, checkpoint_norm, load_checkpoint,
-                   load_prime, pick_device, plot_lines, save_strokes, size_drift, warn_unwritten, writable_folder)
+from utils import (DTYPES, MAX_BIAS, MAX_CANDIDATES, MAX_LINE_CHARS, OneLineParser, at_least, autocast_dtype, bias_value, checkpoint_norm, load_checkpoint,
+                   load_prime, pick_device, plot_lines, quiet_broken_pipe, save_strokes, size_drift, warn_unwritten, writable_folder)
 
 
 LEGIBILITY_FLAGS = ("prompts", "recognizer", "bias", "seed", "max_steps_per_char", "retries", "retry_above", "style",
@@ -61,7 +63,7 @@ def get_args(argv=None):
                    help="write every prompt with the synthesis model and read it back with --recognizer (CER, not NLL)")
     g.add_argument("--prompts", default=None, help="UTF-8 text file, one line of text per line; none given: the transcriptions of --split")
     g.add_argument("--recognizer", default="checkpoints/recognizer.pt", help="recognizer checkpoint (recognizer.py train)")
-    g.add_argument("--bias", type=at_least(0.0), default=1.0, help="sampling bias (paper section 5.4, eq. 61-62; 0 = unbiased)")
+    g.add_argument("--bias", type=bias_value, default=1.0, help=f"sampling bias (paper section 5.4, eq. 61-62; 0 = unbiased, at most {MAX_BIAS})")
     g.add_argument("--seed", type=at_least(0, below=2 ** 63), default=0, help="sampling seed (the same seed and batch size give the same lines)")
     g.add_argument("--max-steps-per-char", type=at_least(1), default=40,
                    help="step cap: a line stops after this many points per character (real lines take about 21)")
@@ -100,6 +102,19 @@ def get_args(argv=None):
 
 def main(argv=None):
     args = get_args(argv)
+    try:
+        run(args)
+        sys.stdout.flush()                              # here, so that a closed pipe is caught below
+        return 0
+    except KeyboardInterrupt:
+        print("evaluate.py: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:                             # `evaluate.py ... | head -c 10`: the figures were printed
+        quiet_broken_pipe()
+        return 0
+
+
+def run(args):
     try:
         device = pick_device(args.device)
         dtype = autocast_dtype(args.dtype, device)
@@ -268,4 +283,4 @@ def legibility(args, device):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -17,14 +17,16 @@ import json
 import math
 import os
 import shlex
-import signal
 import sys
 import textwrap
 import time
 
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")   # idle OpenMP threads sleep, not spin: on cores other jobs use,
+                                                    # spinning made runs 10-40x slower (README, Troubleshooting)
 # numpy only; torch is imported after the fast checks
-from utils import (ALIGNS, MAX_CANDIDATES, MAX_LINE_CHARS, VIEWS, OneLineParser, at_least, checkpoint_norm, finite_float, ink_rgb,
-                   is_prepared_file, load_prime, load_prime_file, show_chars, warn_unwritten)
+from utils import (ALIGNS, MAX_BIAS, MAX_CANDIDATES, MAX_LINE_CHARS, VIEWS, OneLineParser, at_least, checkpoint_norm, finite_float, ink_rgb,
+                   interrupt_on_signals, load_prime, load_prime_file, output_extension, restore_signals, show_chars,
+                   warn_unwritten)
 
 HERE = os.path.dirname(os.path.abspath(__file__))   # shipped files are found wherever the command runs from
 DEFAULT_CHECKPOINTS = {"synthesis": "checkpoints/synthesis.pt", "prediction": "checkpoints/prediction.pt"}
@@ -39,7 +41,6 @@ MAX_PAGES = 10              # pages of one run (a longer text: several runs, or 
 MAX_FILE_LINES = 100_000    # lines of an .npz strokes file, counting every sample (~2 GB of offsets held in memory)
 DEFAULT_STEPS = 700         # points per line for --task prediction (IAM-OnDB median: 620)
 MAX_STEPS = 5000            # at most, for --task prediction
-MAX_BIAS = 100              # --bias at most (sigma = exp(sigma_hat - b): far beyond any use; 1e308 overflowed)
 SHORT_HAND = 15             # --save-hand warns below this many characters: a short line shows little of a hand
 # flags that apply only to synthesis, or only to pictures: typed where they do not apply (args.typed), they stop the run
 TEXT_FLAGS = ("max_chars_per_line", "max_steps_per_char", "retries", "retry_above", "candidates", "pick_with")
@@ -77,8 +78,8 @@ def get_args(argv=None):
     s = p.add_argument_group("sampling")
     s.add_argument("--bias", type=finite_float, metavar="B", default=0.75,
                    help="Graves' biased sampling (section 5.4, eq. 61-62): sigma = exp(sigma_hat - b), pi = softmax(pi_hat (1 + b)); "
-                        "0 = the network's own distribution (paper's plain sampling), larger = neater and less varied "
-                        "(default: 0.75)")
+                        f"0 = the network's own distribution (paper's plain sampling), larger = neater and less varied, "
+                        f"at most {MAX_BIAS} (default: 0.75)")
     s.add_argument("--seed", type=at_least(0, below=2 ** 63), metavar="S", default=None,
                    help="random seed; the same seed gives the same file (default: a random one, printed)")
     s.add_argument("--num-samples", type=int, metavar="N", default=1,
@@ -164,41 +165,21 @@ def shipped(path):
 ### checks that need no model (fast, before torch is imported)
 
 def check_output(path, formats, flag, reads=()):
-    """The extension of an output path (one of formats), after checking that it can be written, before any sampling:
-    its folder exists, it is not a file this run reads (reads: input paths) nor a prepared IAM-OnDB file."""
-    if os.path.isdir(path):
-        fail(f"{flag} {path} is a folder; give a file name, e.g. {os.path.join(path, 'out' + formats[0])}")
-    ext = os.path.splitext(path)[1].lower()
-    if ext not in formats:
-        fail(f"{flag} {path}: unsupported extension '{ext or '(none)'}'; use {', '.join(formats)}")
-    folder = os.path.dirname(path)
-    if folder and not os.path.isdir(folder):
-        fail(f"{flag} {path}: {folder} is a file, not a folder; choose another path" if os.path.exists(folder) else
-             f"{flag} {path}: the folder {folder} does not exist; create it or choose another path")
-    if os.path.isfile(path):
-        if any(os.path.isfile(f) and os.path.samefile(path, f) for f in reads if f):
-            fail(f"{flag} {path} is a file this run reads; give another file")
-        if ext == ".npz" and is_prepared_file(path):
-            fail(f"{flag} {path} is a prepared IAM-OnDB file (prepare_data.py), not to be written over; give another file")
-        if ext == ".json":                               # --save-hand writes over an earlier hand, nothing else
-            try:
-                load_prime_file(path)
-            except ValueError:
-                try:
-                    with open(path, encoding="utf-8-sig") as f:
-                        what = "a styles file" if "styles" in json.load(f) else "not a prime file"
-                except (OSError, ValueError, TypeError):
-                    what = "not a prime file"
-                fail(f"{flag} {path} exists and is {what}, not to be written over; give another file")
-    probe = f"{path}.tmp"                                # where utils.atomic_write will write first
+    """utils.check_output, and a .json is written over only when it is an earlier hand (--save-hand's prime file)."""
     try:
-        with open(probe, "xb"):
-            pass
-        os.remove(probe)
-    except FileExistsError:                              # left by an interrupted run: written over then
-        pass
-    except OSError as e:
-        fail(f"{flag} {path} cannot be written: {e.strerror or e}; choose another path")
+        ext = output_extension(path, formats, flag, reads)
+    except ValueError as e:
+        fail(str(e))
+    if ext == ".json" and os.path.isfile(path):
+        try:
+            load_prime_file(path)
+        except ValueError:
+            try:
+                with open(path, encoding="utf-8-sig") as f:
+                    what = "a styles file" if "styles" in json.load(f) else "not a prime file"
+            except (OSError, ValueError, TypeError):
+                what = "not a prime file"
+            fail(f"{flag} {path} exists and is {what}, not to be written over; give another file")
     return ext
 
 
@@ -266,6 +247,16 @@ def check_args(args):
     textual = [f"--{k.replace('_', '-')}" for k in TEXT_FLAGS if k in args.typed] + ["--drop-unknown"] * args.drop_unknown
     if args.task == "prediction" and textual:
         fail(f"{textual[0]} is for --task synthesis (writing a text); the prediction network writes --steps points")
+    unused = [message for on, message in (   # flags typed where they change nothing
+        ("pick_with" in args.typed and args.candidates == 1,
+         "--pick-with ranks the attempts of --candidates K: give --candidates 2 or more, or drop --pick-with"),
+        ("retry_above" in args.typed and args.retries == 0,
+         "--retry-above chooses the lines that --retries samples again, and --retries is 0: drop one of them"),
+        ("batch_size" in args.typed and args.format != ".npz",
+         f"--batch-size is for --out FILE.npz; a page (--out {args.out}) is sampled in one batch: drop --batch-size"))
+        if on]
+    if unused:
+        fail(unused[0])
     if args.show_prime and args.style is None and not args.prime_file:
         fail("--show-prime draws the priming line: give --style N or --prime-file FILE too")
     if args.task == "synthesis" and args.steps is not None:
@@ -716,7 +707,7 @@ def main(argv=None):
     args = get_args(argv)
     torch = sys.modules.get("torch")                    # called in-process (tests): leave torch as it was
     threads = torch.get_num_threads() if torch else None
-    previous = signal.signal(signal.SIGTERM, stop)     # `timeout`, `kill`, job schedulers: stop as Ctrl-C does
+    previous = interrupt_on_signals()                  # `timeout`, `kill`, job schedulers: stop as Ctrl-C does
     try:
         code = generate(args)
         sys.stdout.flush()                              # here, so that a closed pipe is caught below
@@ -736,14 +727,9 @@ def main(argv=None):
         print("generate.py: interrupted", file=sys.stderr)
         return 130
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        restore_signals(previous)
         if threads:
             torch.set_num_threads(threads)
-
-
-def stop(signum, frame):
-    """SIGTERM handler: raise KeyboardInterrupt, so that a strokes file keeps the lines done, as with Ctrl-C."""
-    raise KeyboardInterrupt
 
 
 if __name__ == "__main__":

@@ -32,7 +32,8 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from utils import SPLITS, OneLineParser, at_least, atomic_write, plot_lines, writable_folder
+from utils import (SPLITS, OneLineParser, at_least, atomic_write, interrupt_on_signals, plot_lines, restore_signals,
+                   writable_folder)
 
 VERSION = 1
 DOWNLOAD = ("download lineStrokes-all.tar.gz and ascii-all.tar.gz (free registration) from "
@@ -303,6 +304,7 @@ def get_args(argv=None):
 def main(argv=None):
     args = get_args(argv)
     args.written = None
+    previous = interrupt_on_signals()                  # Ctrl-C, `kill`, `timeout`: one line, status 130
     try:
         prepare(args)
     except DataError as e:
@@ -312,6 +314,14 @@ def main(argv=None):
               else "prepare_data.py: interrupted; nothing written (run it again: it starts from the beginning)",
               file=sys.stderr)
         sys.exit(130)
+    finally:
+        restore_signals(previous)
+
+
+def init_worker():
+    """A parsing worker ignores Ctrl-C (the main process stops the pool) and dies on SIGTERM (pool.terminate)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def prepare(args):
@@ -355,8 +365,7 @@ def prepare(args):
 
     duplicates = filled = 0
     options = {"resample": args.resample, "keep_repeats": args.keep_repeats, "fill_gaps": args.fill_gaps}
-    pool = Pool(args.workers, initializer=signal.signal, initargs=(signal.SIGINT, signal.SIG_IGN)) \
-        if args.workers > 1 else None                        # workers ignore Ctrl-C: the main process stops them
+    pool = Pool(args.workers, initializer=init_worker) if args.workers > 1 else None
     try:
         results = pool.imap_unordered(process_line, tasks(), chunksize=16) if pool else map(process_line, tasks())
         for line_id, status, *rest in tqdm(results, desc="parsing lines", unit=" lines", mininterval=0.5):

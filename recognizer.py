@@ -20,13 +20,15 @@ import os
 import sys
 import time
 
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")   # idle OpenMP threads sleep, not spin: on cores other jobs use,
+                                                    # spinning made runs 10-40x slower (README, Troubleshooting)
 import numpy as np
 import torch
 
 from dataset import Alphabet, HandwritingDataset, augment, make_loader, normalize
 from recognition import Recognizer, RecognizerConfig, ctc_loss, error_rates, load_recognizer, read_lines
-from utils import (OneLineParser, already_done, at_least, checkpoint_norm, export_weights, finite_float, learning_rate,
-                   load_checkpoint, load_strokes, note_changed_flags, pick_device, quiet_broken_pipe,
+from utils import (OneLineParser, already_done, at_least, atomic_write, checkpoint_norm, export_weights, finite_float, learning_rate,
+                   load_checkpoint, load_strokes, note_changed_flags, output_extension, pick_device, quiet_broken_pipe,
                    restore_training_state, resume_path, save_checkpoint, stop_on_signals, training_state, trim_metrics,
                    writable_folder)
 
@@ -97,7 +99,7 @@ def get_args(argv=None):
     e.add_argument("--max-lines", type=at_least(0), default=0, help="read only the first N lines of the split (0 = all)")
     e.add_argument("--batch-size", type=at_least(1), default=64, help="lines read at once")
     e.add_argument("--device", default="auto", help="'auto' (CUDA when present), 'cpu', 'cuda', ...")
-    e.add_argument("--out", default=None, help="also write one JSON row per line (id, text, recognised, cer) to this file")
+    e.add_argument("--out", default=None, help="also write one JSON row per line (id, text, recognised, cer) to this .jsonl file")
     return p.parse_args(argv)
 
 
@@ -113,16 +115,16 @@ def main(argv=None):
         print("recognizer.py: stopped at once" + ("; the last checkpoint saved stands (--resume auto goes on from it)"
                                                   if args.command == "train" else ""), file=sys.stderr)
         return 130
-    except BrokenPipeError:                             # `recognizer.py read ... | head`
+    except BrokenPipeError:                             # `recognizer.py read ... | head`: what head wanted was read
         quiet_broken_pipe()
-        sys.exit(1)
+        return 0
 
 
 ### evaluate: CER / WER on a split
 
 def evaluate(args):
-    if args.out and (os.path.isdir(args.out) or not os.path.isdir(os.path.dirname(args.out) or ".")):
-        raise ValueError(f"--out {args.out} is a folder or in a folder that does not exist; give a file name, e.g. rows.jsonl")
+    if args.out:                                        # a .jsonl, not the data or checkpoint read
+        output_extension(args.out, (".jsonl",), "--out", reads=(args.checkpoint,))
     device = pick_device(args.device)
     model, ckpt = load_recognizer(args.checkpoint, map_location=device)
     dataset = HandwritingDataset(args.data, args.split, max_lines=args.max_lines or None)
@@ -132,10 +134,13 @@ def evaluate(args):
     hyps = read_lines(model.to(device), [dataset[i][0] for i in range(len(dataset))], Alphabet(ckpt["alphabet"]),
                       args.batch_size)
     if args.out:
-        with open(args.out, "w", encoding="utf-8") as f:
-            for i, (ref, hyp) in enumerate(zip(dataset.texts, hyps)):
-                f.write(json.dumps({"id": dataset.line_ids[i], "text": ref, "recognised": hyp,
-                                    "cer": error_rates([ref], [hyp])["cer"]}) + "\n")
+        rows = [json.dumps({"id": dataset.line_ids[i], "text": ref, "recognised": hyp, "cer": error_rates([ref], [hyp])["cer"]})
+                for i, (ref, hyp) in enumerate(zip(dataset.texts, hyps))]
+
+        def write(tmp):
+            with open(tmp, "w", encoding="utf-8") as f:
+                f.writelines(row + "\n" for row in rows)
+        atomic_write(args.out, write)
     print(json.dumps({"checkpoint": args.checkpoint, "split": args.split, "step": ckpt.get("step"),
                       **error_rates(dataset.texts, hyps)}))
 

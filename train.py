@@ -19,6 +19,8 @@ import os
 import sys
 import time
 
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")   # idle OpenMP threads sleep, not spin: on cores other jobs use,
+                                                    # spinning made runs 10-40x slower (README, Troubleshooting)
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -27,10 +29,11 @@ from dataset import Alphabet, HandwritingDataset, augment, make_loader, rare_cha
 from model import (GraphedChunk, HandwritingModel, ModelConfig, WeightNoise, chunk_backward, evaluate_nll, load_weights,
                    summarize_nll, teacher_forcing)
 from recognition import error_rates, load_recognizer, write_and_read
-from utils import (DTYPES, OneLineParser, WeightAverage, already_done, at_least, autocast_dtype, checkpoint_norm,
-                   clipped_step, export_weights, finite_float, learning_rate, load_checkpoint, make_optimizer,
-                   note_changed_flags, pick_device, plot_loss_curve, restore_training_state, resume_path, save_checkpoint,
-                   save_sample_image, stop_on_signals, training_state, trim_metrics, writable_folder)
+from utils import (DTYPES, MAX_BIAS, OneLineParser, WeightAverage, already_done, at_least, autocast_dtype, bias_value,
+                   checkpoint_norm, clipped_step, export_weights, finite_float, learning_rate, load_checkpoint,
+                   make_optimizer, note_changed_flags, pick_device, plot_loss_curve, restore_training_state,
+                   resume_path, save_checkpoint, save_sample_image, stop_on_signals, training_state, trim_metrics,
+                   writable_folder)
 
 
 # training flags that shape a run: on --resume, those given otherwise than the run's are named
@@ -107,7 +110,7 @@ def get_args(argv=None):
                         "--legibility-lines validation texts and reads them back: val_cer, val_last_word_wrong and "
                         "val_finished in metrics.jsonl")
     p.add_argument("--legibility-lines", type=at_least(1), default=64, help="validation texts written per legibility check")
-    p.add_argument("--legibility-bias", type=at_least(0.0), default=1.0, help="sampling bias of the legibility check (section 5.4)")
+    p.add_argument("--legibility-bias", type=bias_value, default=1.0, help=f"sampling bias of the legibility check (section 5.4; 0 to {MAX_BIAS})")
     p.add_argument("--select-by", choices=["nll", "cer"], default=None,
                    help="which validation figure picks best.pt (and so model.pt): NLL per line, or the legibility "
                         "check's character error rate (needs --recognizer); the lowest NLL is not always the most legible "

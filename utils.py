@@ -17,6 +17,7 @@ import numpy as np
 SPLITS = ("train", "valid", "test")   # split codes 0, 1, 2 in the prepared file (prepare_data.py writes, dataset.py reads)
 MAX_LINE_CHARS = 64   # the longest line of IAM-OnDB's transcriptions: longer lines are outside what the models saw
 MAX_CANDIDATES = 16   # --candidates at most (generate.py, evaluate.py): attempts per line, in one batch
+MAX_BIAS = 100        # sampling bias at most (sigma = exp(sigma_hat - b): far beyond any use; 1e308 overflowed)
 
 # -----------------------------------------------------------------------------
 # I/O and stroke drawing (data pipeline: prepare_data.py, dataset.py)
@@ -51,6 +52,24 @@ def stop_on_signals(stop, say):
         stop["why"] = "interrupted"
         say("interrupted: ending the batch, then evaluating and saving (press Ctrl-C again to stop at once)")
     for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, handler)
+
+
+def interrupt_on_signals():
+    """Scripts without a training loop: Ctrl-C or SIGTERM (`timeout`, `kill`, a job scheduler) raises
+    KeyboardInterrupt in the main thread, which the script reports in one line. A handler of our own also for SIGINT:
+    with Python's default one, a SIGINT sent to prepare_data.py's process alone (not its workers) was lost while the
+    main thread waited on the worker pool, and the run hung. Returns the previous handlers, for restore_signals."""
+    import signal
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+    return {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+
+def restore_signals(previous):
+    import signal
+    for sig, handler in previous.items():
         signal.signal(sig, handler)
 
 
@@ -161,6 +180,37 @@ def save_strokes(path, lines, texts, line_ids=None, **per_line):
         with open(tmp, "wb") as f:
             np.savez_compressed(f, **arrays)
     atomic_write(path, write)
+
+
+def output_extension(path, formats, flag, reads=()):
+    """The extension of an output path (one of formats), after checking that it can be written, before any work: its
+    folder exists, it is not a file this run reads (reads: input paths) nor a prepared IAM-OnDB file. ValueError with
+    a one-line message otherwise."""
+    if os.path.isdir(path):
+        raise ValueError(f"{flag} {path} is a folder; give a file name, e.g. {os.path.join(path, 'out' + formats[0])}")
+    ext = os.path.splitext(path)[1].lower()
+    if ext not in formats:
+        raise ValueError(f"{flag} {path}: unsupported extension '{ext or '(none)'}'; use {', '.join(formats)}")
+    folder = os.path.dirname(path)
+    if folder and not os.path.isdir(folder):
+        raise ValueError(f"{flag} {path}: {folder} is a file, not a folder; choose another path" if os.path.exists(folder)
+                         else f"{flag} {path}: the folder {folder} does not exist; create it or choose another path")
+    if os.path.isfile(path):
+        if any(f and os.path.isfile(f) and os.path.samefile(path, f) for f in reads):
+            raise ValueError(f"{flag} {path} is a file this run reads; give another file")
+        if ext == ".npz" and is_prepared_file(path):
+            raise ValueError(f"{flag} {path} is a prepared IAM-OnDB file (prepare_data.py), not to be written over; "
+                             f"give another file")
+    probe = f"{path}.tmp"                                # where atomic_write writes first
+    try:
+        with open(probe, "xb"):
+            pass
+        os.remove(probe)
+    except FileExistsError:                              # left by an interrupted run: written over then
+        pass
+    except OSError as e:
+        raise ValueError(f"{flag} {path} cannot be written: {e.strerror or e}; choose another path") from None
+    return ext
 
 
 def is_prepared_file(path):
@@ -954,6 +1004,16 @@ def at_least(low, below=None, exclusive=False):
             raise argparse.ArgumentTypeError(f"expected {wanted}, not {text!r}")
         return value
     return parse
+
+
+def bias_value(text):
+    """argparse type for a sampling bias (section 5.4): a number from 0 (the network's own distribution) to MAX_BIAS."""
+    import argparse
+    value = finite_float(text)
+    if not 0 <= value <= MAX_BIAS:
+        raise argparse.ArgumentTypeError(f"expected a number from 0 (unbiased) to {MAX_BIAS} (beyond about 5 the writing "
+                                         f"no longer changes), not {text!r}")
+    return value
 
 
 def quiet_broken_pipe():

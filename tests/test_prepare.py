@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import ROOT, line_xml, make_archives, run_prepare, tiny_forms, write_fake_iam, write_writers
+from conftest import REAL_DATA, ROOT, line_xml, make_archives, run_prepare, tiny_forms, write_fake_iam, write_writers
 
 import prepare_data
 from utils import atomic_write
@@ -276,3 +276,23 @@ def test_line_xml_fixture_matches_the_real_format():
     points, stroke, time = prepare_data.parse_strokes(line_xml([[(1, 2), (3, 4)], [(5, 6)]]).encode("latin-1"))
     assert points.tolist() == [[1, -2], [3, -4], [5, -6]] and stroke.tolist() == [0, 0, 1]
     assert time.tolist() == [0.0, 0.01, 0.0]
+
+
+@pytest.mark.skipif(not (REAL_DATA / "lineStrokes-all.tar.gz").is_file(), reason="needs the real IAM-OnDB archives")
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_a_signal_to_the_main_process_alone_stops_the_parse(tmp_path, sig):
+    """`kill -INT PID` or `kill -TERM PID` (the main process only, not its workers: `timeout`, a job scheduler) while
+    the workers parse: one line and status 130 at once. With Python's own SIGINT handler such a run hung."""
+    import signal
+    import time
+    p = subprocess.Popen([sys.executable, "prepare_data.py", "--raw", str(REAL_DATA), "--out", str(tmp_path / "out"),
+                          "--splits", str(tmp_path / "splits"), "--workers", "2"],
+                         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and "parsing lines" not in (p.stderr.read(64) or "parsing lines"):
+        pass
+    time.sleep(1)                                   # the pool is busy
+    p.send_signal(getattr(signal, sig))
+    out, err = p.communicate(timeout=60)
+    assert p.returncode == 130 and "Traceback" not in err, err[-2000:]
+    assert err.strip().splitlines()[-1].endswith("interrupted; nothing written (run it again: it starts from the beginning)")

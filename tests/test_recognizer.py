@@ -346,7 +346,11 @@ def test_missing_files_give_one_line_errors(trained, tiny_prepared, tmp_path, ca
                            *TINY_REC], "holds weights only (no optimiser state, like model.pt and the shipped files): "
                                        "resume from a run's last.pt"),
         (recognizer.main, ["evaluate", "--checkpoint", rec, "--data", str(tiny_prepared), "--out", str(tmp_path)],
-         "is a folder or in a folder that does not exist"),
+         "is a folder; give a file name, e.g."),
+        *((recognizer.main, ["evaluate", "--checkpoint", rec, "--data", str(tiny_prepared), "--out", path], message)
+          for path, message in ((str(tiny_prepared), "unsupported extension '.npz'; use .jsonl"),
+                                (rec, "unsupported extension '.pt'; use .jsonl"),
+                                (str(tmp_path / "no" / "rows.jsonl"), "does not exist; create it"))),
         (evaluate.main, ["--checkpoint", rec, "--legibility", "--data", str(tiny_prepared)], "is a recognizer checkpoint (recognizer.py); pass a .pt file written by train.py"),
         (evaluate.main, ["--checkpoint", syn, "--legibility", "--prompts", str(tmp_path / "none.txt"),
                          "--recognizer", rec, "--data", str(tiny_prepared)], "cannot read --prompts"),
@@ -371,7 +375,8 @@ def test_missing_files_give_one_line_errors(trained, tiny_prepared, tmp_path, ca
                           (["--bias", "2"], "--bias is for --legibility"),               # was ignored
                           (["--bias", "1"], "--bias is for --legibility"),               # typed, though the default
                           (["--legibility", "--dtype", "float32"], "--dtype is for the NLL"),
-                          (["--legibility", "--text-ablation"], "--text-ablation is for the NLL")]:
+                          (["--legibility", "--text-ablation"], "--text-ablation is for the NLL"),
+                          (["--legibility", "--bias", "1e308"], "expected a number from 0 (unbiased) to 100")]:
         with pytest.raises(SystemExit) as e:
             evaluate.main(["--checkpoint", syn, "--data", str(tiny_prepared), *args])
         err = capsys.readouterr().err
@@ -473,3 +478,16 @@ def test_candidates_keep_the_best_attempt_of_each_line(trained, tiny_prepared, t
                    "--out", str(tmp_path / "e")])
     said = capsys.readouterr()
     assert json.loads(said.out)["candidates"] == 2 and "the recognizer that chose them" in said.err
+
+
+@pytest.mark.parametrize("script", ["evaluate.py", "recognizer.py"])
+def test_output_piped_into_a_reader_that_stops_ends_quietly(trained, tiny_prepared, script):
+    """`evaluate.py ... | head -c 10`, `recognizer.py read FILE | head -1`: the reader gone, status 0 and no traceback."""
+    args = (["--checkpoint", str(trained / "syn" / "model.pt"), "--data", str(tiny_prepared)] if script == "evaluate.py"
+            else ["read", str(tiny_prepared), "--checkpoint", str(trained / "rec" / "model.pt")])
+    proc = subprocess.Popen([sys.executable, script, *args], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()                                                   # the reader is gone before anything is printed
+    with proc.stderr:
+        err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 0 and "Traceback" not in err and "Exception" not in err, err

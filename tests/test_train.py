@@ -432,6 +432,7 @@ def test_bad_checkpoints_give_one_line_errors(tiny_prepared, tmp_path):
          "that run, or train a new model (another --out, no --resume)\n"),
         (["train.py", "--kappa-init", "1000", *data], "expected a number >= -10.0 and < 3.0"),
         (["train.py", "--augment-shear", "100", *data], "expected a number >= 0.0 and < 1.0"),
+        (["train.py", "--legibility-bias", "1e308", *data], "expected a number from 0 (unbiased) to 100"),
         (["train.py", "--task", "prediction", "--resume", str(tmp_path / "p" / "model.pt"), *data],
          "holds weights only (no optimiser state, like model.pt and the shipped files): resume from a run's last.pt, or "
          "train on from these weights with --init-from"),
