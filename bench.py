@@ -18,7 +18,6 @@ seconds (all threads together) as a second view on a shared machine. Warm-up rep
 are reported. Data are synthetic (random offsets, pen lifts with probability 0.05, random text), which costs the
 same as real data: every line is --seq-len points long, text --text-len characters.
 """
-import argparse
 import json
 import os
 import platform
@@ -33,7 +32,7 @@ import torch  # noqa: E402  (after the OpenMP setting, which is read when torch 
 
 from model import GraphedChunk, HandwritingModel, ModelConfig, nll
 from reference import ReferenceModel, reference_nll
-from utils import OneLineParser, at_least, autocast_dtype, clipped_step, make_optimizer, pick_device
+from utils import DefaultsHelpFormatter, OneLineParser, at_least, autocast_dtype, clipped_step, make_optimizer, pick_device
 
 DTYPES = ("float32", "bfloat16")
 # defaults that depend on the device: (GPU, CPU); the CPU ones keep the whole run under a minute on 2 cores
@@ -42,7 +41,7 @@ DEFAULTS = {"batch_size": (64, 8), "seq_len": (600, 600), "reps": (10, 3), "warm
 
 
 def get_args(argv=None):
-    p = OneLineParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = OneLineParser(description=__doc__.split("\n\n")[0], formatter_class=DefaultsHelpFormatter)
     p.add_argument("--device", default="auto", help="'auto' (CUDA when present), 'cpu', 'cuda', 'cuda:1', ...")
     p.add_argument("--task", choices=["prediction", "synthesis"], default="synthesis", help="network to time (paper sections 4 and 5)")
     p.add_argument("--batch-size", type=at_least(0), default=0, help="lines per training step (0 = 64 on GPU, 8 on CPU)")

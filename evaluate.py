@@ -21,7 +21,6 @@ generate.py does) and only the new writing is read. With --candidates K every pr
 attempt the --pick-with recognizer reads best is kept (as generate.py --candidates does); read the lines with another
 --recognizer (checkpoints/judge.pt) for a fair figure.
 """
-import argparse
 import json
 import os
 import sys
@@ -35,8 +34,9 @@ import torch
 from dataset import Alphabet, HandwritingDataset, make_loader, prime_strokes
 from model import evaluate_nll, load_model, summarize_nll
 from recognition import error_rates, legibility_score, load_recognizer, read_lines, write_and_read
-from utils import (DTYPES, MAX_BIAS, MAX_CANDIDATES, MAX_LINE_CHARS, OneLineParser, at_least, autocast_dtype, bias_value, checkpoint_norm, load_checkpoint,
-                   load_prime, pick_device, plot_lines, quiet_broken_pipe, save_strokes, size_drift, warn_unwritten, writable_folder)
+from utils import (DTYPES, DefaultsHelpFormatter, MAX_BIAS, MAX_CANDIDATES, MAX_LINE_CHARS, OneLineParser, at_least,
+                   autocast_dtype, bias_value, checkpoint_norm, load_checkpoint, load_prime, pick_device, plot_lines,
+                   quiet_broken_pipe, save_strokes, size_drift, warn_unwritten, writable_folder)
 
 
 LEGIBILITY_FLAGS = ("prompts", "recognizer", "bias", "seed", "max_steps_per_char", "retries", "retry_above", "style",
@@ -45,7 +45,7 @@ NLL_FLAGS = ("dtype", "text_ablation")
 
 
 def get_args(argv=None):
-    p = OneLineParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = OneLineParser(description=__doc__.split("\n\n")[0], formatter_class=DefaultsHelpFormatter)
     p.add_argument("--checkpoint", default="checkpoints/synthesis.pt", help="checkpoint written by train.py (last.pt, best.pt or a shipped one)")
     p.add_argument("--data", default="data/processed", help="folder with iam_ondb.npz, or the .npz itself")
     p.add_argument("--split", choices=["train", "valid", "test"], default=None,
@@ -197,6 +197,10 @@ def legibility(args, device):
     keep = [i for i, t in enumerate(asked) if t]
     if not keep:
         sys.exit("error: no prompt has a character the model can write")
+    if len(keep) < len(asked):
+        skipped = [i + 1 for i, t in enumerate(asked) if not t]
+        print(f"evaluate.py: warning: skipped {len(skipped)} prompt(s) with no character the model can write (prompt "
+              f"{', '.join(map(str, skipped[:5]))}{', ...' if len(skipped) > 5 else ''})", file=sys.stderr)
     long = sum(len(asked[i]) > MAX_LINE_CHARS for i in keep)
     if long:
         print(f"evaluate.py: warning: {long} prompt(s) longer than {MAX_LINE_CHARS} characters, the longest line the "

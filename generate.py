@@ -46,6 +46,9 @@ SHORT_HAND = 15             # --save-hand warns below this many characters: a sh
 TEXT_FLAGS = ("max_chars_per_line", "max_steps_per_char", "retries", "retry_above", "candidates", "pick_with")
 PICTURE_FLAGS = ("stroke_width", "color", "line_height")
 MAX_STEPS_PER_CHAR = 40     # --max-steps-per-char's default
+MOST_STEPS_PER_CHAR = 200   # --max-steps-per-char at most (a stalled line runs to its cap: 40 characters, 8,000 steps)
+MAX_RETRIES = 20            # --retries at most
+MAX_BATCH = 4096            # --batch-size at most (lines sampled together for .npz output)
 
 
 class GenerateError(Exception):
@@ -67,8 +70,8 @@ def get_args(argv=None):
     g.add_argument("--checkpoint", metavar="PATH",
                    help="checkpoint written by train.py (default: checkpoints/synthesis.pt or checkpoints/prediction.pt by --task)")
     g.add_argument("--steps", type=int, metavar="N", default=None,
-                   help=f"points per line for --task prediction (default: {DEFAULT_STEPS}; IAM-OnDB lines have a median "
-                        f"of 620)")
+                   help=f"points per line for --task prediction, 1 to {MAX_STEPS} (default: {DEFAULT_STEPS}; IAM-OnDB "
+                        f"lines have a median of 620)")
     g.add_argument("--max-chars-per-line", type=int, metavar="N", default=40,
                    help=f"wrap longer lines at word boundaries (characters, 5 to {MAX_LINE_CHARS}; default: 40; "
                         f"IAM-OnDB lines have 1-64, median 29)")
@@ -81,34 +84,36 @@ def get_args(argv=None):
                         f"0 = the network's own distribution (paper's plain sampling), larger = neater and less varied, "
                         f"at most {MAX_BIAS} (default: 0.75)")
     s.add_argument("--seed", type=at_least(0, below=2 ** 63), metavar="S", default=None,
-                   help="random seed; the same seed gives the same file (default: a random one, printed)")
+                   help="random seed, 0 to 2^63 - 1; the same seed gives the same file (default: a random one, printed)")
     s.add_argument("--num-samples", type=int, metavar="N", default=1,
-                   help="write the text N times, all sampled together in one batch, one block per sample (default: 1)")
+                   help=f"write the text N times, all sampled together in one batch, one block per sample; at most "
+                        f"{(MAX_ROWS + 1) // 2} on a page, {MAX_FILE_LINES:,} lines in all for .npz (default: 1)")
     s.add_argument("--max-steps-per-char", type=int, metavar="N", default=MAX_STEPS_PER_CHAR,
-                   help="safety cap for synthesis: a line stops after this many points per character of its text "
-                        "(default: 40; real lines take about 21)")
+                   help=f"safety cap for synthesis: a line stops after this many points per character of its text, "
+                        f"1 to {MOST_STEPS_PER_CHAR} (default: {MAX_STEPS_PER_CHAR}; real lines take about 21)")
     s.add_argument("--retries", type=int, metavar="N", default=2,
-                   help="a line whose window stalled (it reached that cap, or took more than --retry-above) is sampled "
-                        "again, up to N more times, keeping the best attempt; 0 = keep the first (default: 2)")
+                   help=f"a line whose window stalled (it reached that cap, or took more than --retry-above) is sampled "
+                        f"again, up to N more times (at most {MAX_RETRIES}), keeping the best attempt; 0 = keep the first "
+                        f"(default: 2)")
     s.add_argument("--retry-above", type=finite_float, metavar="PTS", default=32.0,
                    help="with --retries, also sample again a line that finished but took more than PTS points per "
                         "character: a window that lingers writes loops (real lines take about 21); 0 = only lines "
                         "that reach the cap (default: 32, chosen on the validation split)")
     s.add_argument("--candidates", type=int, metavar="K", default=1,
-                   help="write every line K times, all in one batch, and keep the attempt the recognizer (--pick-with) "
-                        "reads most surely as its text: fewer misread or garbled words; K = 4 took about twice the "
-                        "sampling time on a 2-core CPU (see README) (default: 1)")
+                   help=f"write every line K times (at most {MAX_CANDIDATES}), all in one batch, and keep the attempt the "
+                        f"recognizer (--pick-with) reads most surely as its text: fewer misread or garbled words; K = 4 "
+                        f"took about twice the sampling time on a 2-core CPU (see README) (default: 1)")
     s.add_argument("--pick-with", default=DEFAULT_RECOGNIZER, metavar="PATH",
                    help=f"recognizer checkpoint that ranks the --candidates (recognizer.py train) (default: "
                         f"{DEFAULT_RECOGNIZER})")
     s.add_argument("--batch-size", type=int, metavar="N", default=256,
-                   help="lines sampled together for .npz output (a page is always one batch); larger batches write "
-                        "more lines per second, on a GPU most (default: 256)")
+                   help=f"lines sampled together for .npz output, at most {MAX_BATCH} (a page is always one batch); "
+                        f"larger batches write more lines per second, on a GPU most (default: 256)")
     s.add_argument("--device", default="cpu", metavar="DEV",
                    help="torch device: cpu, cuda, cuda:1, mps, or auto (CUDA when present) (default: cpu)")
     s.add_argument("--threads", type=int, metavar="N", default=1,
-                   help="CPU threads for torch (default: 1; sampling runs one small step at a time, where more threads "
-                        "gain little and are many times slower when other programs share the cores)")
+                   help="CPU threads for torch, at most the cores (default: 1; sampling runs one small step at a time, "
+                        "where more threads gain little and are many times slower when other programs share the cores)")
     pr = p.add_argument_group("style (priming, paper section 5.5)")
     prime = pr.add_mutually_exclusive_group()
     prime.add_argument("--style", type=int, metavar="N",
@@ -187,19 +192,20 @@ def check_args(args):
     if not 0 <= args.bias <= MAX_BIAS:
         fail(f"--bias must be between 0 (unbiased) and {MAX_BIAS} (beyond about 5 the writing no longer changes), "
              f"not {args.bias}")
-    if args.batch_size < 1:
-        fail(f"--batch-size must be >= 1, not {args.batch_size}")
+    if not 1 <= args.batch_size <= MAX_BATCH:
+        fail(f"--batch-size must be between 1 and {MAX_BATCH} lines, not {args.batch_size}")
     if not 5 <= args.max_chars_per_line <= MAX_LINE_CHARS:
         fail(f"--max-chars-per-line must be between 5 and {MAX_LINE_CHARS} (the longest line the model saw), "
              f"not {args.max_chars_per_line}")
     if args.steps is not None and not 1 <= args.steps <= MAX_STEPS:
         fail(f"--steps must be between 1 and {MAX_STEPS}, not {args.steps}")
-    if args.retries < 0:
-        fail(f"--retries must be >= 0, not {args.retries}")
+    if not 0 <= args.retries <= MAX_RETRIES:
+        fail(f"--retries must be between 0 and {MAX_RETRIES}, not {args.retries}")
     if args.retry_above < 0:
         fail(f"--retry-above must be >= 0 points per character, not {args.retry_above}")
-    if args.max_steps_per_char < 1:
-        fail(f"--max-steps-per-char must be >= 1, not {args.max_steps_per_char}")
+    if not 1 <= args.max_steps_per_char <= MOST_STEPS_PER_CHAR:
+        fail(f"--max-steps-per-char must be between 1 and {MOST_STEPS_PER_CHAR} (real lines take about 21), not "
+             f"{args.max_steps_per_char}")
     if not 1 <= args.candidates <= MAX_CANDIDATES:
         fail(f"--candidates must be between 1 and {MAX_CANDIDATES} attempts per line, not {args.candidates}")
     if not 0 < args.stroke_width <= 50:
@@ -411,7 +417,8 @@ def generate(args):
     if args.task == "synthesis":
         raw_text = read_text(args)
         if not raw_text.strip():
-            fail(f"--text-file {args.text_file} is empty" if args.text is None else
+            source = "standard input (--text-file -)" if args.text_file == "-" else f"--text-file {args.text_file}"
+            fail(f"{source} is empty" if args.text is None else
                  'the text is empty; give some words with --text "..."')
     prime_text, prime_offsets = read_prime(args)
 
@@ -558,7 +565,7 @@ def write_pages(args, model, ckpt, pages, lead, prime, prime_offsets, generator,
         height = min(page.scale for page in laid) * pitch
         laid = [layout(page_lines, height, None) for *_, page_lines in sampled]
         print(f"generate.py: warning: {args.out} would be over {MAX_SIDE:,} pixels a side at --line-height "
-              f"{args.line_height}; drawn at {height:.0f} (lower --line-height, or write .svg, which has no limit)",
+              f"{args.line_height}; drawn at --line-height {height:.0f} (lower it, or write .svg, which has no limit)",
               file=sys.stderr)
     for k, ((texts, result, rows, page_lines), page) in enumerate(zip(sampled, laid)):
         out, B = page_path(args.out, k, len(pages)), len(texts)

@@ -27,10 +27,10 @@ import torch
 
 from dataset import Alphabet, HandwritingDataset, augment, make_loader, normalize
 from recognition import Recognizer, RecognizerConfig, ctc_loss, error_rates, load_recognizer, read_lines
-from utils import (OneLineParser, already_done, at_least, atomic_write, checkpoint_norm, export_weights, finite_float, learning_rate,
-                   load_checkpoint, load_strokes, note_changed_flags, output_extension, pick_device, quiet_broken_pipe,
-                   restore_training_state, resume_path, save_checkpoint, stop_on_signals, training_state, trim_metrics,
-                   writable_folder)
+from utils import (DefaultsHelpFormatter, OneLineParser, already_done, at_least, atomic_write, checkpoint_norm,
+                   export_weights, finite_float, learning_rate, load_checkpoint, load_strokes, note_changed_flags,
+                   output_extension, pick_device, quiet_broken_pipe, restore_training_state, resume_path,
+                   save_checkpoint, stop_on_signals, training_state, trim_metrics, writable_folder)
 
 DEFAULT_CHECKPOINT = "checkpoints/recognizer.pt"
 CKPT = dict(config_key="recognizer_config", writer="recognizer.py train")   # what load_checkpoint expects here
@@ -43,7 +43,7 @@ RESUME_FLAGS = ("data", "lr", "warmup", "schedule", "batch_size", "clip", "max_s
 
 
 def get_args(argv=None):
-    fmt = argparse.ArgumentDefaultsHelpFormatter
+    fmt = DefaultsHelpFormatter
     p = OneLineParser(description=__doc__.split("\n\n")[0].strip(), formatter_class=fmt)
     sub = p.add_subparsers(dest="command", required=True, metavar="{train,read,evaluate}")
 
@@ -153,7 +153,7 @@ def read_spec(spec):
     if not os.path.isfile(spec) and ":" in spec:
         path, line_id = spec.rsplit(":", 1)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path} not found; give FILE or FILE:LINE_ID, FILE a strokes .npz (prepare_data.py's "
+        raise FileNotFoundError(f"{path or '(no file name)'} not found; give FILE or FILE:LINE_ID, FILE a strokes .npz (prepare_data.py's "
                                 f"iam_ondb.npz, generate.py's --out FILE.npz or --save-strokes, evaluate.py's generated.npz)")
     ids, texts, lines = load_strokes(path)
     if line_id is None:

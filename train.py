@@ -29,11 +29,11 @@ from dataset import Alphabet, HandwritingDataset, augment, make_loader, rare_cha
 from model import (GraphedChunk, HandwritingModel, ModelConfig, WeightNoise, chunk_backward, evaluate_nll, load_weights,
                    summarize_nll, teacher_forcing)
 from recognition import error_rates, load_recognizer, write_and_read
-from utils import (DTYPES, MAX_BIAS, OneLineParser, WeightAverage, already_done, at_least, autocast_dtype, bias_value,
-                   checkpoint_norm, clipped_step, export_weights, finite_float, learning_rate, load_checkpoint,
-                   make_optimizer, note_changed_flags, pick_device, plot_loss_curve, restore_training_state,
-                   resume_path, save_checkpoint, save_sample_image, stop_on_signals, training_state, trim_metrics,
-                   writable_folder)
+from utils import (DTYPES, DefaultsHelpFormatter, MAX_BIAS, OneLineParser, WeightAverage, already_done, at_least,
+                   autocast_dtype, bias_value, checkpoint_norm, clipped_step, export_weights, finite_float,
+                   learning_rate, load_checkpoint, make_optimizer, note_changed_flags, pick_device, plot_loss_curve,
+                   restore_training_state, resume_path, save_checkpoint, save_sample_image, stop_on_signals,
+                   training_state, trim_metrics, writable_folder)
 
 
 # training flags that shape a run: on --resume, those given otherwise than the run's are named
@@ -47,7 +47,7 @@ MODEL_FLAGS = ("hidden_size", "layers", "mixtures", "window_gaussians", "kappa_i
 
 
 def get_args(argv=None):
-    p = OneLineParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = OneLineParser(description=__doc__.split("\n\n")[0], formatter_class=DefaultsHelpFormatter)
     p.add_argument("--task", choices=["prediction", "synthesis"], default="synthesis", help="network to train (paper sections 4 and 5)")
     p.add_argument("--data", default="data/processed", help="folder with iam_ondb.npz from prepare_data.py, or the .npz itself")
     p.add_argument("--out", default="runs/TASK", help="run folder for checkpoints, metrics and images (TASK: --task)")

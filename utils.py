@@ -134,6 +134,8 @@ def trim_metrics(path, step):
 def writable_folder(path, flag="--out"):
     """Create folder path if needed and check that a file can be written in it, before hours of work go into it:
     ValueError with a one-line message if not."""
+    if os.path.isfile(path):
+        raise ValueError(f"{flag} {path} is a file; give a folder")
     probe = os.path.join(path, ".write_test")
     try:
         os.makedirs(path, exist_ok=True)
@@ -969,6 +971,16 @@ def finite_float(text):
     if not math.isfinite(value):
         raise argparse.ArgumentTypeError(f"expected a finite number, not {text!r}")
     return value
+
+
+class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help adds "(default: X)" to a flag's help, unless the help states its default itself or there is none to
+    state (None, or False for a switch)."""
+
+    def _get_help_string(self, action):
+        if "(default:" in (action.help or "") or action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
 
 
 class OneLineParser(argparse.ArgumentParser):

@@ -364,9 +364,9 @@ def test_missing_files_give_one_line_errors(trained, tiny_prepared, tmp_path, ca
         (evaluate.main, ["--checkpoint", syn, "--legibility", "--recognizer", rec, "--data", str(tiny_prepared),
                          "--prompts", str(tmp_path / "blank.txt")], "has no text lines; give one prompt per line"),
         (evaluate.main, ["--checkpoint", syn, "--legibility", "--recognizer", rec, "--data", str(tiny_prepared),
-                         "--out", str(tmp_path / "empty.npz")], "cannot write to --out"),       # before sampling
+                         "--out", str(tmp_path / "empty.npz")], "empty.npz is a file; give a folder"),   # before sampling
         (recognizer.main, ["train", "--data", str(tiny_prepared), "--out", str(tmp_path / "empty.npz"), *TINY_REC],
-         "cannot write to --out"),
+         "empty.npz is a file; give a folder"),
         (recognizer.main, ["train", "--data", str(tiny_prepared), "--out", str(tmp_path / "k"), "--kernel-size", "4",
                            *TINY_REC], "kernel_size (--kernel-size) must be odd"),
     ]

@@ -419,7 +419,7 @@ def test_bad_checkpoints_give_one_line_errors(tiny_prepared, tmp_path):
           *data], "holds another run (last.pt), which resuming"),
         (["train.py", "--task", "prediction", "--out", str(tmp_path / "nolast"), "--resume",
           str(tmp_path / "p" / "last.pt"), *data], "holds another run (best.pt), which resuming"),
-        (["train.py", "--task", "prediction", "--out", str(junk), *data], "cannot write to --out " + str(junk)),
+        (["train.py", "--task", "prediction", "--out", str(junk), *data], str(junk) + " is a file; give a folder"),
         # a checkpoint keeps its size: a typed size flag that asks for another, even the default, is refused (and
         # leaves no --out folder behind); a prediction network has no window to contradict
         (["train.py", "--task", "prediction", "--init-from", str(tmp_path / "p" / "model.pt"), "--hidden-size", "8",
