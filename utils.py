@@ -1021,10 +1021,13 @@ def at_least(low, below=None, exclusive=False):
 def bias_value(text):
     """argparse type for a sampling bias (section 5.4): a number from 0 (the network's own distribution) to MAX_BIAS."""
     import argparse
-    value = finite_float(text)
+    try:
+        value = finite_float(text)
+    except argparse.ArgumentTypeError:
+        value = math.nan
     if not 0 <= value <= MAX_BIAS:
-        raise argparse.ArgumentTypeError(f"expected a number from 0 (unbiased) to {MAX_BIAS} (beyond about 5 the writing "
-                                         f"no longer changes), not {text!r}")
+        raise argparse.ArgumentTypeError(f"expected a number from 0 (unbiased) to {MAX_BIAS}, not {text!r} (beyond about 5 "
+                                         f"the writing no longer changes)")
     return value
 
 

@@ -599,7 +599,7 @@ def test_an_unusable_device_is_a_one_line_error_in_every_script(tiny_prepared, t
 @pytest.mark.parametrize("script, argv, expected", [
     ("generate", ["--text", "ab", "--bias", "nan"], "a finite number"),
     ("generate", ["--text", "ab", "--stroke-width", "inf"], "a finite number"),
-    ("evaluate", ["--legibility", "--bias", "nan"], "a number >= 0.0"),
+    ("evaluate", ["--legibility", "--bias", "nan"], "a number from 0 (unbiased) to 100"),
     ("evaluate", ["--batch-size", "0"], "an integer >= 1"),
     ("evaluate", ["--max-lines", "-5"], "an integer >= 0"),
     ("evaluate", ["--legibility", "--max-steps-per-char", "0"], "an integer >= 1"),
