@@ -68,6 +68,7 @@ def interrupt_on_signals():
 
 
 def restore_signals(previous):
+    """Put back the handlers interrupt_on_signals replaced."""
     import signal
     for sig, handler in previous.items():
         signal.signal(sig, handler)
