@@ -34,9 +34,10 @@ import torch
 from dataset import Alphabet, HandwritingDataset, make_loader, prime_strokes
 from model import evaluate_nll, load_model, summarize_nll
 from recognition import error_rates, legibility_score, load_recognizer, read_lines, write_and_read
-from utils import (DTYPES, DefaultsHelpFormatter, MAX_BIAS, MAX_CANDIDATES, MAX_LINE_CHARS, OneLineParser, at_least,
-                   autocast_dtype, bias_value, checkpoint_norm, load_checkpoint, load_prime, pick_device, plot_lines,
-                   quiet_broken_pipe, save_strokes, size_drift, warn_unwritten, writable_folder)
+from utils import (DTYPES, DefaultsHelpFormatter, MAX_BIAS, MAX_CANDIDATES, MAX_LINE_CHARS, MAX_RETRIES,
+                   MOST_STEPS_PER_CHAR, OneLineParser, at_least, autocast_dtype, bias_value, checkpoint_norm,
+                   load_checkpoint, load_prime, pick_device, plot_lines, quiet_broken_pipe, save_strokes, size_drift,
+                   warn_unwritten, writable_folder)
 
 
 LEGIBILITY_FLAGS = ("prompts", "recognizer", "bias", "seed", "max_steps_per_char", "retries", "retry_above", "style",
@@ -65,9 +66,10 @@ def get_args(argv=None):
     g.add_argument("--recognizer", default="checkpoints/recognizer.pt", help="recognizer checkpoint (recognizer.py train)")
     g.add_argument("--bias", type=bias_value, default=1.0, help=f"sampling bias (paper section 5.4, eq. 61-62; 0 = unbiased, at most {MAX_BIAS})")
     g.add_argument("--seed", type=at_least(0, below=2 ** 63), default=0, help="sampling seed (the same seed and batch size give the same lines)")
-    g.add_argument("--max-steps-per-char", type=at_least(1), default=40,
-                   help="step cap: a line stops after this many points per character (real lines take about 21)")
-    g.add_argument("--retries", type=at_least(0), default=2,
+    g.add_argument("--max-steps-per-char", type=at_least(1, below=MOST_STEPS_PER_CHAR + 1), default=40,
+                   help=f"step cap: a line stops after this many points per character, at most {MOST_STEPS_PER_CHAR} "
+                        f"(real lines take about 21)")
+    g.add_argument("--retries", type=at_least(0, below=MAX_RETRIES + 1), default=2,
                    help="write a stalled line again (it reached the cap or took more than --retry-above), up to N more "
                         "times, keeping the best attempt, as generate.py does; 0 = the model's own first attempt")
     g.add_argument("--retry-above", type=at_least(0.0), default=32,

@@ -24,9 +24,9 @@ import time
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")   # idle OpenMP threads sleep, not spin: on cores other jobs use,
                                                     # spinning made runs 10-40x slower (README, Troubleshooting)
 # numpy only; torch is imported after the fast checks
-from utils import (ALIGNS, MAX_BIAS, MAX_CANDIDATES, MAX_LINE_CHARS, VIEWS, OneLineParser, at_least, checkpoint_norm, finite_float, ink_rgb,
-                   interrupt_on_signals, load_prime, load_prime_file, output_extension, restore_signals, show_chars,
-                   warn_unwritten)
+from utils import (ALIGNS, MAX_BIAS, MAX_CANDIDATES, MAX_LINE_CHARS, MAX_RETRIES, MOST_STEPS_PER_CHAR, VIEWS,
+                   OneLineParser, at_least, checkpoint_norm, finite_float, ink_rgb, interrupt_on_signals, load_prime,
+                   load_prime_file, output_extension, restore_signals, show_chars, warn_unwritten)
 
 HERE = os.path.dirname(os.path.abspath(__file__))   # shipped files are found wherever the command runs from
 DEFAULT_CHECKPOINTS = {"synthesis": "checkpoints/synthesis.pt", "prediction": "checkpoints/prediction.pt"}
@@ -46,8 +46,6 @@ SHORT_HAND = 15             # --save-hand warns below this many characters: a sh
 TEXT_FLAGS = ("max_chars_per_line", "max_steps_per_char", "retries", "retry_above", "candidates", "pick_with")
 PICTURE_FLAGS = ("stroke_width", "color", "line_height")
 MAX_STEPS_PER_CHAR = 40     # --max-steps-per-char's default
-MOST_STEPS_PER_CHAR = 200   # --max-steps-per-char at most (a stalled line runs to its cap: 40 characters, 8,000 steps)
-MAX_RETRIES = 20            # --retries at most
 MAX_BATCH = 4096            # --batch-size at most (lines sampled together for .npz output)
 
 

@@ -18,6 +18,8 @@ SPLITS = ("train", "valid", "test")   # split codes 0, 1, 2 in the prepared file
 MAX_LINE_CHARS = 64   # the longest line of IAM-OnDB's transcriptions: longer lines are outside what the models saw
 MAX_CANDIDATES = 16   # --candidates at most (generate.py, evaluate.py): attempts per line, in one batch
 MAX_BIAS = 100        # sampling bias at most (sigma = exp(sigma_hat - b): far beyond any use; 1e308 overflowed)
+MAX_RETRIES = 20      # --retries at most (generate.py, evaluate.py)
+MOST_STEPS_PER_CHAR = 200   # --max-steps-per-char at most (a stalled line runs to its cap: 40 characters, 8,000 steps)
 
 # -----------------------------------------------------------------------------
 # I/O and stroke drawing (data pipeline: prepare_data.py, dataset.py)
