@@ -773,3 +773,16 @@ def test_capture_page_saves_a_prime_file_of_the_line_written_on_it(tmp_path):
     want_text, want = utils.load_prime_file(example)
     assert text == want_text
     np.testing.assert_array_equal(offsets, want)
+
+
+@pytest.mark.parametrize("script", ["generate", "evaluate", "train", "recognizer", "bench"])
+def test_scripts_let_idle_threads_sleep_unless_told_otherwise(script):
+    """Every script sets OMP_WAIT_POLICY=PASSIVE before torch loads (spinning OpenMP threads made runs on a busy
+    2-core machine 10-40x slower), and leaves a value the environment gives alone."""
+    import os
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    code = f"import os, sys; import {script}; print(os.environ.get('OMP_WAIT_POLICY'))"
+    for given, want in ((None, "PASSIVE"), ("ACTIVE", "ACTIVE")):
+        r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                           env=env if given is None else {**env, "OMP_WAIT_POLICY": given})
+        assert r.returncode == 0 and r.stdout.split() == [want], r.stderr[-500:]
