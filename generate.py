@@ -168,7 +168,8 @@ def shipped(path):
 ### checks that need no model (fast, before torch is imported)
 
 def check_output(path, formats, flag, reads=()):
-    """utils.check_output, and a .json is written over only when it is an earlier hand (--save-hand's prime file)."""
+    """utils.output_extension (fail() on its error), and a .json is written over only when it is an earlier hand
+    (--save-hand's prime file)."""
     try:
         ext = output_extension(path, formats, flag, reads)
     except ValueError as e:
