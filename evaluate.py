@@ -32,12 +32,12 @@ import numpy as np
 import torch
 
 from dataset import Alphabet, HandwritingDataset, make_loader, prime_strokes
-from model import evaluate_nll, load_model, summarize_nll
+from model import PrimeMisfitWarning, evaluate_nll, load_model, summarize_nll
 from recognition import error_rates, legibility_score, load_recognizer, read_lines, write_and_read
 from utils import (DTYPES, DefaultsHelpFormatter, MAX_BIAS, MAX_CANDIDATES, MAX_LINE_CHARS, MAX_RETRIES,
                    MOST_STEPS_PER_CHAR, OneLineParser, at_least, autocast_dtype, bias_value, checkpoint_norm,
-                   load_checkpoint, load_prime, pick_device, plot_lines, quiet_broken_pipe, save_strokes, size_drift,
-                   warn_unwritten, writable_folder)
+                   load_checkpoint, load_prime, pick_device, plot_lines, quiet_broken_pipe, relay_warnings, save_strokes,
+                   size_drift, warn_unwritten, writable_folder)
 
 
 LEGIBILITY_FLAGS = ("prompts", "recognizer", "bias", "seed", "max_steps_per_char", "retries", "retry_above", "style",
@@ -234,12 +234,13 @@ def legibility(args, device):
             print("evaluate.py: warning: --pick-with is --recognizer: the lines are read by the recognizer that chose "
                   "them, so the CER flatters them; read them with --recognizer checkpoints/judge.pt (trained apart)",
                   file=sys.stderr)
-    with warnings.catch_warnings():                                       # (the long prompts: said above)
-        warnings.simplefilter("ignore", UserWarning)
-        out = write_and_read(model, recognizer, [lead + asked[i] for i in keep], alphabet, rec_alphabet,
-                             (ckpt["mean"], ckpt["std"]), (rec_mean, rec_std), args.bias, generator, args.batch_size,
-                             args.max_steps_per_char, progress=True, retries=args.retries, retry_above=args.retry_above,
-                             prime=prime, prime_chars=len(lead), candidates=args.candidates, score=score)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)                      # (the long prompts: said above)
+        with relay_warnings("evaluate.py", PrimeMisfitWarning):           # a prime its strokes do not write: said
+            out = write_and_read(model, recognizer, [lead + asked[i] for i in keep], alphabet, rec_alphabet,
+                                 (ckpt["mean"], ckpt["std"]), (rec_mean, rec_std), args.bias, generator, args.batch_size,
+                                 args.max_steps_per_char, progress=True, retries=args.retries, retry_above=args.retry_above,
+                                 prime=prime, prime_chars=len(lead), candidates=args.candidates, score=score)
     raw, hyps, finished, steps, attempts = (dict(zip(keep, values)) for values in out)
     with_real = [i for i in keep if real_index[i] is not None]
     real_hyps = {}

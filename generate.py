@@ -26,7 +26,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")   # idle OpenMP threads slee
 # numpy only; torch is imported after the fast checks
 from utils import (ALIGNS, MAX_BIAS, MAX_CANDIDATES, MAX_LINE_CHARS, MAX_RETRIES, MOST_STEPS_PER_CHAR, VIEWS,
                    OneLineParser, at_least, checkpoint_norm, finite_float, ink_rgb, interrupt_on_signals, load_prime,
-                   load_prime_file, output_extension, restore_signals, show_chars, warn_unwritten)
+                   load_prime_file, output_extension, relay_warnings, restore_signals, show_chars, warn_unwritten)
 
 HERE = os.path.dirname(os.path.abspath(__file__))   # shipped files are found wherever the command runs from
 DEFAULT_CHECKPOINTS = {"synthesis": "checkpoints/synthesis.pt", "prediction": "checkpoints/prediction.pt"}
@@ -474,12 +474,14 @@ def generate(args):
     seed = args.seed if args.seed is not None else int.from_bytes(os.urandom(4), "little") % 1_000_000
     generator = torch.Generator(device=device).manual_seed(seed)
     record = args.view in ("eos", "density") or bool(args.plot_attention)
-    if args.format == ".npz":
-        texts = [ln for _ in range(args.num_samples) for ln in lines if ln]  # sample-major
-        return write_strokes_file(args, model, ckpt, [lead + t for t in texts], texts, prime, prime_chars, generator,
-                                  seed, t_start, t_load)
-
-    return write_pages(args, model, ckpt, pages, lead, prime, prime_offsets, generator, record, seed, t_start, t_load)
+    from model import PrimeMisfitWarning
+    with relay_warnings("generate.py", PrimeMisfitWarning):                 # a prime whose text its strokes do not write
+        if args.format == ".npz":
+            texts = [ln for _ in range(args.num_samples) for ln in lines if ln]   # sample-major
+            return write_strokes_file(args, model, ckpt, [lead + t for t in texts], texts, prime, prime_chars,
+                                      generator, seed, t_start, t_load)
+        return write_pages(args, model, ckpt, pages, lead, prime, prime_offsets, generator, record, seed, t_start,
+                           t_load)
 
 
 def write_pages(args, model, ckpt, pages, lead, prime, prime_offsets, generator, record, seed, t_start, t_load):

@@ -8,6 +8,7 @@ import json
 import math
 import os
 import sys
+import warnings
 import zipfile
 import zlib
 from contextlib import contextmanager
@@ -1047,6 +1048,24 @@ def say(text):
         print(text)
     except BrokenPipeError:
         quiet_broken_pipe()
+
+
+@contextmanager
+def relay_warnings(prog, category):
+    """Python warnings of `category` raised inside (the model's PrimeMisfitWarning) -> one line on stderr,
+    'prog: warning: ...', for the first of them only (batch after batch would repeat it); other warnings as before."""
+    shown = []
+
+    def show(message, cat, *args, **kwargs):
+        if not issubclass(cat, category):
+            return original(message, cat, *args, **kwargs)
+        if not shown:
+            print(f"{prog}: warning: {message}", file=sys.stderr, flush=True)
+        shown.append(message)
+    with warnings.catch_warnings():                  # restores the filters and showwarning after the block
+        warnings.simplefilter("always", category)
+        original, warnings.showwarning = warnings.showwarning, show
+        yield
 
 
 def pick_device(name):

@@ -786,3 +786,20 @@ def test_scripts_let_idle_threads_sleep_unless_told_otherwise(script):
         r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
                            env=env if given is None else {**env, "OMP_WAIT_POLICY": given})
         assert r.returncode == 0 and r.stdout.split() == [want], r.stderr[-500:]
+
+
+def test_a_prime_file_whose_text_has_a_word_its_strokes_lack_is_warned_of_once(tmp_path, capsys):
+    """The shipped model reads docs/prime_example.json to the end of its text; with a word added to the text the
+    window is about 8 characters short of its end when the prime ends, and generate.py says so in one line (every line
+    would start with the rest of the text), once for a file written in two batches."""
+    example = ROOT / "docs" / "prime_example.json"
+    data = json.loads(example.read_text())
+    words = data["text"].split()
+    extra = tmp_path / "extra.json"
+    extra.write_text(json.dumps({**data, "text": " ".join(words[:2] + ["really"] + words[2:])}))
+    for prime, out, warned in ((example, "a.png", 0), (extra, "b.png", 1), (extra, "c.npz", 1)):
+        more = ["--num-samples", "2", "--batch-size", "1"] if out.endswith(".npz") else []
+        assert generate.main(["--prime-file", str(prime), "--text", "hi", "--seed", "3", "--out", str(tmp_path / out),
+                              *more]) == 0
+        err = capsys.readouterr().err
+        assert err.count("generate.py: warning: the priming strokes end") == warned, err

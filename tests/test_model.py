@@ -412,6 +412,36 @@ def test_primed_lines_count_only_the_new_characters():
     assert caps == [3 * 6 + 1, 3 * 3 + 1, 3 * 2 + 1]
 
 
+def test_window_centre_is_the_centre_of_the_last_steps_phi():
+    """window_centre(state) is sum_u u phi(t, u) / sum_u phi(t, u) of the phi that forward() gives at the state's
+    last step (a chunk run alone)."""
+    model, (x, text) = tiny("synthesis"), batch()
+    _, state, phi = model(x, text, return_phi=True)
+    u = torch.arange(phi.shape[-1], dtype=phi.dtype)
+    want = (phi[:, -1] * u).sum(-1) / phi[:, -1].sum(-1)
+    torch.testing.assert_close(model.window_centre(state, phi.shape[-1]), want)
+
+
+def test_a_prime_that_does_not_write_its_text_is_warned_of():
+    """sample(prime=, prime_chars=) gives prime_fit: where the window is after the prime, in characters past the space
+    after the priming text, and warns (PrimeMisfitWarning) when it is more than PRIME_MISFIT off: 10 prime points at
+    0.3 characters a step leave it on position 3 (centre 3.0 here)."""
+    import warnings
+    from model import PRIME_MISFIT, PrimeMisfitWarning
+    model = steady_window(tiny("synthesis").float(), 0.3)
+    text, prime = torch.tensor([[1, 2, 3, 4, 5, 6, 7, 1, 2]]), torch.randn(10, 3, generator=torch.Generator().manual_seed(1))
+    prime[:, 2] = 0
+    for prime_chars, warned in ((4, None), (2, None), (1, "run 3.0 characters past"), (7, "end 3.0 characters short")):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            r = model.sample(text, prime=prime, prime_chars=prime_chars, generator=torch.Generator().manual_seed(0))
+        assert r["prime_fit"].item() == pytest.approx(4 - prime_chars, abs=0.05), prime_chars
+        said = [str(w.message) for w in caught if w.category is PrimeMisfitWarning]
+        assert len(said) == (abs(4 - prime_chars) > PRIME_MISFIT) == (warned is not None), prime_chars
+        assert warned is None or warned in said[0]
+    assert "prime_fit" not in model.sample(text, prime=prime, generator=torch.Generator().manual_seed(0))   # no chars
+
+
 def test_stopping_step_matches_the_rule_checked_naively():
     """Lines of different lengths in one batch: each stops at the first step where phi(U) beats every phi(u < U)."""
     model = steady_window(tiny("synthesis").float(), 0.3)
