@@ -31,18 +31,18 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")   # idle OpenMP threads slee
 import numpy as np
 import torch
 
-from dataset import Alphabet, HandwritingDataset, make_loader, prime_strokes
-from model import PrimeMisfitWarning, evaluate_nll, load_model, summarize_nll
+from dataset import Alphabet, HandwritingDataset, collate, make_loader, prime_strokes
+from model import WINDOW_MISFIT, PrimeMisfitWarning, evaluate_nll, line_sums, load_model, score_lines, summarize_nll
 from recognition import error_rates, legibility_score, load_recognizer, read_lines, write_and_read
 from utils import (DTYPES, DefaultsHelpFormatter, MAX_BIAS, MAX_CANDIDATES, MAX_LINE_CHARS, MAX_RETRIES,
                    MOST_STEPS_PER_CHAR, OneLineParser, at_least, autocast_dtype, bias_value, checkpoint_norm,
-                   load_checkpoint, load_prime, pick_device, plot_lines, quiet_broken_pipe, relay_warnings, save_strokes,
-                   size_drift, warn_unwritten, writable_folder)
+                   load_checkpoint, load_prime, output_extension, pick_device, plot_lines, quiet_broken_pipe,
+                   relay_warnings, save_strokes, size_drift, warn_unwritten, writable_folder, write_jsonl)
 
 
 LEGIBILITY_FLAGS = ("prompts", "recognizer", "bias", "seed", "max_steps_per_char", "retries", "retry_above", "style",
                     "prime_file", "styles", "worst", "out", "candidates", "pick_with")
-NLL_FLAGS = ("dtype", "text_ablation")
+NLL_FLAGS = ("dtype", "text_ablation", "per_line")
 
 
 def get_args(argv=None):
@@ -59,6 +59,10 @@ def get_args(argv=None):
     p.add_argument("--text-ablation", action="store_true",
                    help="synthesis: also score every line with the next line's text; text_worth_per_line is how many "
                         "nats per line the right text is worth to the model (a model that writes the text leans on it)")
+    p.add_argument("--per-line", default=None, metavar="FILE.jsonl",
+                   help="also write every line's scores, one JSON object per line: line_id, writer, text, points, nll "
+                        "(nats) and for synthesis window_end (characters; far below 0: the ink stops short of its "
+                        "text, a word the pen did not write)")
     g = p.add_argument_group("legibility")
     g.add_argument("--legibility", action="store_true",
                    help="write every prompt with the synthesis model and read it back with --recognizer (CER, not NLL)")
@@ -138,12 +142,25 @@ def run(args):
                  f"evaluate on the data it was trained on")
     if args.text_ablation and (not model.synthesis or len(dataset) < 2):
         sys.exit("error: --text-ablation needs a synthesis checkpoint and at least 2 lines")
+    if args.per_line:
+        try:
+            output_extension(args.per_line, (".jsonl",), "--per-line", reads=(args.checkpoint,))
+        except ValueError as e:
+            sys.exit(f"error: {e}")
     # the checkpoint's normalisation, so a model is scored on the scale it was trained on
     data_std = dataset.std
     dataset.set_normalization(checkpoint["mean"], checkpoint["std"])
     model.to(device)
     score = lambda: summarize_nll(evaluate_nll(model, make_loader(dataset, args.batch_size, shuffle=False), device, dtype))
-    result = {"checkpoint": args.checkpoint, "split": args.split, "task": model.config.task, **score()}
+    if args.per_line:                                          # the same sums, from the lines scored one by one
+        rows, total = per_line(model, dataset, args.batch_size, device, dtype)
+        write_jsonl(args.per_line, rows)
+        result = {"checkpoint": args.checkpoint, "split": args.split, "task": model.config.task,
+                  **summarize_nll(total), "per_line": args.per_line}
+        if model.synthesis:
+            result["window_short_lines"] = sum(r["window_end"] < -WINDOW_MISFIT for r in rows)
+    else:
+        result = {"checkpoint": args.checkpoint, "split": args.split, "task": model.config.task, **score()}
     if not np.allclose(data_std, dataset.std, rtol=1e-6):
         # data prepared otherwise (e.g. prepare_data.py --keep-repeats): densities per unit of the data's own std, as
         # Graves normalised by his training set's; p_data(x / s_data) = p(x / s) * s_data / s for x and y, per point
@@ -155,6 +172,23 @@ def run(args):
         result.update(nll_per_line_other_text=other["nll_per_line"],
                       text_worth_per_line=other["nll_per_line"] - result["nll_per_line"])
     print(json.dumps(result))
+
+
+def per_line(model, dataset, batch_size, device, dtype):
+    """--per-line: score_lines for every line of the dataset (batched by length) -> rows in the dataset's order, and
+    their sums for summarize_nll."""
+    rows, total = [None] * len(dataset), 0
+    order = np.argsort(dataset.lengths, kind="stable")
+    for a in range(0, len(order), batch_size):
+        idx = order[a:a + batch_size].tolist()
+        s = score_lines(model, collate([dataset[i] for i in idx]), device, dtype)
+        total = total + line_sums(s)
+        s = {k: v.tolist() for k, v in s.items()}
+        for k, i in enumerate(idx):
+            rows[i] = {"line_id": dataset.line_ids[i], "writer": dataset.writer_ids[i], "text": dataset.texts[i],
+                       "points": int(s["points"][k]), "nll": round(s["nll"][k], 3),
+                       **({"window_end": round(s["window_end"][k], 3)} if "window_end" in s else {})}
+    return rows, total
 
 
 ### legibility: generate, then read back
@@ -259,9 +293,7 @@ def legibility(args, device):
             row.update(real_line_id=real.line_ids[real_index[i]], real_text=ref, real_recognised=real_hyps[i],
                        real_cer=error_rates([ref], [real_hyps[i]])["cer"])
         rows.append(row)
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "legibility.jsonl"), "w", encoding="utf-8") as f:
-        f.writelines(json.dumps(r) + "\n" for r in rows)
+    write_jsonl(os.path.join(args.out, "legibility.jsonl"), rows)
     save_strokes(os.path.join(args.out, "generated.npz"), [raw[i] for i in keep], [asked[i] for i in keep],
                  [str(i) for i in keep], finished=[finished[i] for i in keep], attempts=[attempts[i] for i in keep])
     worst = sorted(rows, key=lambda r: -r["cer"])[:args.worst]

@@ -26,14 +26,16 @@ LOG_SIGMA_MIN = -7.0    # sigma >= exp(-7) ~ 1e-3 std units: keeps the density f
 RHO_MAX = 1.0 - 1e-4    # |rho| < 1: keeps 1 - rho^2 away from 0
 LOG_2PI = math.log(2 * math.pi)
 SAMPLE_BLOCK = 16   # sampling steps between stopping tests (one host sync each); a CUDA graph replays a block
-# after priming, the window's centre should sit on the space after the priming text: on real lines it is within 1.2
-# characters of it for 99 % (400 validation lines, both synthesis models); further off, the strokes do not write
-# that text (a word left out or added), and every line starts by writing the rest of it or skips its first letters
-PRIME_MISFIT = 2.5  # characters
+# where the window sits, against where the text says it should: after a prime, on the space after the priming text
+# (on real lines within 1.2 characters for 99 %: 400 validation lines, both synthesis models); at a line's last point,
+# on its last character. Further off than this, ink and text disagree (a word one has and the other lacks): a primed
+# line starts by writing the rest of the priming text or skips its first letters (PrimeMisfitWarning); a real line's
+# transcription most likely has a word its ink lacks (score_lines' window_end; evaluate.py --per-line)
+WINDOW_MISFIT = 2.5  # characters
 
 
 class PrimeMisfitWarning(UserWarning):
-    """sample(prime=...): the priming strokes do not write the priming text (see PRIME_MISFIT)."""
+    """sample(prime=...): the priming strokes do not write the priming text (see WINDOW_MISFIT)."""
 
 
 class Config:
@@ -375,7 +377,7 @@ class HandwritingModel(nn.Module):
         Returns dict: strokes (B, T, 3) normalised offsets with eos in {0, 1}; lengths (B,) points per line;
         finished (B,) bool (synthesis: False when the cap was hit); attempts (B,) samplings per line; with prime and
         prime_chars (synthesis): prime_fit (B,), how many characters the window's centre is past the space after the
-        priming text once the prime is read (negative: short of it; beyond PRIME_MISFIT a PrimeMisfitWarning is
+        priming text once the prime is read (negative: short of it; beyond WINDOW_MISFIT a PrimeMisfitWarning is
         issued); and if record: eos_prob (B, T), mixture (B, T, 1 + 6M raw outputs, for density plots),
         phi (B, T, U + 1)."""
         # on a CPU, inference mode (no autograd bookkeeping at all) takes 10-14 % off a step bound by per-op overhead;
@@ -397,7 +399,7 @@ class HandwritingModel(nn.Module):
         result = {k: v.clone() if v.is_inference() else v for k, v in result.items()}
         if "prime_fit" in result:
             fit = result["prime_fit"][result["prime_fit"].abs().argmax()].item()       # the worst line's
-            if abs(fit) > PRIME_MISFIT:
+            if abs(fit) > WINDOW_MISFIT:
                 short = fit < 0
                 warnings.warn(PrimeMisfitWarning(
                     f"the priming strokes {'end' if short else 'run'} {abs(fit):.1f} characters "
@@ -709,32 +711,52 @@ def check_loaded(model, checkpoint):
 
 
 @torch.no_grad()
-def evaluate_nll(model, loader, device, dtype=torch.float32):
-    """Validation loss in Graves' units over a loader of collated batches (dataset.collate).
-    Returns the sums (nll, sse, lines, points, focus) for summarize_nll, kept as sums so processes can all-reduce them:
-    sse is the squared error of the mixture's expected offset (normalised units); focus, for synthesis, the sum over
-    points of the largest share of the window weights phi(t, u) that falls on one character of the line."""
+def score_lines(model, batch, device, dtype=torch.float32):
+    """Each line of a collated batch (dataset.collate) under teacher forcing, as (B,) float64 tensors: nll (nats),
+    sse (squared error of the mixture's expected offset, normalised units, summed over points), points, and for
+    synthesis focus (summed over points: the largest share of phi(t, u) on one of the line's characters) and
+    window_end: the window's centre at the line's last point (over its characters and the end position U_i) minus
+    its last character's position: about 0 to 0.5 where the window read the whole text, far below 0 where the ink
+    stops short of its text (a word in the transcription that the pen did not write)."""
     model.eval()
-    total = torch.zeros(5, dtype=torch.float64, device=device)   # nll, sse, lines, points, focus
+    strokes, mask = batch["strokes"].to(device), batch["stroke_mask"].to(device)
+    inputs, targets, tmask = teacher_forcing(strokes, mask)
+    text = batch["text"].to(device) if model.synthesis else None
+    with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+        y, _, *phi = model(inputs, text, return_phi=model.synthesis)
+    mix = mixture_params(y)
+    pi = torch.exp(mix.log_pi)
+    err = ((pi * mix.mu1).sum(-1) - targets[..., 0]) ** 2 + ((pi * mix.mu2).sum(-1) - targets[..., 1]) ** 2
+    out = {"nll": nll(y, targets, tmask).double(), "sse": (err * tmask).sum(1).double(), "points": tmask.sum(1).double()}
+    if phi:   # (B, T, U + 1)
+        text_mask = batch["text_mask"].to(device)
+        on_text = phi[0][..., :-1].float() * text_mask[:, None, :]               # the line's own characters only
+        share = on_text.max(-1).values / on_text.sum(-1).clamp_min(1e-30)         # (B, T)
+        out["focus"] = (share * tmask).sum(1).double()
+        T, U = tmask.sum(1).long(), text_mask.sum(1)                             # (B,) points, characters per line
+        last = phi[0][torch.arange(len(T), device=device), (T - 1).clamp(min=0)].double()   # (B, U + 1)
+        u = torch.arange(last.shape[1], device=device, dtype=last.dtype)
+        last = last * (u[None] <= U[:, None])                                  # its characters and its end position
+        out["window_end"] = (last * u).sum(1) / last.sum(1).clamp_min(1e-30) - (U - 1)
+    return out
+
+
+def evaluate_nll(model, loader, device, dtype=torch.float32):
+    """Validation loss in Graves' units over a loader of collated batches: score_lines summed over every line.
+    Returns the sums (nll, sse, lines, points, focus) for summarize_nll, kept as sums so processes can all-reduce
+    them."""
+    total = torch.zeros(5, dtype=torch.float64, device=device)
     for batch in loader:
-        strokes, mask = batch["strokes"].to(device), batch["stroke_mask"].to(device)
-        inputs, targets, tmask = teacher_forcing(strokes, mask)
-        text = batch["text"].to(device) if model.synthesis else None
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-            y, _, *phi = model(inputs, text, return_phi=model.synthesis)
-        line_nll = nll(y, targets, tmask)
-        mix = mixture_params(y)
-        pi = torch.exp(mix.log_pi)
-        err = ((pi * mix.mu1).sum(-1) - targets[..., 0]) ** 2 + ((pi * mix.mu2).sum(-1) - targets[..., 1]) ** 2
-        focus = torch.zeros((), device=device)
-        if phi:   # (B, T, U + 1): the line's own characters only (not padding, not the end position U)
-            on_text = phi[0][..., :-1].float() * batch["text_mask"].to(device)[:, None, :]
-            share = on_text.max(-1).values / on_text.sum(-1).clamp_min(1e-30)         # (B, T)
-            focus = (share * tmask).sum()
-        total += torch.stack([line_nll.sum().double(), (err * tmask).sum().double(),
-                              torch.tensor(float(len(line_nll)), device=device, dtype=torch.float64),
-                              tmask.sum().double(), focus.double()])
+        total += line_sums(score_lines(model, batch, device, dtype))
     return total
+
+
+def line_sums(scores):
+    """score_lines' per-line scores -> their sums (nll, sse, lines, points, focus), float64 (5,)."""
+    nll_ = scores["nll"]
+    focus = scores["focus"].sum() if "focus" in scores else torch.zeros_like(nll_[0])
+    return torch.stack([nll_.sum(), scores["sse"].sum(), torch.full_like(nll_[0], len(nll_)), scores["points"].sum(),
+                        focus])
 
 
 def summarize_nll(total):

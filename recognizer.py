@@ -27,10 +27,10 @@ import torch
 
 from dataset import Alphabet, HandwritingDataset, augment, make_loader, normalize
 from recognition import Recognizer, RecognizerConfig, ctc_loss, error_rates, load_recognizer, read_lines
-from utils import (DefaultsHelpFormatter, OneLineParser, already_done, at_least, atomic_write, checkpoint_norm,
+from utils import (DefaultsHelpFormatter, OneLineParser, already_done, at_least, checkpoint_norm,
                    export_weights, finite_float, learning_rate, load_checkpoint, load_strokes, note_changed_flags,
                    output_extension, pick_device, quiet_broken_pipe, restore_training_state, resume_path,
-                   save_checkpoint, stop_on_signals, training_state, trim_metrics, writable_folder)
+                   save_checkpoint, stop_on_signals, training_state, trim_metrics, writable_folder, write_jsonl)
 
 DEFAULT_CHECKPOINT = "checkpoints/recognizer.pt"
 CKPT = dict(config_key="recognizer_config", writer="recognizer.py train")   # what load_checkpoint expects here
@@ -134,13 +134,8 @@ def evaluate(args):
     hyps = read_lines(model.to(device), [dataset[i][0] for i in range(len(dataset))], Alphabet(ckpt["alphabet"]),
                       args.batch_size)
     if args.out:
-        rows = [json.dumps({"id": dataset.line_ids[i], "text": ref, "recognised": hyp, "cer": error_rates([ref], [hyp])["cer"]})
-                for i, (ref, hyp) in enumerate(zip(dataset.texts, hyps))]
-
-        def write(tmp):
-            with open(tmp, "w", encoding="utf-8") as f:
-                f.writelines(row + "\n" for row in rows)
-        atomic_write(args.out, write)
+        write_jsonl(args.out, [{"id": dataset.line_ids[i], "text": ref, "recognised": hyp,
+                                "cer": error_rates([ref], [hyp])["cer"]} for i, (ref, hyp) in enumerate(zip(dataset.texts, hyps))])
     print(json.dumps({"checkpoint": args.checkpoint, "split": args.split, "step": ckpt.get("step"),
                       **error_rates(dataset.texts, hyps)}))
 

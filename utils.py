@@ -43,6 +43,14 @@ def atomic_write(path, write_fn):
             os.remove(tmp)
 
 
+def write_jsonl(path, rows):
+    """Rows (dicts) as JSON Lines, one object per line, written atomically."""
+    def write(tmp):
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(row) + "\n" for row in rows)
+    atomic_write(path, write)
+
+
 def stop_on_signals(stop, say):
     """Training loops: Ctrl-C or SIGTERM (`timeout`, `kill`, a job scheduler) sets stop["why"] = "interrupted", so the
     loop ends its batch, evaluates and saves; a second one stops at once (KeyboardInterrupt: the last checkpoint

@@ -191,9 +191,10 @@ def test_window_moves_forward_and_masks_padding():
 @pytest.mark.parametrize("task", ["prediction", "synthesis"])
 def test_evaluate_nll_sums_match_each_line_scored_alone(task):
     """evaluate_nll on a padded batch (lines of 9-17 points, texts of 2-5 characters) against every line run alone,
-    unpadded, and scored plainly: NLL (eq. 26, naive), the squared error of the expected offset, the window focus."""
+    unpadded, and scored plainly: NLL (eq. 26, naive), the squared error of the expected offset, the window focus;
+    and score_lines' window_end per line: the centre of phi at the line's last point less its last character's place."""
     from dataset import collate
-    from model import evaluate_nll, summarize_nll
+    from model import evaluate_nll, score_lines, summarize_nll
     model = tiny(task)
     g = torch.Generator().manual_seed(3)
     lines = []
@@ -202,8 +203,9 @@ def test_evaluate_nll_sums_match_each_line_scored_alone(task):
         x[:, 2] = (torch.rand(T, generator=g) < 0.2).double()
         lines.append((x, torch.randint(1, 8, (U,), generator=g)))
     total = evaluate_nll(model, [collate(lines)], torch.device("cpu"))
+    ends = score_lines(model, collate(lines), torch.device("cpu")).get("window_end")
     want = torch.zeros(5, dtype=torch.double)
-    for x, text in lines:
+    for k, (x, text) in enumerate(lines):
         inputs, targets, _ = teacher_forcing(x[None], torch.ones(1, len(x), dtype=torch.bool))
         y, _, phi = model(inputs, text[None] if task == "synthesis" else None, return_phi=True)
         want[0] += naive_nll(y, targets)[0]
@@ -215,6 +217,9 @@ def test_evaluate_nll_sums_match_each_line_scored_alone(task):
         if task == "synthesis":   # phi over the line's own characters only: (T, U)
             on_text = phi[0, :, :len(text)]
             want[4] += (on_text.max(-1).values / on_text.sum(-1)).sum()
+            last = phi[0, -1]                                         # (U + 1,): its characters and its end
+            centre = sum(u * last[u] for u in range(len(last))) / last.sum()
+            assert ends[k].item() == pytest.approx(centre.item() - (len(text) - 1), abs=1e-9)
     torch.testing.assert_close(total, want)
     metrics = summarize_nll(total)
     assert metrics["nll_per_line"] == pytest.approx(float(want[0]) / 3)
@@ -424,10 +429,10 @@ def test_window_centre_is_the_centre_of_the_last_steps_phi():
 
 def test_a_prime_that_does_not_write_its_text_is_warned_of():
     """sample(prime=, prime_chars=) gives prime_fit: where the window is after the prime, in characters past the space
-    after the priming text, and warns (PrimeMisfitWarning) when it is more than PRIME_MISFIT off: 10 prime points at
+    after the priming text, and warns (PrimeMisfitWarning) when it is more than WINDOW_MISFIT off: 10 prime points at
     0.3 characters a step leave it on position 3 (centre 3.0 here)."""
     import warnings
-    from model import PRIME_MISFIT, PrimeMisfitWarning
+    from model import WINDOW_MISFIT, PrimeMisfitWarning
     model = steady_window(tiny("synthesis").float(), 0.3)
     text, prime = torch.tensor([[1, 2, 3, 4, 5, 6, 7, 1, 2]]), torch.randn(10, 3, generator=torch.Generator().manual_seed(1))
     prime[:, 2] = 0
@@ -437,7 +442,7 @@ def test_a_prime_that_does_not_write_its_text_is_warned_of():
             r = model.sample(text, prime=prime, prime_chars=prime_chars, generator=torch.Generator().manual_seed(0))
         assert r["prime_fit"].item() == pytest.approx(4 - prime_chars, abs=0.05), prime_chars
         said = [str(w.message) for w in caught if w.category is PrimeMisfitWarning]
-        assert len(said) == (abs(4 - prime_chars) > PRIME_MISFIT) == (warned is not None), prime_chars
+        assert len(said) == (abs(4 - prime_chars) > WINDOW_MISFIT) == (warned is not None), prime_chars
         assert warned is None or warned in said[0]
     assert "prime_fit" not in model.sample(text, prime=prime, generator=torch.Generator().manual_seed(0))   # no chars
 

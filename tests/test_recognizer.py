@@ -376,6 +376,7 @@ def test_missing_files_give_one_line_errors(trained, tiny_prepared, tmp_path, ca
                           (["--bias", "1"], "--bias is for --legibility"),               # typed, though the default
                           (["--legibility", "--dtype", "float32"], "--dtype is for the NLL"),
                           (["--legibility", "--text-ablation"], "--text-ablation is for the NLL"),
+                          (["--legibility", "--per-line", "x.jsonl"], "--per-line is for the NLL"),
                           (["--legibility", "--bias", "1e308"], "expected a number from 0 (unbiased) to 100")]:
         with pytest.raises(SystemExit) as e:
             evaluate.main(["--checkpoint", syn, "--data", str(tiny_prepared), *args])

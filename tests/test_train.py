@@ -15,6 +15,7 @@ import evaluate
 import model
 import train
 import utils
+from dataset import HandwritingDataset
 from model import load_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -320,6 +321,18 @@ def test_evaluate_prints_graves_units(tiny_prepared, tmp_path, capsys):
     assert {"nll_per_line", "nll_per_point", "lines", "points", "sse", "window_focus"} <= result.keys()
     assert result["lines"] > 0 and result["points"] > result["lines"]
     assert result["nll_per_line"] == pytest.approx(result["nll_per_point"] * result["points"] / result["lines"])
+    # --per-line: every line's scores, in the split's order, summing to the same figures
+    rows_path = tmp_path / "lines.jsonl"
+    evaluate.main(["--checkpoint", str(tmp_path / "last.pt"), "--data", str(tiny_prepared), "--split", "test",
+                   "--per-line", str(rows_path)])
+    each = json.loads(capsys.readouterr().out)
+    rows = [json.loads(line) for line in rows_path.read_text().splitlines()]
+    test_lines = HandwritingDataset(tiny_prepared, "test")
+    assert [r["line_id"] for r in rows] == test_lines.line_ids and [r["text"] for r in rows] == test_lines.texts
+    assert sum(r["nll"] for r in rows) / len(rows) == pytest.approx(result["nll_per_line"], abs=1e-3)
+    assert each["nll_per_line"] == pytest.approx(result["nll_per_line"]) and each["per_line"] == str(rows_path)
+    assert each["window_short_lines"] == sum(r["window_end"] < -2.5 for r in rows)
+    assert all(-len(r["text"]) <= r["window_end"] <= 1 for r in rows)
     # --text-ablation: the same lines scored with each other's texts; the plain figures do not change
     evaluate.main(["--checkpoint", str(tmp_path / "last.pt"), "--data", str(tiny_prepared), "--split", "test",
                    "--text-ablation"])
@@ -409,6 +422,8 @@ def test_bad_checkpoints_give_one_line_errors(tiny_prepared, tmp_path):
         (["train.py", "--init-from", str(tmp_path / "missing.pt"), *data], "or pass --init-from PATH"),
         (["evaluate.py", "--checkpoint", str(tmp_path / "p" / "model.pt"), "--text-ablation", *data],
          "needs a synthesis checkpoint"),
+        (["evaluate.py", "--checkpoint", str(tmp_path / "p" / "model.pt"), "--per-line", str(tmp_path / "p.json"), *data],
+         "--per-line " + str(tmp_path / "p.json") + ": unsupported extension '.json'; use .jsonl"),
         (["train.py", "--data", str(tmp_path / "nowhere")], "prepare_data.py"),
         # a run folder is not overwritten by a new run; a weights-only file cannot be resumed
         (["train.py", "--task", "prediction", "--out", str(tmp_path / "p"), *data],
