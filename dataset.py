@@ -50,6 +50,22 @@ def load_prepared(path):
     return data
 
 
+def read_line_ids(path):
+    """A text file of IAM-OnDB line ids, one per line (blank lines and # comments ignored) -> set of ids. Raises
+    FileNotFoundError or ValueError with a one-line message."""
+    try:
+        with open(path, encoding="utf-8-sig") as f:
+            ids = {line.split("#")[0].strip() for line in f} - {""}
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path} not found") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
+    bad = sorted(i for i in ids if len(i.split()) > 1)
+    if bad or not ids:
+        raise ValueError(f"{path} must list line ids, one per line (e.g. a01-000u-01)" + (f"; not {bad[0]!r}" if bad else ""))
+    return ids
+
+
 def normalize(offsets, mean, std):
     """(..., 3) rows (dx, dy, eos), numpy or torch -> float copy with (dx, dy) scaled to mean 0, std 1."""
     return _affine(offsets, mean, std, inverse=False)
@@ -153,17 +169,21 @@ class Alphabet:
 class HandwritingDataset(Dataset):
     """One split of the prepared file. Item i: (strokes (T, 3) float32 normalised (dx, dy, eos), text ids (U,)).
 
-    max_points drops (not crops) lines longer than that; max_lines keeps the first n lines (tiny runs).
-    Characters outside the alphabet (rare ones seen only in valid / test) are left out of the text ids.
+    max_points drops (not crops) lines longer than that; exclude: line ids to leave out (read_line_ids); max_lines keeps
+    the first n lines (tiny runs). Characters outside the alphabet (rare ones seen only in valid / test) are left out of
+    the text ids.
     """
 
-    def __init__(self, path_or_dict, split="train", max_points=None, max_lines=None):
+    def __init__(self, path_or_dict, split="train", max_points=None, max_lines=None, exclude=()):
         data = path_or_dict if isinstance(path_or_dict, dict) else load_prepared(path_or_dict)
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, not {split!r}")
         lines = np.flatnonzero(data["split"] == SPLITS.index(split))         # (N_split,) rows of the file
         starts, ends = data["line_starts"][lines], data["line_starts"][lines + 1]
         keep = ends - starts <= max_points if max_points else np.ones(len(lines), dtype=bool)
+        listed = np.isin(data["line_ids"][lines], list(exclude)) if exclude else np.zeros(len(lines), dtype=bool)
+        keep &= ~listed
+        self.excluded = int(listed.sum())                                     # the split's lines left out as listed
         lines, starts, ends = lines[keep][:max_lines], starts[keep][:max_lines], ends[keep][:max_lines]
 
         self.offsets, self.eos = data["offsets"], data["eos"]                 # (P, 2) int16, (P,) uint8, shared

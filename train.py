@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from dataset import Alphabet, HandwritingDataset, augment, make_loader, rare_char_copies
+from dataset import Alphabet, HandwritingDataset, augment, make_loader, rare_char_copies, read_line_ids
 from model import (GraphedChunk, HandwritingModel, ModelConfig, WeightNoise, chunk_backward, evaluate_nll, load_weights,
                    summarize_nll, teacher_forcing)
 from recognition import error_rates, load_recognizer, write_and_read
@@ -38,7 +38,7 @@ from utils import (DTYPES, DefaultsHelpFormatter, MAX_BIAS, OneLineParser, Weigh
 
 # training flags that shape a run: on --resume, those given otherwise than the run's are named
 RESUME_FLAGS = ("data", "optimizer", "lr", "schedule", "warmup", "max_steps", "batch_size", "tbptt", "clip", "dropout",
-                "ema", "augment_scale", "augment_shear", "rare_chars", "max_points", "max_lines", "dtype", "seed",
+                "ema", "augment_scale", "augment_shear", "rare_chars", "max_points", "max_lines", "exclude_lines", "dtype", "seed",
                 "eval_lines", "recognizer", "legibility_lines", "legibility_bias")
 # ... and those that measure the figure --select-by compares: changed, best.pt's figure is no longer comparable
 MEASURE_FLAGS = {"nll": ("data", "eval_lines"), "cer": ("data", "recognizer", "legibility_lines", "legibility_bias")}
@@ -101,6 +101,10 @@ def get_args(argv=None):
                         "paper; try 200: digits appear 36-223 times, X twice); keep it the same when resuming")
     p.add_argument("--max-points", type=at_least(0), default=0, help="drop training lines longer than this many points (0 = keep all)")
     p.add_argument("--max-lines", type=at_least(0), default=0, help="use only the first N training lines (0 = all; for quick tests)")
+    p.add_argument("--exclude-lines", default=None, metavar="FILE",
+                   help="leave out the training lines listed in FILE (line ids, one per line; ids of other splits are "
+                        "ignored), e.g. data/misaligned.txt: lines whose transcription names a word their ink lacks "
+                        "(paper: none)")
     # evaluation and logging
     p.add_argument("--eval-interval", type=at_least(1), default=500, help="steps between evaluations and checkpoints")
     p.add_argument("--eval-lines", type=at_least(0), default=0, help="validation lines to evaluate (0 = the whole split)")
@@ -196,10 +200,20 @@ def train(args):
 
     ### data
     try:
-        train_set = HandwritingDataset(args.data, "train", max_points=args.max_points or None, max_lines=args.max_lines or None)
+        exclude = read_line_ids(args.exclude_lines) if args.exclude_lines else set()
+    except (FileNotFoundError, ValueError) as e:
+        sys.exit(f"error: --exclude-lines {e}")
+    try:
+        train_set = HandwritingDataset(args.data, "train", max_points=args.max_points or None,
+                                       max_lines=args.max_lines or None, exclude=exclude)
         valid_set = HandwritingDataset(args.data, "valid", max_lines=args.eval_lines or None)
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")
+    if exclude:
+        if not train_set.excluded:
+            sys.exit(f"error: --exclude-lines {args.exclude_lines}: none of its {len(exclude)} line ids is a training "
+                     f"line of {args.data}")
+        log(f"left out {train_set.excluded} training lines listed in {args.exclude_lines} (--exclude-lines)")
     if len(train_set) == 0 and args.max_points and len(HandwritingDataset(args.data, "train", max_lines=1)):
         sys.exit(f"error: no training line has at most --max-points {args.max_points} points; raise it (0 = no limit)")
     if len(train_set) == 0 or len(valid_set) == 0:

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from dataset import (Alphabet, BucketBatchSampler, HandwritingDataset, collate, denormalize, load_prepared,
-                     make_loader, normalize, padding_fraction, rare_char_copies)
+                     make_loader, normalize, padding_fraction, rare_char_copies, read_line_ids)
 from utils import offsets_to_strokes, plot_lines
 
 
@@ -57,6 +57,28 @@ def test_dataset_items_and_attributes(tiny_prepared):
     short = HandwritingDataset(data, "train", max_points=cap)
     assert len(short) == int(np.sum(train.lengths <= cap)) and short.lengths.max() <= cap   # dropped, not cropped
     assert HandwritingDataset(data, "train", max_lines=3).line_ids == train.line_ids[:3]
+
+
+def test_listed_lines_are_left_out(tiny_prepared, tmp_path):
+    """read_line_ids reads ids one per line (comments, blanks and a byte-order mark ignored); exclude leaves those of
+    the split out and counts them; a file of something else is a one-line error."""
+    train = HandwritingDataset(tiny_prepared, "train")
+    valid = HandwritingDataset(tiny_prepared, "valid")
+    listed = tmp_path / "bad.txt"
+    listed.write_text(f"\ufeff# lines to leave out\n{train.line_ids[2]}  # -5.1\n\n{train.line_ids[7]}\n"
+                      f"{valid.line_ids[0]}\n", encoding="utf-8")
+    ids = read_line_ids(listed)
+    assert ids == {train.line_ids[2], train.line_ids[7], valid.line_ids[0]}
+    kept = HandwritingDataset(tiny_prepared, "train", exclude=ids)
+    assert kept.excluded == 2 and kept.line_ids == [i for i in train.line_ids if i not in ids]
+    assert kept.texts == [t for i, t in zip(train.line_ids, train.texts) if i not in ids]
+    assert HandwritingDataset(tiny_prepared, "valid", exclude=ids).excluded == 1 and train.excluded == 0
+    for text in ("", "# nothing\n", "a01-000u-01 a01-000u-02\n"):
+        listed.write_text(text)
+        with pytest.raises(ValueError, match="must list line ids, one per line"):
+            read_line_ids(listed)
+    with pytest.raises(FileNotFoundError, match="none.txt not found"):
+        read_line_ids(tmp_path / "none.txt")
 
 
 def test_load_prepared_missing_file(tmp_path):

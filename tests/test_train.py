@@ -313,6 +313,21 @@ def test_non_finite_steps_are_skipped_then_stop_the_run(tiny_prepared, tmp_path,
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
 
 
+def test_exclude_lines_leaves_listed_training_lines_out(tiny_prepared, tmp_path, capsys):
+    """--exclude-lines FILE: the training lines it lists are left out (and said); a list with no training line is
+    refused in one line, and the flag is one a resumed run must keep."""
+    train_ids, valid_ids = (HandwritingDataset(tiny_prepared, s).line_ids for s in ("train", "valid"))
+    listed = tmp_path / "bad.txt"
+    listed.write_text(f"{train_ids[0]}\n{train_ids[5]}  # -4.0\n{valid_ids[0]}\n")
+    run_train(tiny_prepared, tmp_path / "run", "--max-steps", "2", "--eval-interval", "2", "--exclude-lines", str(listed))
+    assert f"left out 2 training lines listed in {listed} (--exclude-lines)" in capsys.readouterr().out
+    assert "exclude_lines" in train.RESUME_FLAGS
+    listed.write_text(f"{valid_ids[0]}\n")
+    with pytest.raises(SystemExit) as e:
+        run_train(tiny_prepared, tmp_path / "run2", "--exclude-lines", str(listed))
+    assert str(e.value) == f"error: --exclude-lines {listed}: none of its 1 line ids is a training line of {tiny_prepared}"
+
+
 def test_evaluate_prints_graves_units(tiny_prepared, tmp_path, capsys):
     run_train(tiny_prepared, tmp_path, "--max-steps", "5", "--eval-interval", "5")
     capsys.readouterr()
