@@ -305,8 +305,14 @@ class HandwritingModel(nn.Module):
         h_t (state.h[0]) and kappa_t (state.kappa, already moved at step t)."""
         alpha, beta, _ = torch.exp(self.window(state.h[0])).unsqueeze(-1).chunk(3, dim=1)   # (B, K, 1)
         u = torch.arange(positions, device=alpha.device, dtype=alpha.dtype)
-        phi = (alpha * torch.exp(-beta * (state.kappa.unsqueeze(-1) - u) ** 2)).sum(dim=1)   # (B, positions)
+        phi = self._phi(alpha, beta, state.kappa, u)                                       # (B, positions)
         return (phi * u).sum(dim=1) / phi.sum(dim=1).clamp_min(1e-30)
+
+    @staticmethod
+    def _phi(alpha, beta, kappa, u):
+        """phi(t, u) = sum_k alpha_k exp(-beta_k (kappa_k - u)^2) (eq. 46): alpha, beta (B, K, 1), kappa (B, K),
+        positions u (P,) -> (B, P)."""
+        return (alpha * torch.exp(-beta * (kappa.unsqueeze(-1) - u) ** 2)).sum(dim=1)
 
     @staticmethod
     def _window(window_out, kappa, u, onehot):
@@ -316,7 +322,7 @@ class HandwritingModel(nn.Module):
         Returns kappa (B, K), phi (B, U + 1), w (B, A)."""
         alpha, beta, dkappa = torch.exp(window_out).unsqueeze(-1).chunk(3, dim=1)        # (B, K, 1)
         kappa = kappa + dkappa.squeeze(-1)                                        # moves forward only
-        phi = (alpha * torch.exp(-beta * (kappa.unsqueeze(-1) - u) ** 2)).sum(dim=1)   # (B, U + 1)
+        phi = HandwritingModel._phi(alpha, beta, kappa, u)                        # (B, U + 1)
         w = torch.bmm(phi[:, None, :-1], onehot).squeeze(1)
         return kappa, phi, w
 
