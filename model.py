@@ -27,10 +27,11 @@ RHO_MAX = 1.0 - 1e-4    # |rho| < 1: keeps 1 - rho^2 away from 0
 LOG_2PI = math.log(2 * math.pi)
 SAMPLE_BLOCK = 16   # sampling steps between stopping tests (one host sync each); a CUDA graph replays a block
 # where the window sits, against where the text says it should: after a prime, on the space after the priming text
-# (on real lines within 1.2 characters for 99 %: 400 validation lines, both synthesis models); at a line's last point,
-# on its last character. Further off than this, ink and text disagree (a word one has and the other lacks): a primed
-# line starts by writing the rest of the priming text or skips its first letters (PrimeMisfitWarning); a real line's
-# transcription most likely has a word its ink lacks (score_lines' window_end; evaluate.py --per-line)
+# (on real lines within 2.5 characters for 97 %: 400 validation lines, both synthesis models, docs/results.md); at a
+# line's last point, on its last character. Further off than this, ink and text disagree (a word one has and the other
+# lacks): a primed line starts by writing the rest of the priming text or skips its first letters
+# (PrimeMisfitWarning); a real line's transcription most likely has a word its ink lacks (score_lines' window_end;
+# evaluate.py --per-line)
 WINDOW_MISFIT = 2.5  # characters
 
 
