@@ -152,15 +152,15 @@ def run(args):
     dataset.set_normalization(checkpoint["mean"], checkpoint["std"])
     model.to(device)
     score = lambda: summarize_nll(evaluate_nll(model, make_loader(dataset, args.batch_size, shuffle=False), device, dtype))
+    result = {"checkpoint": args.checkpoint, "split": args.split, "task": model.config.task}
     if args.per_line:                                          # the same sums, from the lines scored one by one
         rows, total = per_line(model, dataset, args.batch_size, device, dtype)
         write_jsonl(args.per_line, rows)
-        result = {"checkpoint": args.checkpoint, "split": args.split, "task": model.config.task,
-                  **summarize_nll(total), "per_line": args.per_line}
+        result.update(summarize_nll(total), per_line=args.per_line)
         if model.synthesis:
             result["window_short_lines"] = sum(r["window_end"] < -WINDOW_MISFIT for r in rows)
     else:
-        result = {"checkpoint": args.checkpoint, "split": args.split, "task": model.config.task, **score()}
+        result.update(score())
     if not np.allclose(data_std, dataset.std, rtol=1e-6):
         # data prepared otherwise (e.g. prepare_data.py --keep-repeats): densities per unit of the data's own std, as
         # Graves normalised by his training set's; p_data(x / s_data) = p(x / s) * s_data / s for x and y, per point

@@ -38,8 +38,8 @@ from utils import (DTYPES, DefaultsHelpFormatter, MAX_BIAS, OneLineParser, Weigh
 
 # training flags that shape a run: on --resume, those given otherwise than the run's are named
 RESUME_FLAGS = ("data", "optimizer", "lr", "schedule", "warmup", "max_steps", "batch_size", "tbptt", "clip", "dropout",
-                "ema", "augment_scale", "augment_shear", "rare_chars", "max_points", "max_lines", "exclude_lines", "dtype", "seed",
-                "eval_lines", "recognizer", "legibility_lines", "legibility_bias")
+                "ema", "augment_scale", "augment_shear", "rare_chars", "max_points", "max_lines", "exclude_lines", "dtype",
+                "seed", "eval_lines", "recognizer", "legibility_lines", "legibility_bias")
 # ... and those that measure the figure --select-by compares: changed, best.pt's figure is no longer comparable
 MEASURE_FLAGS = {"nll": ("data", "eval_lines"), "cer": ("data", "recognizer", "legibility_lines", "legibility_bias")}
 # the model's size: a checkpoint's config holds it, so on --resume and --init-from these flags may not ask for another

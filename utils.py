@@ -1032,7 +1032,6 @@ def at_least(low, below=None, exclusive=False):
 
 def bias_value(text):
     """argparse type for a sampling bias (section 5.4): a number from 0 (the network's own distribution) to MAX_BIAS."""
-    import argparse
     try:
         value = finite_float(text)
     except argparse.ArgumentTypeError:
@@ -1062,14 +1061,15 @@ def say(text):
 def relay_warnings(prog, category):
     """Python warnings of `category` raised inside (the model's PrimeMisfitWarning) -> one line on stderr,
     'prog: warning: ...', for the first of them only (batch after batch would repeat it); other warnings as before."""
-    shown = []
+    shown = False
 
     def show(message, cat, *args, **kwargs):
+        nonlocal shown
         if not issubclass(cat, category):
             return original(message, cat, *args, **kwargs)
         if not shown:
             print(f"{prog}: warning: {message}", file=sys.stderr, flush=True)
-        shown.append(message)
+        shown = True
     with warnings.catch_warnings():                  # restores the filters and showwarning after the block
         warnings.simplefilter("always", category)
         original, warnings.showwarning = warnings.showwarning, show
