@@ -22,11 +22,14 @@ import json
 import os
 import platform
 import statistics
+import signal
 import sys
 import time
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")   # idle OpenMP threads sleep, not spin: on cores other jobs use,
                                                     # spinning made runs 10-40x slower (README, Troubleshooting)
+if __name__ == "__main__":   # Ctrl-C while the libraries load (torch: 1-2 s): stop quietly, not with a traceback;
+    signal.signal(signal.SIGINT, signal.SIG_DFL)   # main() then reports an interrupt in one line
 
 import torch  # noqa: E402  (after the OpenMP setting, which is read when torch loads)
 

@@ -17,12 +17,16 @@ import json
 import math
 import os
 import shlex
+import signal
 import sys
 import textwrap
 import time
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")   # idle OpenMP threads sleep, not spin: on cores other jobs use,
                                                     # spinning made runs 10-40x slower (README, Troubleshooting)
+if __name__ == "__main__":   # Ctrl-C while the libraries load (torch: 1-2 s): stop quietly, not with a traceback;
+    signal.signal(signal.SIGINT, signal.SIG_DFL)   # main() then reports an interrupt in one line
+
 # numpy only; torch is imported after the fast checks
 from utils import (ALIGNS, MAX_BIAS, MAX_CANDIDATES, MAX_LINE_CHARS, MAX_RETRIES, MOST_STEPS_PER_CHAR, VIEWS,
                    OneLineParser, at_least, checkpoint_norm, finite_float, ink_rgb, interrupt_on_signals, load_prime,

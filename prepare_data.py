@@ -29,6 +29,9 @@ from collections import Counter
 from multiprocessing import Pool
 from pathlib import Path
 
+if __name__ == "__main__":   # Ctrl-C while the libraries load (torch: 1-2 s): stop quietly, not with a traceback;
+    signal.signal(signal.SIGINT, signal.SIG_DFL)   # main() then reports an interrupt in one line
+
 import numpy as np
 from tqdm import tqdm
 

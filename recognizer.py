@@ -17,11 +17,15 @@ import argparse
 import json
 import math
 import os
+import signal
 import sys
 import time
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")   # idle OpenMP threads sleep, not spin: on cores other jobs use,
                                                     # spinning made runs 10-40x slower (README, Troubleshooting)
+if __name__ == "__main__":   # Ctrl-C while the libraries load (torch: 1-2 s): stop quietly, not with a traceback;
+    signal.signal(signal.SIGINT, signal.SIG_DFL)   # main() then reports an interrupt in one line
+
 import numpy as np
 import torch
 

@@ -735,6 +735,7 @@ def load_style(path, n):
 # has no "reference" entry. height: 5-95 % range of y over a line; step: median pen-down step length.
 PRIME_REFERENCE = {"height": 343.0, "step": 19.6}
 MAX_PRIME_POINTS = 4000     # a priming line longer than this is not a line
+MIN_PRIME_POINTS_PER_CHAR = 4   # at the data's point spacing: IAM-OnDB lines have 9-90 per character (median 21)
 
 
 def respace_stroke(points, step):
@@ -805,10 +806,15 @@ def load_prime_file(path, styles_path=None):
     if len(points) > MAX_PRIME_POINTS:
         raise ValueError(f"--prime-file {path} is too long ({len(points)} points after resampling, at most "
                          f"{MAX_PRIME_POINTS}); use one line of handwriting")
+    text = " ".join(data["text"].split())
+    if len(points) < MIN_PRIME_POINTS_PER_CHAR * len(text):   # too little ink for the text: the model reads a few letters
+        raise ValueError(f"--prime-file {path}: {len(points)} points for {len(text)} characters of text, too few to "
+                         f"write it (at least {MIN_PRIME_POINTS_PER_CHAR} per character at the data's spacing; real "
+                         f"lines have about 21); give the strokes of the whole text")
     offsets = np.zeros((len(points), 3))
     offsets[1:, :2] = np.diff(points, axis=0)
     offsets[np.cumsum([len(s) for s in strokes]) - 1, 2] = 1
-    return " ".join(data["text"].split()), offsets
+    return text, offsets
 
 
 def save_prime_file(path, text, offsets, source=None):

@@ -6,8 +6,10 @@ Untrained models write scribbles that rarely reach the end of the text, so most 
 import json
 import math
 import shutil
+import signal
 import subprocess
 import sys
+import textwrap
 import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -267,7 +269,7 @@ def test_save_hand_keeps_the_first_line_as_a_prime_file_for_later_texts(files, t
     """--save-hand: the first line written (not its prime) becomes a prime file, exactly the line drawn (or saved),
     read back at its size (not scaled as a hand's own strokes are); a later text is primed with it; a line that did not
     finish is not saved (exit status 1), and a short one is saved with a warning."""
-    paced = {**files, "synthesis": paced_checkpoint(tmp_path / "paced.pt", files, 0.5)}
+    paced = {**files, "synthesis": paced_checkpoint(tmp_path / "paced.pt", files, 0.25)}   # ink enough for a prime file
     hand, strokes = tmp_path / "hand.json", tmp_path / ("lines.npz" if out == "p.png" else out)
     save = ["--save-strokes", str(strokes)] if out == "p.png" else []
     assert run(paced, "synthesis", tmp_path / out, "--text", "hi there\nab", "--save-hand", str(hand), *save) == 0
@@ -381,6 +383,7 @@ def errors(files, tmp_path):
     (d / "ref0.json").write_text(json.dumps({"reference": {"height": 0, "step": 0}, "styles": [style]}))
     (d / "huge.json").write_text(json.dumps({"text": "ab", "strokes": [[[0, 0], [1, 1e308], [2, -1e308]]]}))
     (d / "wide.json").write_text(json.dumps({"text": "ab", "strokes": [[[0, 0], [1e200, 1], [2, -1]]]}))
+    (d / "sparse.json").write_text(json.dumps({"text": "a text of many words", "strokes": [[[0, 0], [10, 5], [20, 0]]]}))
     syn = ["--checkpoint", files["synthesis"], "--styles", files["styles"]]
     return [
         (syn + ["--text", "h\u00e9llo \u20ac"], "not in the model's alphabet: '\u00e9' '\u20ac'"),
@@ -462,6 +465,7 @@ def errors(files, tmp_path):
          "'reference' must be"),
         (syn + ["--text", "ab", "--prime-file", str(d / "huge.json")], "the coordinates are too large"),
         (syn + ["--text", "ab", "--prime-file", str(d / "wide.json")], "times as wide as high; give one line"),
+        (syn + ["--text", "ab", "--prime-file", str(d / "sparse.json")], "points for 20 characters of text, too few"),
         (syn + ["--text", "ab", "--out", str(tmp_path / "s.png"), "--plot-attention", str(tmp_path / "s.png")],
          "is where the handwriting goes"),
         (syn + ["--text", "\n".join(["ab"] * 41), "--out", str(tmp_path / "s.png"), "--plot-attention",
@@ -713,7 +717,7 @@ def test_pages_of_one_text_share_one_size_and_no_ink_is_cut(files, tmp_path, mon
     assert run(files, "synthesis", tmp_path / "q.png", "--text", text, "--max-steps-per-char", "3",
                "--line-height", "1000") == 0
     assert len(pages) == 4 and (pages[0].shrunk or pages[1].shrunk)     # laid out, then again at the smaller scale
-    assert pages[2].scale == pages[3].scale == min(pages[0].scale, pages[1].scale)
+    assert pages[2].scale == pages[3].scale == pytest.approx(min(pages[0].scale, pages[1].scale), rel=1e-12)   # (s p) / p
     assert max(max(matplotlib.image.imread(tmp_path / f"q-{k}.png").shape[:2]) for k in (1, 2)) <= 1000
 
 
@@ -773,6 +777,25 @@ def test_capture_page_saves_a_prime_file_of_the_line_written_on_it(tmp_path):
     want_text, want = utils.load_prime_file(example)
     assert text == want_text
     np.testing.assert_array_equal(offsets, want)
+
+
+@pytest.mark.parametrize("script", ["generate", "evaluate", "train", "recognizer", "bench", "prepare_data"])
+def test_ctrl_c_while_a_script_loads_its_libraries_stops_it_without_a_traceback(script):
+    """A SIGINT while numpy (and torch) import, before main() installs its handler: the script stops at once, as
+    Ctrl-C stops any program, with nothing on stderr (Python's own handler printed a traceback of the imports). The
+    signal is sent from an import hook, at the import of numpy, so the test does not race the imports."""
+    code = textwrap.dedent(f"""
+        import os, runpy, signal, sys
+        class Hook:
+            def find_spec(self, name, path=None, target=None):
+                if name == "numpy":
+                    os.kill(os.getpid(), signal.SIGINT)
+        sys.meta_path.insert(0, Hook())
+        sys.argv = ["{script}.py", "--help"]
+        runpy.run_path("{script}.py", run_name="__main__")
+        print("not stopped")""")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == -signal.SIGINT and r.stdout == "" and r.stderr == "", (r.returncode, r.stderr[-500:])
 
 
 @pytest.mark.parametrize("script", ["generate", "evaluate", "train", "recognizer", "bench"])
