@@ -525,6 +525,11 @@ def write_pages(args, model, ckpt, pages, lead, prime, prime_offsets, generator,
         t_sampling += time.perf_counter() - t_sample
         steps, n_lines = max(steps, int(result["lengths"].max())), n_lines + B
         for b in np.flatnonzero(~result["finished"].numpy()):
+            if int(result["lengths"][b]) < len(texts[b]):                     # model.sample: stopped at once
+                print(f"generate.py: warning: {where[b]} ({texts[b][:30]!r}) stopped before writing its text: the "
+                      f"window was past its end from the start (does the prime's text lack a word its strokes "
+                      f"write?)", file=sys.stderr)
+                continue
             print(f"generate.py: warning: {where[b]} ({texts[b][:30]!r}) did not reach the end of its text within the "
                   f"cap (--max-steps-per-char) in {int(result['attempts'][b])} attempt(s); try "
                   + (f"a higher --max-steps-per-char (now {args.max_steps_per_char}; real lines take about 21), "
@@ -560,6 +565,10 @@ def write_pages(args, model, ckpt, pages, lead, prime, prime_offsets, generator,
         sampled.append((texts, result, rows, page_lines))
 
     ### the pages, drawn at one size: rows as far apart as the tallest line of the whole text needs
+    for k, (*_, page_lines) in enumerate(sampled):
+        if not any(ln is not None and len(ln.offsets) for ln in page_lines):
+            fail(f"nothing to draw{f' on page {k + 1}' if len(sampled) > 1 else ''}: every line stopped before "
+                 f"writing (see the warnings above)")
     pitch = utils.row_pitch([ln for *_, page_lines in sampled for ln in page_lines])
     margin = max(args.line_height // 3, math.ceil(args.stroke_width / 2) + 2)          # round caps stay inside
     picture = args.format != ".svg" or args.view == "density"                  # pixels: at most MAX_SIDE a side
@@ -704,7 +713,8 @@ def write_strokes_file(args, model, ckpt, joined, texts, prime, prime_chars, gen
     unfinished = [str(i + 1) for i in rows if not done[i][1]]
     if unfinished:
         print(f"generate.py: warning: {len(unfinished)} line(s) did not reach the end of their text within the cap "
-              f"(--max-steps-per-char) in {args.retries + 1} attempt(s), kept with finished = 0: line id(s) "
+              f"(--max-steps-per-char) in {args.retries + 1} attempt(s) or stopped before writing it (a prime whose "
+              f"text lacks a word its strokes write), kept with finished = 0: line id(s) "
               f"{', '.join(unfinished[:10])}{' ...' if len(unfinished) > 10 else ''}", file=sys.stderr)
     step, retried, points = ckpt.get("step"), sum(a > 1 for a in attempts), sum(len(r) for r in raw)
     utils.say(f"wrote {args.out} ({len(texts):,} line(s) = {len(texts) // args.num_samples:,} x {args.num_samples} sample(s), "

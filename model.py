@@ -489,7 +489,9 @@ class HandwritingModel(nn.Module):
             _, state = self(inputs, text, state)
             x = prime[:, -1:]
             if self.synthesis and prime_chars:                  # the space after the priming text: position prime_chars - 1
-                prime_fit = self.window_centre(state, text.shape[1] + 1) - (prime_chars - 1)
+                # positions past the text's end count too (as many again), so that a window run far past a short new
+                # text is measured where it is, not where the text ends
+                prime_fit = self.window_centre(state, 2 * text.shape[1] + 1) - (prime_chars - 1)
         out, eos_prob, ys, phis = [], [], [], []
         finished = torch.zeros(B, dtype=torch.bool, device=device)
         lengths = cap.clone()
@@ -534,6 +536,8 @@ class HandwritingModel(nn.Module):
         keep = torch.arange(T, device=device)[None] < lengths[:, None]
         strokes = strokes * keep.unsqueeze(-1)
         strokes[rows, (lengths - 1).clamp(min=0), 2] = 1.0                      # the last point ends its stroke
+        if self.synthesis:      # fewer points than characters: it stopped before writing, its window past its text
+            finished &= lengths >= new_len   # from the start (a prime whose text lacks a word its strokes write)
         result = {"strokes": strokes, "lengths": lengths,
                   "finished": finished if self.synthesis else torch.ones(B, dtype=torch.bool, device=device),
                   "attempts": torch.ones(B, dtype=torch.long, device=device)}

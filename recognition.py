@@ -124,8 +124,8 @@ def read_lines(model, strokes, alphabet, batch_size=64):
     """Recognise lines: strokes is a list of (T_i, 3) normalised tensors. Returns their texts, in order."""
     model.eval()
     device = model.out.weight.device
-    order = sorted(range(len(strokes)), key=lambda i: len(strokes[i]))           # similar lengths batch together
-    texts = [""] * len(strokes)
+    order = sorted((i for i in range(len(strokes)) if len(strokes[i])), key=lambda i: len(strokes[i]))   # similar
+    texts = [""] * len(strokes)                                                   # lengths batch together; no ink: ""
     for a in range(0, len(order), batch_size):
         idx = order[a:a + batch_size]
         x = nn.utils.rnn.pad_sequence([torch.as_tensor(strokes[i], dtype=torch.float32) for i in idx], batch_first=True)

@@ -811,6 +811,29 @@ def test_scripts_let_idle_threads_sleep_unless_told_otherwise(script):
         assert r.returncode == 0 and r.stdout.split() == [want], r.stderr[-500:]
 
 
+def test_a_prime_file_whose_text_lacks_a_word_its_strokes_write_gives_no_empty_finished_line(tmp_path, capsys):
+    """docs/prime_example.json with its last word left out of the text: the window runs past the end of the priming
+    text, and past a short new text altogether. The line stops at once: a picture is refused in one line (it crashed
+    on an empty page), a strokes file keeps the line with finished = 0 (it said 1), and the recognizer reads it as
+    an empty line (it crashed)."""
+    import recognizer
+    data = json.loads((ROOT / "docs" / "prime_example.json").read_text())
+    cut = tmp_path / "cut.json"
+    cut.write_text(json.dumps({**data, "text": data["text"].rsplit(" ", 1)[0]}))
+    base = ["--prime-file", str(cut), "--text", "Hi", "--seed", "1"]
+    assert generate.main(base + ["--out", str(tmp_path / "a.png")]) == 1
+    err = capsys.readouterr().err.splitlines()
+    assert "characters past the end of their text" in err[0] and "stopped before writing its text" in err[1]
+    assert err[-1] == "generate.py: error: nothing to draw: every line stopped before writing (see the warnings above)"
+    assert not (tmp_path / "a.png").exists()
+    assert generate.main(base + ["--out", str(tmp_path / "a.npz")]) == 0
+    _, _, lines, more = utils.load_strokes(tmp_path / "a.npz", per_line=True)
+    assert len(lines[0]) < 2 and more["finished"].tolist() == [0]
+    capsys.readouterr()
+    assert recognizer.main(["read", str(tmp_path / "a.npz")]) == 0
+    assert capsys.readouterr().out == "\n"
+
+
 def test_a_prime_file_whose_text_has_a_word_its_strokes_lack_is_warned_of_once(tmp_path, capsys):
     """The shipped model reads docs/prime_example.json to the end of its text; with a word added to the text the
     window is about 8 characters short of its end when the prime ends, and generate.py says so in one line (every line

@@ -366,7 +366,7 @@ def test_a_line_does_not_end_with_the_pen_travelling_to_a_next_letter(monkeypatc
 
 def test_sampling_stops_when_window_passes_the_text():
     """Force kappa to race ahead: every line must stop long before the cap and be marked finished."""
-    model = steady_window(tiny("synthesis").float(), 2.0)
+    model = steady_window(tiny("synthesis").float(), 0.6)
     text = torch.tensor([[1, 2, 3, 4, 5, 6]])
     r = model.sample(text, generator=torch.Generator().manual_seed(0), max_steps_per_char=20)
     assert r["finished"].all() and int(r["lengths"][0]) < 10
@@ -445,6 +445,21 @@ def test_a_prime_that_does_not_write_its_text_is_warned_of():
         assert len(said) == (abs(4 - prime_chars) > WINDOW_MISFIT) == (warned is not None), prime_chars
         assert warned is None or warned in said[0]
     assert "prime_fit" not in model.sample(text, prime=prime, generator=torch.Generator().manual_seed(0))   # no chars
+
+
+def test_a_window_past_its_text_from_the_start_is_not_a_finished_line():
+    """A prime whose strokes write more than its text leaves the window past the end of a short new text: the line
+    stops at once, with fewer points than characters, and must not count as finished (it was drawn as nothing, saved
+    as a hand, scored as finished). The fit is measured past the text's end, not cut off there (10 characters past)."""
+    import warnings
+    model = steady_window(tiny("synthesis").float(), 1.0)
+    text, prime = torch.tensor([[1, 2, 3, 4, 5, 6, 7, 1, 2]]), torch.randn(12, 3, generator=torch.Generator().manual_seed(1))
+    prime[:, 2] = 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        r = model.sample(text, prime=prime, prime_chars=3, generator=torch.Generator().manual_seed(0))
+    assert int(r["lengths"][0]) < 9 - 3 and not r["finished"][0]
+    assert r["prime_fit"].item() == pytest.approx(12 - (3 - 1), abs=0.1)              # kappa 12, the space at 2
 
 
 def test_stopping_step_matches_the_rule_checked_naively():
