@@ -107,6 +107,11 @@ def get_args(argv=None):
         p.error(f"{given(LEGIBILITY_FLAGS)[0]} is for --legibility (how legible the model writes)")
     if args.legibility and given(NLL_FLAGS):
         p.error(f"{given(NLL_FLAGS)[0]} is for the NLL (without --legibility)")
+    if given(["styles"]) and args.style is None and not args.prime_file:
+        p.error("--styles holds the styles of --style N (and the reference size of --prime-file): give one, or drop "
+                "--styles")
+    if given(["styles"]) and not os.path.isfile(args.styles):
+        p.error(f"--styles {args.styles} does not exist")
     return args
 
 

@@ -124,7 +124,7 @@ def get_args(argv=None):
                        help="imitate your own handwriting: JSON {\"text\": \"what you wrote\", \"strokes\": "
                             "[[[x, y], ...], ...]}, one list of points per pen-down stroke, y pointing down")
     pr.add_argument("--styles", default=DEFAULT_STYLES, metavar="FILE",
-                    help=f"styles file for --style (default: {DEFAULT_STYLES})")
+                    help=f"styles file for --style, whose reference size --prime-file is scaled to (default: {DEFAULT_STYLES})")
     pr.add_argument("--show-prime", action="store_true",
                     help="also draw the priming line, in grey, before the new writing")
     o = p.add_argument_group("output")
@@ -262,10 +262,14 @@ def check_args(args):
         ("retry_above" in args.typed and args.retries == 0,
          "--retry-above chooses the lines that --retries samples again, and --retries is 0: drop one of them"),
         ("batch_size" in args.typed and args.format != ".npz",
-         f"--batch-size is for --out FILE.npz; a page (--out {args.out}) is sampled in one batch: drop --batch-size"))
+         f"--batch-size is for --out FILE.npz; a page (--out {args.out}) is sampled in one batch: drop --batch-size"),
+        ("styles" in args.typed and args.style is None and not args.prime_file,
+         "--styles holds the styles of --style N (and the reference size of --prime-file): give one, or drop --styles"))
         if on]
     if unused:
         fail(unused[0])
+    if "styles" in args.typed and not os.path.isfile(args.styles):   # (the shipped one is looked for where it ships)
+        fail(f"--styles {args.styles} does not exist" + (" (a folder)" if os.path.isdir(args.styles) else ""))
     if args.show_prime and args.style is None and not args.prime_file:
         fail("--show-prime draws the priming line: give --style N or --prime-file FILE too")
     if args.task == "synthesis" and args.steps is not None:

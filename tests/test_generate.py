@@ -73,7 +73,9 @@ def files(tmp_path_factory):
 
 def run(files, task, out, *extra):
     fast = FAST if task == "synthesis" else FAST[2:]                  # a text's flags stop a prediction run
-    args = ["--task", task, "--checkpoint", files[task], "--styles", files["styles"], "--out", str(out), *fast]
+    args = ["--task", task, "--checkpoint", files[task], "--out", str(out), *fast]
+    if ("--style" in extra or "--prime-file" in extra) and "--styles" not in extra:
+        args += ["--styles", files["styles"]]                            # the tiny styles and their reference size
     if task == "synthesis" and "--text" not in extra and "--text-file" not in extra:
         args += ["--text", "hi there"]
     if task == "prediction" and "--steps" not in extra:
@@ -384,8 +386,10 @@ def errors(files, tmp_path):
     (d / "huge.json").write_text(json.dumps({"text": "ab", "strokes": [[[0, 0], [1, 1e308], [2, -1e308]]]}))
     (d / "wide.json").write_text(json.dumps({"text": "ab", "strokes": [[[0, 0], [1e200, 1], [2, -1]]]}))
     (d / "sparse.json").write_text(json.dumps({"text": "a text of many words", "strokes": [[[0, 0], [10, 5], [20, 0]]]}))
-    syn = ["--checkpoint", files["synthesis"], "--styles", files["styles"]]
-    return [
+    syn = ["--checkpoint", files["synthesis"]]
+    styled = lambda args: args + ["--styles", files["styles"]] if ("--style" in args or "--prime-file" in args) \
+        and "--styles" not in args else args
+    return [(styled(args), message) for args, message in [
         (syn + ["--text", "h\u00e9llo \u20ac"], "not in the model's alphabet: '\u00e9' '\u20ac'"),
         (syn + ["--text", "   \n  "], "the text is empty"),
         (syn + ["--text", "\u20ac", "--drop-unknown"], "the text is empty"),
@@ -434,7 +438,7 @@ def errors(files, tmp_path):
         (syn + ["--text", "ab", "--prime-file", str(d / "shape.json")], "must hold"),
         (syn + ["--text", "ab", "--prime-file", str(d / "none.json")], "does not exist"),
         (syn + ["--text", "ab", "--style", "2"], "--style 2 does not exist"),
-        (syn[:2] + ["--text", "ab", "--style", "0", "--styles", str(d / "none.json")], "no styles file"),
+        (syn[:2] + ["--text", "ab", "--style", "0", "--styles", str(d / "none.json")], "none.json does not exist"),
         (syn + ["--text", "ab", "--out", str(tmp_path / "no" / "x.png")], "does not exist; create it"),
         (syn + ["--text", "ab", "--out", str(Path(files["prime"]) / "x.png")], "is a file, not a folder"),
         (syn + ["--text", "ab", "--out", str(tmp_path / "x.jpg")], "unsupported extension '.jpg'"),
@@ -477,7 +481,10 @@ def errors(files, tmp_path):
         (syn + ["--text-file", str(d / "empty.txt")], f"--text-file {d / 'empty.txt'} is empty"),
         (syn + ["--text", "ab", "--prime-file", str(d / "yup.json")], '"y_up" must be true or false'),
         (syn + ["--text", "ab", "--prime-file", str(d / "euro.json")], "'\u20ac'; edit the prime file's \"text\""),
-    ]
+        (syn + ["--text", "ab", "--styles", files["styles"]], "--styles holds the styles of --style N"),
+        (syn + ["--text", "ab", "--prime-file", files["prime"], "--styles", str(d / "none.json")],
+         f"--styles {d / 'none.json'} does not exist"),
+    ]]
 
 
 def test_every_error_is_one_line(files, tmp_path, capsys):

@@ -355,8 +355,6 @@ def test_missing_files_give_one_line_errors(trained, tiny_prepared, tmp_path, ca
         (evaluate.main, ["--checkpoint", syn, "--legibility", "--prompts", str(tmp_path / "none.txt"),
                          "--recognizer", rec, "--data", str(tiny_prepared)], "cannot read --prompts"),
         (evaluate.main, ["--checkpoint", syn, "--legibility", "--recognizer", rec, "--data", str(tiny_prepared),
-                         "--style", "0", "--styles", str(tmp_path / "none.json")], "no styles file"),
-        (evaluate.main, ["--checkpoint", syn, "--legibility", "--recognizer", rec, "--data", str(tiny_prepared),
                          "--style", "-1", "--styles", str(ROOT / "data" / "styles.json")], "does not exist"),
         (evaluate.main, ["--checkpoint", syn, "--legibility", "--recognizer", rec, "--data", str(tiny_prepared),
                          "--prime-file", str(tmp_path / "none.json")], "--prime-file"),
@@ -377,7 +375,9 @@ def test_missing_files_give_one_line_errors(trained, tiny_prepared, tmp_path, ca
                           (["--legibility", "--dtype", "float32"], "--dtype is for the NLL"),
                           (["--legibility", "--text-ablation"], "--text-ablation is for the NLL"),
                           (["--legibility", "--per-line", "x.jsonl"], "--per-line is for the NLL"),
-                          (["--legibility", "--bias", "1e308"], "expected a number from 0 (unbiased) to 100")]:
+                          (["--legibility", "--bias", "1e308"], "expected a number from 0 (unbiased) to 100"),
+                          (["--legibility", "--styles", "data/styles.json"], "--styles holds the styles of --style N"),
+                          (["--legibility", "--style", "0", "--styles", "none.json"], "--styles none.json does not exist")]:
         with pytest.raises(SystemExit) as e:
             evaluate.main(["--checkpoint", syn, "--data", str(tiny_prepared), *args])
         err = capsys.readouterr().err
