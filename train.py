@@ -36,7 +36,7 @@ from recognition import error_rates, load_recognizer, write_and_read
 from utils import (DTYPES, DefaultsHelpFormatter, MAX_BIAS, OneLineParser, WeightAverage, already_done, at_least,
                    autocast_dtype, bias_value, checkpoint_norm, clipped_step, export_weights, finite_float,
                    learning_rate, load_checkpoint, make_optimizer, note_changed_flags, pick_device, plot_loss_curve,
-                   restore_training_state, resume_path, save_checkpoint, save_sample_image, stop_on_signals,
+                   restore_training_state, resume_path, save_checkpoint, save_sample_image, show_chars, stop_on_signals,
                    training_state, trim_metrics, writable_folder)
 
 
@@ -48,6 +48,7 @@ RESUME_FLAGS = ("data", "optimizer", "lr", "schedule", "warmup", "max_steps", "b
 MEASURE_FLAGS = {"nll": ("data", "eval_lines"), "cer": ("data", "recognizer", "legibility_lines", "legibility_bias")}
 # the model's size: a checkpoint's config holds it, so on --resume and --init-from these flags may not ask for another
 MODEL_FLAGS = ("hidden_size", "layers", "mixtures", "window_gaussians", "kappa_init")
+SAMPLE_TEXT = "The quick brown fox jumps over the lazy dog"   # drawn at every evaluation unless --sample-text
 
 
 def get_args(argv=None):
@@ -112,7 +113,8 @@ def get_args(argv=None):
     # evaluation and logging
     p.add_argument("--eval-interval", type=at_least(1), default=500, help="steps between evaluations and checkpoints")
     p.add_argument("--eval-lines", type=at_least(0), default=0, help="validation lines to evaluate (0 = the whole split)")
-    p.add_argument("--sample-text", default="The quick brown fox jumps over the lazy dog", help="phrase drawn at every evaluation (synthesis)")
+    p.add_argument("--sample-text", default=None, help=f"phrase drawn at every evaluation (synthesis; default: "
+                                                       f"{SAMPLE_TEXT!r}, less any characters the data lacks)")
     p.add_argument("--recognizer", default=None,
                    help="recognizer checkpoint (recognizer.py train; synthesis only): every evaluation also writes "
                         "--legibility-lines validation texts and reads them back: val_cer, val_last_word_wrong and "
@@ -136,7 +138,19 @@ def get_args(argv=None):
                         "the per-kernel launch cost of the window loop; needs --tbptt N; without CUDA runs the same code eagerly)")
     p.add_argument("--seed", type=at_least(0, below=2 ** 31), default=1337, help="random seed (initialisation and data order)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
-    args = p.parse_args(argv)
+    args = p.parse_typed(argv)
+    typed = vars(args).pop("typed")            # not a setting of the run (train_args is saved as JSON)
+    # flags typed where they would change nothing: say so instead of ignoring them
+    flag = lambda k: f"--{k.replace('_', '-')}"
+    textual = [k for k in ("sample_text", "recognizer", "legibility_lines", "legibility_bias",
+                           "window_gaussians", "kappa_init") if k in typed]
+    if args.task == "prediction" and textual:
+        p.error(f"{flag(textual[0])} is for --task synthesis; the prediction network has no text and no window")
+    checks = [k for k in ("legibility_lines", "legibility_bias") if k in typed]
+    if checks and not args.recognizer:
+        p.error(f"{flag(checks[0])} sets the legibility check, which needs --recognizer PATH: give it, or drop the flag")
+    if args.sample_text is not None and not args.sample_text.strip():
+        p.error("--sample-text is empty: give the phrase drawn at every evaluation")
     if args.schedule == "cosine" and not args.max_steps:
         p.error("--schedule cosine decays over --max-steps: give --max-steps N")
     if args.weight_noise < 0:
@@ -222,6 +236,9 @@ def train(args):
         sys.exit(f"error: no training line has at most --max-points {args.max_points} points; raise it (0 = no limit)")
     if len(train_set) == 0 or len(valid_set) == 0:
         sys.exit(f"error: {args.data} has an empty train or valid split; re-run prepare_data.py")
+    unknown = train_set.alphabet.unknown(args.sample_text) if args.sample_text else []
+    if unknown:
+        sys.exit(f"error: --sample-text has characters not in the data's alphabet: {show_chars(unknown)}; rewrite them")
 
     ### model and optimiser
     ckpt, source = None, None
@@ -239,9 +256,8 @@ def train(args):
             sys.exit(f"error: {source} is a {config.task} checkpoint; train on from it with --task {config.task}")
         if ckpt.get("alphabet", train_set.alphabet.chars) != train_set.alphabet.chars:
             sys.exit(f"error: {source} was trained with another alphabet; use the data it was trained on")
-        window = ("window_gaussians", "kappa_init")   # a prediction network has no window: nothing to contradict
         asked = [f"--{k.replace('_', '-')} {v} (it has {getattr(config, k)})" for k, v in typed.items()
-                 if v != getattr(config, k) and (config.task == "synthesis" or k not in window)]
+                 if v != getattr(config, k)]
         if asked:
             sys.exit(f"error: {source}'s model config cannot be changed: " + ", ".join(asked) + "; drop "
                      + ("the flag" if len(asked) == 1 else "these flags")
@@ -329,8 +345,6 @@ def train(args):
     ### legibility check (optional): a recognizer reads back validation texts written at every evaluation
     recognizer = None
     if args.recognizer:
-        if config.task != "synthesis":
-            sys.exit("error: --recognizer checks legibility of written text: it needs --task synthesis")
         try:
             recognizer, rec_ckpt = load_recognizer(args.recognizer, map_location=device, flag="--recognizer")
         except (FileNotFoundError, ValueError) as e:
@@ -389,7 +403,8 @@ def train(args):
                                val_finished=sum(finished) / len(finished))
             if master:
                 save_sample_image(raw_model, train_set.alphabet, train_set.mean, train_set.std,
-                                  os.path.join(out, f"sample_{run.step:06d}.png"), text=args.sample_text, seed=args.seed)
+                                  os.path.join(out, f"sample_{run.step:06d}.png"), text=args.sample_text or SAMPLE_TEXT,
+                                  seed=args.seed)
         raw_model.train()
         if not master:
             return metrics

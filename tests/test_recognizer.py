@@ -106,7 +106,7 @@ def trained(tiny_prepared, tmp_path_factory):
     recognizer.main(["train", "--data", str(tiny_prepared), "--out", str(d / "rec"), *TINY_REC,
                      "--max-steps", "12", "--eval-interval", "6"])
     train.main(["--data", str(tiny_prepared), "--out", str(d / "syn"), "--hidden-size", "16", "--mixtures", "2",
-                "--window-gaussians", "2", "--batch-size", "8", "--tbptt", "25", "--no-progress", "--sample-text", "ab",
+                "--window-gaussians", "2", "--batch-size", "8", "--tbptt", "25", "--no-progress", "--sample-text", "hat",
                 "--max-steps", "2", "--eval-interval", "2"])
     return d
 
@@ -278,7 +278,7 @@ def test_legibility_in_a_style(trained, tiny_prepared, tmp_path, capsys, monkeyp
 def test_train_checks_legibility_and_selects_best_by_cer(trained, tiny_prepared, tmp_path, capsys):
     rec = str(trained / "rec" / "model.pt")
     train.main(["--data", str(tiny_prepared), "--out", str(tmp_path), "--hidden-size", "16", "--mixtures", "2",
-                "--window-gaussians", "2", "--batch-size", "8", "--tbptt", "0", "--no-progress", "--sample-text", "ab",
+                "--window-gaussians", "2", "--batch-size", "8", "--tbptt", "0", "--no-progress", "--sample-text", "hat",
                 "--max-steps", "6", "--eval-interval", "2", "--lr", "3e-3", "--recognizer", rec, "--select-by", "cer",
                 "--legibility-lines", "4", "--legibility-bias", "0.5", "--eval-lines", "2"])   # legibility: 4 lines, not 2
     rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
@@ -301,7 +301,7 @@ def test_train_checks_legibility_and_selects_best_by_cer(trained, tiny_prepared,
     assert (tmp_path / "loss.png").stat().st_size > 0
     # a run chosen by NLL so far, resumed with --select-by cer: a CER is never compared with the best (negative) NLL,
     # so the first evaluation after the resume makes best.pt
-    common = ["--data", str(tiny_prepared), "--out", str(tmp_path / "r"), "--no-progress", "--sample-text", "ab",
+    common = ["--data", str(tiny_prepared), "--out", str(tmp_path / "r"), "--no-progress", "--sample-text", "hat",
               "--hidden-size", "16", "--mixtures", "2", "--window-gaussians", "2", "--batch-size", "8", "--eval-interval",
               "2", "--eval-lines", "2"]
     train.main([*common, "--max-steps", "4"])
@@ -326,7 +326,7 @@ def test_train_checks_legibility_and_selects_best_by_cer(trained, tiny_prepared,
     assert "best figure reset: cer is measured otherwise now (--legibility-lines)" in out
     assert torch.load(tmp_path / "r" / "best.pt", weights_only=True)["step"] == 10
     for args, message in [(["--select-by", "cer"], "needs --recognizer"),
-                          (["--task", "prediction", "--recognizer", rec], "needs --task synthesis")]:
+                          (["--task", "prediction", "--recognizer", rec], "--recognizer is for --task synthesis")]:
         r = subprocess.run([sys.executable, "train.py", "--data", str(tiny_prepared), *args], cwd=ROOT,
                            capture_output=True, text=True, timeout=120)
         assert r.returncode != 0 and message in r.stderr and "Traceback" not in r.stderr, r.stderr

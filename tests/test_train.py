@@ -20,11 +20,17 @@ from model import load_model
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--hidden-size", "16", "--mixtures", "2", "--window-gaussians", "2", "--batch-size", "8",
-        "--tbptt", "25", "--no-progress", "--sample-text", "ab"]
+        "--tbptt", "25", "--no-progress", "--sample-text", "hat"]
+
+
+def tiny_flags(task):
+    """TINY, less the synthesis-only flags for a prediction run (train.py refuses them there)."""
+    skip = {"--window-gaussians", "--sample-text"} if task == "prediction" else set()
+    return [a for i, a in enumerate(TINY) if a not in skip and (i == 0 or TINY[i - 1] not in skip)]
 
 
 def run_train(data, out, *extra, task="synthesis"):
-    train.main(["--task", task, "--data", str(data), "--out", str(out), *TINY, *extra])
+    train.main(["--task", task, "--data", str(data), "--out", str(out), *tiny_flags(task), *extra])
     with open(out / "metrics.jsonl") as f:
         return [json.loads(line) for line in f]
 
@@ -279,7 +285,7 @@ def test_cosine_schedule_and_augmentation_in_a_run(tiny_prepared, tmp_path):
 
 def test_progress_bar_without_a_step_limit(tiny_prepared, tmp_path):
     """With no --max-steps the bar has no total (the run is bounded by --epochs or --time-limit); it once crashed."""
-    flags = [a for a in TINY if a != "--no-progress"]
+    flags = [a for a in tiny_flags("prediction") if a != "--no-progress"]
     train.main(["--task", "prediction", "--data", str(tiny_prepared), "--out", str(tmp_path), *flags, "--epochs", "1",
                 "--eval-interval", "1000"])
     assert (tmp_path / "model.pt").exists()
@@ -451,9 +457,9 @@ def test_bad_checkpoints_give_one_line_errors(tiny_prepared, tmp_path):
           str(tmp_path / "p" / "last.pt"), *data], "holds another run (best.pt), which resuming"),
         (["train.py", "--task", "prediction", "--out", str(junk), *data], str(junk) + " is a file; give a folder"),
         # a checkpoint keeps its size: a typed size flag that asks for another, even the default, is refused (and
-        # leaves no --out folder behind); a prediction network has no window to contradict
+        # leaves no --out folder behind)
         (["train.py", "--task", "prediction", "--init-from", str(tmp_path / "p" / "model.pt"), "--hidden-size", "8",
-          "--layers", "3", "--window-gaussians", "7", "--out", str(tmp_path / "refused"), *data],
+          "--layers", "3", "--out", str(tmp_path / "refused"), *data],
          "model config cannot be changed: --hidden-size 8 (it has 16); drop the flag to fine-tune it\n"),
         (["train.py", "--task", "prediction", "--init-from", str(tmp_path / "p" / "model.pt"), "--hidden-size=400",
           *data], "model config cannot be changed: --hidden-size 400 (it has 16)"),
@@ -722,6 +728,32 @@ def test_every_script_gives_one_line_flag_errors(args, flag):
     """A wrong flag: one line naming it (utils.OneLineParser; the usage block is left to --help), exit status 2."""
     r = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and flag in r.stderr and r.stderr.count("\n") == 1 and "(see --help)" in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--task", "prediction", "--sample-text", "hello"], "--sample-text is for --task synthesis"),
+    (["--task", "prediction", "--window-gaussians", "3"], "--window-gaussians is for --task synthesis"),
+    (["--task", "prediction", "--kappa-init", "-2"], "--kappa-init is for --task synthesis"),
+    (["--legibility-lines", "3"], "--legibility-lines sets the legibility check, which needs --recognizer"),
+    (["--legibility-bias", "2"], "--legibility-bias sets the legibility check, which needs --recognizer"),
+    (["--sample-text", " "], "--sample-text is empty"),
+])
+def test_train_refuses_flags_that_would_change_nothing(tiny_prepared, tmp_path, capsys, args, message):
+    """A flag typed where it does nothing (a text or window flag for the prediction network, the legibility check's
+    settings without a recognizer, an empty sample phrase) is refused in one line, not ignored."""
+    with pytest.raises(SystemExit) as e:
+        train.main(["--data", str(tiny_prepared), "--out", str(tmp_path / "r"), *args])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and message in err and err.count("\n") == 1, err
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_sample_text_the_alphabet_lacks_is_refused(tiny_prepared, tmp_path):
+    with pytest.raises(SystemExit) as e:
+        train.main(["--data", str(tiny_prepared), "--out", str(tmp_path / "r"), *TINY[:-2], "--sample-text", "na\u00efve \u65e5"])
+    message = str(e.value)
+    assert message.startswith("error: --sample-text has characters not in the data's alphabet: '\u00ef' ")
+    assert "'\u65e5'" in message and "\n" not in message
 
 
 def test_parse_typed_knows_the_flags_typed():
