@@ -82,7 +82,7 @@ def get_args(argv=None):
     p.add_argument("--tbptt", type=at_least(0), default=0, help="truncated BPTT chunk length in points; 0 = whole lines")
     p.add_argument("--clip", type=at_least(0.0), default=3.0, help="clip the gradient norm to this (0 = off); the paper clipped derivatives instead")
     p.add_argument("--epochs", type=at_least(1), default=50, help="passes over the training split (stops at whichever of epochs/max-steps/time-limit comes first)")
-    p.add_argument("--max-steps", type=at_least(0), default=0, help="stop after this many optimiser steps, checked at the end of a batch so that resuming is exact (with --tbptt a batch takes several, so a run may pass it by a few) (0 = no limit)")
+    p.add_argument("--max-steps", type=at_least(0), default=0, help="stop after this many optimiser steps, checked at the end of a batch so that resuming is exact: with --tbptt N a batch takes one step per N points of its longest line, so a run may pass it by that many (0 = no limit)")
     p.add_argument("--time-limit", type=at_least(0.0), default=0, help="stop after this many minutes of wall time in this call (a resumed run counts afresh), then evaluate and save (0 = no limit)")
     p.add_argument("--dropout", type=finite_float, default=0.0,
                    help="probability of dropping each layer's output units on their way to the layer above and the "
@@ -111,7 +111,7 @@ def get_args(argv=None):
                         "ignored), e.g. data/misaligned.txt: lines whose transcription names a word their ink lacks "
                         "(paper: none)")
     # evaluation and logging
-    p.add_argument("--eval-interval", type=at_least(1), default=500, help="steps between evaluations and checkpoints")
+    p.add_argument("--eval-interval", type=at_least(1), default=500, help="steps between evaluations and checkpoints (at the end of the batch whose steps reach a multiple of it; metrics.jsonl gives the step)")
     p.add_argument("--eval-lines", type=at_least(0), default=0, help="validation lines to evaluate (0 = the whole split)")
     p.add_argument("--sample-text", default=None, help=f"phrase drawn at every evaluation (synthesis; default: "
                                                        f"{SAMPLE_TEXT!r}, less any characters the data lacks)")

@@ -41,6 +41,12 @@ def test_training_lowers_the_loss_and_writes_a_run(tiny_prepared, tmp_path, task
     assert rows[-1]["val_nll_per_line"] < rows[0]["val_nll_per_line"] - 1.0
     assert rows[-1]["train_loss"] < rows[0]["train_loss"]
     assert all((0 < row.get("val_window_focus", 0) <= 1) == (task == "synthesis") for row in rows)
+    # evaluations at the end of the batch that reaches a multiple of --eval-interval; the run stops at the end of the
+    # batch that reaches --max-steps: a batch is one step per --tbptt 25 points of its longest line
+    steps = [row["step"] for row in rows]
+    assert [s // 20 for s in steps] == sorted(set(s // 20 for s in steps)) and steps[0] >= 20
+    longest = max(HandwritingDataset(tiny_prepared, "train").lengths)
+    assert 60 <= steps[-1] < 60 + math.ceil(longest / 25)
     for name in ("last.pt", "best.pt", "loss.png", "metrics.jsonl"):
         assert (tmp_path / name).stat().st_size > 0
     assert list(tmp_path.glob("sample_*.png"))
