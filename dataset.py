@@ -110,6 +110,10 @@ def _affine(offsets, mean, std, inverse):
 # typographic characters a user may type or paste (phone keyboards type curly quotes), and their plain forms
 SUBSTITUTES = {"\u2018": "'", "\u2019": "'", "\u201c": '"', "\u201d": '"', "\u2013": "-", "\u2014": "-",
                "\u2026": "...", "\u00a0": " ", "\t": " "}
+# letters Unicode does not decompose, in the plain forms a writer without them would use (Alphabet.fold); U+2044, the
+# fraction slash, is what the decomposition of a vulgar fraction writes ('½' -> '1⁄2')
+LETTER_FORMS = {"ß": "ss", "æ": "ae", "Æ": "AE", "œ": "oe", "Œ": "OE", "ø": "o", "Ø": "O", "ł": "l", "Ł": "L", "đ": "d",
+                "Đ": "D", "ð": "d", "Ð": "D", "þ": "th", "Þ": "Th", "ı": "i", "ħ": "h", "Ħ": "H", "\u2044": "/"}
 
 
 class Alphabet:
@@ -139,10 +143,11 @@ class Alphabet:
 
     def fold(self, text):
         """`text` with each character this alphabet lacks written as its compatibility form without accents, where the
-        alphabet has all of that ('é' -> 'e', 'ﬁ' -> 'fi', full-width 'A' -> 'A'). Returns (text, {character: its form})."""
+        alphabet has all of that ('é' -> 'e', 'ﬁ' -> 'fi', full-width 'A' -> 'A', 'ß' -> 'ss', 'æ' -> 'ae', 'ø' -> 'o',
+        '½' -> '1/2'). Returns (text, {character: its form})."""
         forms = {}
         for c in self.unknown(text):
-            form = "".join(d for d in unicodedata.normalize("NFKD", c) if not unicodedata.combining(d))
+            form = "".join(LETTER_FORMS.get(d, d) for d in unicodedata.normalize("NFKD", c) if not unicodedata.combining(d))
             if form and all(d in self.index for d in form):
                 forms[c] = form
         return "".join(forms.get(c, c) for c in text), forms

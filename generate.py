@@ -307,7 +307,7 @@ def prepare_lines(text, chars, max_chars, drop_unknown):
     unknown = [c for c in alphabet.unknown(text) if c not in "\n\r "]          # in order of appearance
     if unknown and not drop_unknown:
         fail(f"characters not in the model's alphabet: {show_chars(unknown)}; remove them or pass --drop-unknown "
-             f"(accents left off, the rest left out)")
+             f"(é written as e, ß as ss, ½ as 1/2; the rest left out)")
     if unknown:
         text, folded = alphabet.fold(text)
         unknown = [c for c in alphabet.unknown(text) if c not in "\n\r "]

@@ -36,6 +36,14 @@ def test_alphabet_encode_decode_and_unknown():
     assert a.encode("aé€b", drop_unknown=True).tolist() == [2, 3]
 
 
+def test_fold_writes_letters_unicode_does_not_decompose_in_plain_forms():
+    """NFKD leaves ß, æ, œ, ø, ł, þ as they are; a fraction decomposes to the fraction slash, written '/'."""
+    a = Alphabet(" /12AEOSTadehoprstuvz")
+    text, forms = a.fold("Straße Æsop œuvre Ørsted Łódź ½ Þór")
+    assert text == "Strasse AEsop oeuvre Orsted Łodz 1/2 Thor"   # no 'L' in this alphabet: 'Ł' is left as it is
+    assert forms == {"ß": "ss", "Æ": "AE", "œ": "oe", "Ø": "O", "ó": "o", "ź": "z", "½": "1/2", "Þ": "Th"}
+
+
 def test_dataset_items_and_attributes(tiny_prepared):
     data = load_prepared(tiny_prepared)
     assert load_prepared(tiny_prepared.parent)["line_ids"].tolist() == data["line_ids"].tolist()   # folder works too
