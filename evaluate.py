@@ -98,7 +98,7 @@ def get_args(argv=None):
                        help="write every prompt in your own handwriting: a prime file as generate.py --prime-file takes")
     g.add_argument("--styles", default="data/styles.json", help="styles file for --style (and its reference scale for "
                                                                   "--prime-file)")
-    g.add_argument("--worst", type=at_least(0), default=12, help="lines drawn in OUT/worst.png, highest CER first")
+    g.add_argument("--worst", type=at_least(0), default=12, help="lines drawn in OUT/worst.png, highest CER first (0 = no worst.png)")
     g.add_argument("--out", default="samples/legibility", help="folder for legibility.jsonl, worst.png and generated.npz")
     args = p.parse_typed(argv)
     # a flag given for the other measure would be ignored: say so instead
@@ -306,9 +306,12 @@ def legibility(args, device):
     save_strokes(os.path.join(args.out, "generated.npz"), [raw[i] for i in keep], [asked[i] for i in keep],
                  [str(i) for i in keep], finished=[finished[i] for i in keep], attempts=[attempts[i] for i in keep])
     worst = sorted(rows, key=lambda r: -r["cer"])[:args.worst]
-    plot_lines([(raw[r["index"]], f"#{r['index']}  CER {r['cer']:.2f}{'' if r['finished'] else ' (unfinished)'}  "
-                                  f"asked: “{r['text']}”  read: “{r['recognised']}”") for r in worst],
-               os.path.join(args.out, "worst.png"))
+    if worst:
+        plot_lines([(raw[r["index"]], f"#{r['index']}  CER {r['cer']:.2f}{'' if r['finished'] else ' (unfinished)'}  "
+                                      f"asked: “{r['text']}”  read: “{r['recognised']}”") for r in worst],
+                   os.path.join(args.out, "worst.png"))
+    elif os.path.exists(os.path.join(args.out, "worst.png")):   # --worst 0: no figure, and none from an earlier run
+        os.remove(os.path.join(args.out, "worst.png"))
     def mean_of(values):   # over the lines that have a figure
         values = [v for v in values if v is not None]
         return float(np.mean(values)) if values else None

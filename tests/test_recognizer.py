@@ -217,7 +217,10 @@ def test_legibility_end_to_end(trained, tiny_prepared, tmp_path, capsys):
     # a prompts file: one text with a real test line, one without
     real_text = HandwritingDataset(tiny_prepared, "test").texts[2]
     (tmp_path / "prompts.txt").write_text(f"{real_text}\n\nnot a r\u00e9al  line \u20ac\n", encoding="utf-8")
-    evaluate.main([*base, "--out", str(tmp_path / "b"), "--prompts", str(tmp_path / "prompts.txt")])
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "worst.png").write_bytes(b"an earlier run's")
+    evaluate.main([*base, "--out", str(tmp_path / "b"), "--prompts", str(tmp_path / "prompts.txt"), "--worst", "0"])
+    assert not (tmp_path / "b" / "worst.png").exists()                  # --worst 0: no figure, not a stale one
     said = capsys.readouterr()
     result = json.loads(said.out)
     assert result["lines"] == 2 and result["real_lines"] == 1
