@@ -65,7 +65,7 @@ def get_args(argv=None):
     g = p.add_argument_group("what to write")
     src = g.add_mutually_exclusive_group()
     src.add_argument("--text", help="text to write (synthesis); newlines (or a literal \\n) start a new line")
-    src.add_argument("--text-file", metavar="FILE", help="read the text from FILE (UTF-8; '-' = standard input)")
+    src.add_argument("--text-file", metavar="FILE", help="read the text from FILE (UTF-8; its newlines start new lines, a literal \\n in it is text; '-' = standard input)")
     g.add_argument("--task", choices=["synthesis", "prediction"], default="synthesis",
                    help="synthesis: write --text (paper section 5); prediction: unconditional handwriting "
                         "(section 4) of --steps points (default: synthesis)")
@@ -138,7 +138,7 @@ def get_args(argv=None):
                    help="plain: ink only; strokes: one colour per pen-down stroke; eos: ink coloured by the "
                         "end-of-stroke probability (blue low, red high); density: the mixture density of every "
                         "next point as a heat-map under the ink (default: plain)")
-    o.add_argument("--stroke-width", type=finite_float, metavar="PX", default=2.0, help="ink width in pixels of the output (default: 2.0)")
+    o.add_argument("--stroke-width", type=finite_float, metavar="PX", default=2.0, help="ink width in pixels of the output, in (0, 50] (default: 2.0)")
     o.add_argument("--color", default="black", metavar="C", help="ink colour: a name or #rrggbb (default: black)")
     o.add_argument("--line-height", type=int, metavar="PX", default=100,
                    help="distance between lines in pixels, 10 to 1000; sets the size of the picture (PNG and GIF: at most "
