@@ -41,7 +41,8 @@ from recognition import error_rates, legibility_score, load_recognizer, read_lin
 from utils import (DTYPES, DefaultsHelpFormatter, MAX_BIAS, MAX_CANDIDATES, MAX_LINE_CHARS, MAX_RETRIES,
                    MOST_STEPS_PER_CHAR, OneLineParser, at_least, autocast_dtype, bias_value, checkpoint_norm,
                    load_checkpoint, load_prime, output_extension, pick_device, plot_lines, quiet_broken_pipe,
-                   relay_warnings, save_strokes, size_drift, warn_unwritten, writable_folder, write_jsonl)
+                   relay_warnings, save_strokes, size_drift, warn_unwritten, writable_folder, write_jsonl,
+                   interrupt_on_signals, restore_signals)
 
 
 LEGIBILITY_FLAGS = ("prompts", "recognizer", "bias", "seed", "max_steps_per_char", "retries", "retry_above", "style",
@@ -117,6 +118,7 @@ def get_args(argv=None):
 
 def main(argv=None):
     args = get_args(argv)
+    previous = interrupt_on_signals()                  # Ctrl-C, `kill`, `timeout`: one line, status 130
     try:
         run(args)
         sys.stdout.flush()                              # here, so that a closed pipe is caught below
@@ -127,6 +129,8 @@ def main(argv=None):
     except BrokenPipeError:                             # `evaluate.py ... | head -c 10`: the figures were printed
         quiet_broken_pipe()
         return 0
+    finally:
+        restore_signals(previous)
 
 
 def run(args):

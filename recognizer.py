@@ -34,7 +34,8 @@ from recognition import Recognizer, RecognizerConfig, ctc_loss, error_rates, loa
 from utils import (DefaultsHelpFormatter, OneLineParser, already_done, at_least, checkpoint_norm,
                    export_weights, finite_float, learning_rate, load_checkpoint, load_strokes, note_changed_flags,
                    output_extension, pick_device, quiet_broken_pipe, restore_training_state, resume_path,
-                   save_checkpoint, stop_on_signals, training_state, trim_metrics, writable_folder, write_jsonl)
+                   save_checkpoint, stop_on_signals, training_state, trim_metrics, writable_folder, write_jsonl,
+                   interrupt_on_signals, restore_signals, stopped_at_once)
 
 DEFAULT_CHECKPOINT = "checkpoints/recognizer.pt"
 CKPT = dict(config_key="recognizer_config", writer="recognizer.py train")   # what load_checkpoint expects here
@@ -109,6 +110,7 @@ def get_args(argv=None):
 
 def main(argv=None):
     args = get_args(argv)
+    previous = interrupt_on_signals()   # Ctrl-C or SIGTERM: one line (training has its own handler, see train)
     try:
         code = {"train": train, "read": read, "evaluate": evaluate}[args.command](args)
         sys.stdout.flush()                              # here, so that a closed pipe is caught below
@@ -116,12 +118,14 @@ def main(argv=None):
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")
     except KeyboardInterrupt:                           # a second Ctrl-C in training, or one while reading
-        print("recognizer.py: stopped at once" + ("; the last checkpoint saved stands (--resume auto goes on from it)"
-                                                  if args.command == "train" else ""), file=sys.stderr)
+        print(stopped_at_once("recognizer.py", args.out) if args.command == "train" else "recognizer.py: interrupted",
+              file=sys.stderr)
         return 130
     except BrokenPipeError:                             # `recognizer.py read ... | head`: what head wanted was read
         quiet_broken_pipe()
         return 0
+    finally:
+        restore_signals(previous)
 
 
 ### evaluate: CER / WER on a split

@@ -37,7 +37,8 @@ from utils import (DTYPES, DefaultsHelpFormatter, MAX_BIAS, OneLineParser, Weigh
                    autocast_dtype, bias_value, checkpoint_norm, clipped_step, export_weights, finite_float,
                    learning_rate, load_checkpoint, make_optimizer, note_changed_flags, pick_device, plot_loss_curve,
                    restore_training_state, resume_path, save_checkpoint, save_sample_image, show_chars, stop_on_signals,
-                   training_state, trim_metrics, writable_folder)
+                   interrupt_on_signals, restore_signals, stopped_at_once, training_state, trim_metrics,
+                   writable_folder)
 
 
 # training flags that shape a run: on --resume, those given otherwise than the run's are named
@@ -163,6 +164,8 @@ def get_args(argv=None):
         p.error("--cuda-graph records fixed-length chunks: give --tbptt N (points per chunk, e.g. 100)")
     if args.select_by == "cer" and not args.recognizer:
         p.error("--select-by cer needs --recognizer PATH (a recognizer.py checkpoint)")
+    if args.out == "runs/TASK":
+        args.out = os.path.join("runs", args.task)
     return args
 
 
@@ -183,14 +186,16 @@ class Run:
 
 def main(argv=None):
     args = get_args(argv)
+    previous = interrupt_on_signals()   # Ctrl-C or SIGTERM while loading: one line; the training loop has its own
     try:
         train(args)
     except OSError as e:   # a disk that fills up, a folder removed while training: one line, not a traceback
         sys.exit(f"error: {e.strerror or e}" + (f": {e.filename}" if e.filename else ""))
     except KeyboardInterrupt:   # a second Ctrl-C, or one before training began
-        print("train.py: stopped at once; the last checkpoint saved stands (--resume auto goes on from it)",
-              file=sys.stderr)
+        print(stopped_at_once("train.py", args.out), file=sys.stderr)
         sys.exit(130)
+    finally:
+        restore_signals(previous)
 
 
 def train(args):
@@ -213,7 +218,7 @@ def train(args):
         device, dtype = torch.device(args.device), autocast_dtype(args.dtype, args.device)
     except ValueError as e:
         sys.exit(f"error: {e}")
-    out = os.path.join("runs", args.task) if args.out == "runs/TASK" else args.out
+    out = args.out
     log = print if master else (lambda *a, **k: None)
 
     ### data

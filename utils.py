@@ -78,6 +78,13 @@ def interrupt_on_signals():
     return {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
 
 
+def stopped_at_once(script, out):
+    """The line a training script prints when a second Ctrl-C (or one before training began) stops it at once."""
+    last = os.path.join(out, "last.pt")
+    return f"{script}: stopped at once; " + (f"the last checkpoint saved, {last}, stands (--resume auto goes on from it)"
+                                             if os.path.exists(last) else f"nothing saved yet (no {last})")
+
+
 def restore_signals(previous):
     """Put back the handlers interrupt_on_signals replaced."""
     import signal

@@ -537,9 +537,9 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tiny_prepared, tmp_path, si
     assert ckpt["step"] > 0 and ckpt["step"] == ckpt["run"]["last_eval_step"]
 
 
-def test_a_second_ctrl_c_stops_at_once(monkeypatch, capsys):
+def test_a_second_ctrl_c_stops_at_once(monkeypatch, capsys, tmp_path):
     """The first Ctrl-C (or SIGTERM) asks the loop to end its batch, evaluate and save, and says so; a second one
-    stops at once, in one line (the last checkpoint, written atomically, stands), in train.py and recognizer.py."""
+    stops at once, in one line that says whether a checkpoint (written atomically) stands, in train.py and recognizer.py."""
     import os
     import signal
     import time
@@ -561,11 +561,47 @@ def test_a_second_ctrl_c_stops_at_once(monkeypatch, capsys):
     def interrupted(args):
         raise KeyboardInterrupt
     monkeypatch.setattr(train, "train", interrupted)
-    with pytest.raises(SystemExit) as e:
-        train.main([])
-    assert e.value.code == 130 and "stopped at once; the last checkpoint saved stands" in capsys.readouterr().err
+    for saved in (False, True):                         # the line says whether a checkpoint stands
+        out = tmp_path / str(saved)
+        if saved:
+            out.mkdir()
+            (out / "last.pt").write_bytes(b"")
+        with pytest.raises(SystemExit) as e:
+            train.main(["--out", str(out)])
+        said = capsys.readouterr().err
+        assert e.value.code == 130 and said.count("\n") == 1
+        assert ((f"the last checkpoint saved, {out / 'last.pt'}, stands" in said) == saved
+                and ("stopped at once; nothing saved yet" in said) != saved), said
     monkeypatch.setattr(recognizer, "train", interrupted)
-    assert recognizer.main(["train"]) == 130 and "stopped at once" in capsys.readouterr().err
+    assert recognizer.main(["train", "--out", str(out)]) == 130
+    assert f"recognizer.py: stopped at once; the last checkpoint saved, {out / 'last.pt'}, stands" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("script, command", [("evaluate", "run"), ("recognizer", "read"), ("recognizer", "evaluate"),
+                                             ("train", "train")])
+def test_sigterm_outside_a_training_loop_stops_a_script_in_one_line(monkeypatch, capsys, tmp_path, script, command):
+    """SIGTERM (`kill`, `timeout`) while a script loads data or evaluates: one line and status 130 (without a handler
+    of the script's own it killed the process silently, this test's with it)."""
+    import os
+    import signal
+    import time
+    import evaluate
+    import recognizer
+    module = {"evaluate": evaluate, "recognizer": recognizer, "train": train}[script]
+
+    def killed(args):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)                                   # the handler raises here
+    monkeypatch.setattr(module, command, killed)
+    argv = {"run": [], "read": ["read", "some.npz"], "evaluate": ["evaluate"], "train": ["--out", str(tmp_path)]}[command]
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        code = module.main(argv)
+    except SystemExit as e:
+        code = e.code
+    assert signal.getsignal(signal.SIGTERM) == previous   # put back
+    said = capsys.readouterr().err
+    assert code == 130 and said.count("\n") == 1 and ("interrupted" in said or "nothing saved yet" in said), said
 
 
 def test_gpu_session_script_trains_evaluates_and_resumes_from_parts(tiny_prepared, tmp_path):
