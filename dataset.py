@@ -3,6 +3,7 @@
 A line is a sequence x_t = (dx, dy, eos) (Graves 2013, section 4), offsets normalised to mean 0, std 1 with the
 training split's statistics, and its text as character ids c_u (section 5; id 0 is padding).
 """
+import hashlib
 import json
 import math
 import unicodedata
@@ -48,6 +49,19 @@ def load_prepared(path):
     data["alphabet"] = str(data["alphabet"])
     data["meta"] = json.loads(str(data["meta"]))
     return data
+
+
+def prepared_digest(data):
+    """A short digest of a prepared file's lines, texts, splits, normalisation and preparation settings (not of its
+    points, for speed): a run resumed on data prepared anew into the same folder is told apart by content."""
+    h = hashlib.blake2b(digest_size=8)
+    meta = data["meta"] if isinstance(data["meta"], dict) else json.loads(str(data["meta"]))
+    for part in (json.dumps(meta, sort_keys=True), "\n".join(map(str, data["line_ids"])), "\n".join(map(str, data["texts"])),
+                 str(data["alphabet"])):
+        h.update(part.encode())
+    for array in (data["line_starts"], data["split"], data["mean"], data["std"]):
+        h.update(np.ascontiguousarray(array).tobytes())
+    return h.hexdigest()
 
 
 def read_line_ids(path):
@@ -200,6 +214,7 @@ class HandwritingDataset(Dataset):
         self.text_ids = [self.alphabet.encode(t, drop_unknown=True) for t in self.texts]
         self.meta = data["meta"] if isinstance(data["meta"], dict) else json.loads(str(data["meta"]))
         self.split = split
+        self.data_digest = prepared_digest(data)
         self.set_normalization(data["mean"], data["std"])
 
     def set_normalization(self, mean, std):

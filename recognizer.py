@@ -32,7 +32,7 @@ import torch
 from dataset import Alphabet, HandwritingDataset, augment, make_loader, normalize
 from recognition import Recognizer, RecognizerConfig, ctc_loss, error_rates, load_recognizer, read_lines
 from utils import (DefaultsHelpFormatter, OneLineParser, already_done, at_least, checkpoint_norm,
-                   export_weights, finite_float, learning_rate, load_checkpoint, load_strokes, note_changed_flags,
+                   export_weights, finite_float, learning_rate, load_checkpoint, load_strokes, note_changed_data, note_changed_flags,
                    output_extension, pick_device, quiet_broken_pipe, restore_training_state, resume_path,
                    save_checkpoint, stop_on_signals, training_state, trim_metrics, writable_folder, write_jsonl,
                    interrupt_on_signals, restore_signals, stopped_at_once)
@@ -250,8 +250,8 @@ def train(args):
             return 0
         trim_metrics(os.path.join(out, "metrics.jsonl"), run.step)
         if note_changed_flags(ckpt.get("train_args", {}), args, RESUME_FLAGS, ("data", "eval_lines"), "the validation CER",
-                              print):                     # a CER on other lines is not compared with best.pt's
-            run.best_cer = math.inf
+                              print) | note_changed_data(ckpt, train_set, args.data, print):
+            run.best_cer = math.inf                       # a CER on other lines is not compared with best.pt's
     mean, std = train_set.mean.tolist(), train_set.std.tolist()
     batches_per_epoch = len(make_loader(train_set, args.batch_size, shuffle=True).batch_sampler)
     total_steps = args.max_steps or args.epochs * batches_per_epoch
@@ -263,6 +263,7 @@ def train(args):
         save_checkpoint({
             **training_state(model, optimizer, run, device),
             "recognizer_config": config.to_dict(), "alphabet": alphabet.chars, "mean": mean, "std": std,
+            "data_digest": train_set.data_digest,
             "metrics": metrics, "train_args": vars(args),
         }, path)
 

@@ -35,7 +35,7 @@ from model import (GraphedChunk, HandwritingModel, ModelConfig, WeightNoise, chu
 from recognition import error_rates, load_recognizer, write_and_read
 from utils import (DTYPES, DefaultsHelpFormatter, MAX_BIAS, OneLineParser, WeightAverage, already_done, at_least,
                    autocast_dtype, bias_value, checkpoint_norm, clipped_step, export_weights, finite_float,
-                   learning_rate, load_checkpoint, make_optimizer, note_changed_flags, pick_device, plot_loss_curve,
+                   learning_rate, load_checkpoint, make_optimizer, note_changed_data, note_changed_flags, pick_device, plot_loss_curve,
                    restore_training_state, resume_path, save_checkpoint, save_sample_image, show_chars, stop_on_signals,
                    interrupt_on_signals, restore_signals, stopped_at_once, training_state, trim_metrics,
                    writable_folder)
@@ -318,7 +318,7 @@ def train(args):
         best_by = run.best_by or before.get("select_by", "nll")
         # a figure measured on other lines or otherwise is not compared with best.pt's, nor a CER with an NLL
         if note_changed_flags(before, args, RESUME_FLAGS, MEASURE_FLAGS[args.select_by] if best_by == args.select_by
-                              else (), args.select_by, log):
+                              else (), args.select_by, log) | note_changed_data(ckpt, train_set, args.data, log):
             run.best_val = math.inf
         if best_by != args.select_by:
             log(f"--select-by {args.select_by} (the run chose best.pt by {best_by} so far): best figure reset")
@@ -372,7 +372,8 @@ def train(args):
             **training_state(raw_model, optimizer, run, device, average),
             "model_config": config.to_dict(), "alphabet": train_set.alphabet.chars,
             "mean": [float(v) for v in train_set.mean], "std": [float(v) for v in train_set.std],
-            "metrics": metrics, "train_args": vars(args), **({"weight_noise": noise.state_dict()} if noise else {}),
+            "data_digest": train_set.data_digest, "metrics": metrics, "train_args": vars(args),
+            **({"weight_noise": noise.state_dict()} if noise else {}),
         }, path)
 
     def nll_per_line(batches):

@@ -129,6 +129,21 @@ def note_changed_flags(before, args, keys, measured, figure, say):
     return bool(remeasured)
 
 
+def note_changed_data(ckpt, dataset, data, say):
+    """On resume: whether `dataset` (a HandwritingDataset of --data `data`) holds other data than the run's, by the
+    checkpoint's digest of it (checkpoints without one: by its normalisation), such as prepare_data.py run again into
+    the same folder with other settings; says so (say). A figure measured on it is not comparable with best.pt's."""
+    if "data_digest" in ckpt:
+        changed = ckpt["data_digest"] != dataset.data_digest
+    else:
+        changed = "mean" in ckpt and not np.allclose(checkpoint_norm(ckpt), (dataset.mean, dataset.std), rtol=1e-4)
+    if changed:
+        say(f"note: {data} holds other data than the run was trained on (its lines, texts, splits, normalisation or "
+            f"preparation settings differ: prepared anew?): training goes on with it; best figure reset, best.pt is "
+            f"replaced at the next evaluation")
+    return changed
+
+
 def trim_metrics(path, step):
     """On resume: drop the rows of a metrics.jsonl after `step`, the checkpoint's (a run killed outright between its
     last checkpoint and its next rows), and a row cut short; the rows the resumed run writes follow on."""

@@ -397,6 +397,31 @@ def test_bfloat16_autocast_trains_and_scores_like_float32(tiny_prepared, tmp_pat
     assert nll["bfloat16"] == pytest.approx(nll["float32"], rel=0.01) and nll["bfloat16"] != nll["float32"]
 
 
+@pytest.mark.parametrize("digest", [True, False])
+def test_resume_on_data_prepared_anew_says_so_and_resets_the_best_figure(tiny_prepared, tmp_path, capsys, digest):
+    """prepare_data.py run again into the run's --data folder with other settings: the same path, other data. The
+    resumed run says so and lets best.pt be replaced (its figure was taken on other data); a checkpoint from before
+    data digests is checked by its normalisation."""
+    data = tmp_path / "data" / "iam_ondb.npz"
+    data.parent.mkdir()
+    data.write_bytes(tiny_prepared.read_bytes())
+    run = tmp_path / "run"
+    run_train(data, run, "--max-steps", "2", "--eval-interval", "2", task="prediction")
+    if not digest:
+        last = torch.load(run / "last.pt", weights_only=True)
+        del last["data_digest"]
+        torch.save(last, run / "last.pt")
+    with np.load(data) as f:
+        arrays = {k: f[k] for k in f.files}
+    arrays["mean"], arrays["std"] = arrays["mean"] + 1.0, arrays["std"] * 0.5       # (a worse NLL: offsets twice as large)
+    np.savez(data, **arrays)
+    capsys.readouterr()
+    step = torch.load(run / "last.pt", weights_only=True)["step"]
+    run_train(data, run, "--max-steps", str(step + 1), "--eval-interval", "1", "--resume", "auto", task="prediction")
+    assert f"note: {data} holds other data than the run was trained on" in capsys.readouterr().out
+    assert torch.load(run / "best.pt", weights_only=True)["step"] > step    # replaced at the first evaluation
+
+
 def test_resume_names_the_training_flags_given_otherwise(tiny_prepared, tmp_path, capsys):
     """The training flags come from the command line on --resume: those that differ from the run's are named."""
     run_train(tiny_prepared, tmp_path, "--max-steps", "2", "--eval-interval", "2", "--tbptt", "20", task="prediction")
@@ -414,6 +439,7 @@ def test_resume_names_the_training_flags_given_otherwise(tiny_prepared, tmp_path
     out = capsys.readouterr().out
     assert "note: flags that differ from the run's: --max-steps 34 (was 30), --eval-lines 3 (was 0);" in out
     assert "--data" not in out and "best figure reset: nll is measured otherwise now (--eval-lines)" in out
+    assert "holds other data" not in out
     ckpt = torch.load(tmp_path / "last.pt", weights_only=True)              # a run at its --max-steps: nothing to do
     step, epoch = ckpt["step"], ckpt["run"]["epoch"]
     before = {f: (tmp_path / f).stat().st_mtime_ns for f in ("last.pt", "best.pt", "metrics.jsonl")}
