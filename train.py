@@ -259,7 +259,7 @@ def train(args):
         config = ModelConfig.from_dict(ckpt["model_config"])
         if config.task != args.task:
             sys.exit(f"error: {source} is a {config.task} checkpoint; train on from it with --task {config.task}")
-        if ckpt.get("alphabet", train_set.alphabet.chars) != train_set.alphabet.chars:
+        if config.task == "synthesis" and ckpt.get("alphabet", train_set.alphabet.chars) != train_set.alphabet.chars:
             sys.exit(f"error: {source} was trained with another alphabet; use the data it was trained on")
         asked = [f"--{k.replace('_', '-')} {v} (it has {getattr(config, k)})" for k, v in typed.items()
                  if v != getattr(config, k)]

@@ -397,6 +397,23 @@ def test_bfloat16_autocast_trains_and_scores_like_float32(tiny_prepared, tmp_pat
     assert nll["bfloat16"] == pytest.approx(nll["float32"], rel=0.01) and nll["bfloat16"] != nll["float32"]
 
 
+def test_only_a_synthesis_checkpoint_needs_its_alphabet(tiny_prepared, tmp_path, capsys):
+    """Data with another alphabet: a synthesis checkpoint is refused (its window reads characters by id); a prediction
+    one, which reads no text, trains on from it."""
+    with np.load(tiny_prepared) as f:
+        arrays = {k: f[k] for k in f.files}
+    arrays["alphabet"] = np.array(str(arrays["alphabet"]) + "z")
+    other = tmp_path / "other.npz"
+    np.savez(other, **arrays)
+    for task in ("prediction", "synthesis"):
+        run_train(tiny_prepared, tmp_path / task, "--max-steps", "1", task=task)
+    run_train(other, tmp_path / "p2", "--max-steps", "1", "--init-from", str(tmp_path / "prediction" / "model.pt"),
+              task="prediction")
+    assert torch.load(tmp_path / "p2" / "last.pt", weights_only=True)["alphabet"] == str(arrays["alphabet"])
+    with pytest.raises(SystemExit, match="was trained with another alphabet; use the data it was trained on"):
+        run_train(other, tmp_path / "s2", "--max-steps", "1", "--init-from", str(tmp_path / "synthesis" / "model.pt"))
+
+
 @pytest.mark.parametrize("digest", [True, False])
 def test_resume_on_data_prepared_anew_says_so_and_resets_the_best_figure(tiny_prepared, tmp_path, capsys, digest):
     """prepare_data.py run again into the run's --data folder with other settings: the same path, other data. The
