@@ -64,6 +64,17 @@ def prepared_digest(data):
     return h.hexdigest()
 
 
+def check_splits(train_set, valid_set, data):
+    """ValueError, saying what to do, when training cannot start for an empty train or valid split of `data`."""
+    for s in (train_set, valid_set):
+        if len(s) == 0:
+            why = ("the split lists it was prepared with name none of its lines (prepared from part of IAM-OnDB?); "
+                   "prepare it again with --splits NEW_FOLDER, which splits the lines found by writer"
+                   if s.meta.get("split_source") == "lists" else
+                   "too few writers to fill the train, valid and test splits; prepare more of IAM-OnDB")
+            raise ValueError(f"{data} has no {s.split} lines: {why}")
+
+
 def read_line_ids(path):
     """A text file of IAM-OnDB line ids, one per line (blank lines and # comments ignored) -> set of ids. Raises
     FileNotFoundError or ValueError with a one-line message."""

@@ -458,8 +458,10 @@ def prepare(args):
         print(f"  corrupt, skipped: {c}")
     for name in SPLITS[1:]:
         if not meta["lines"][name]:
-            print(f"prepare_data.py: warning: the {name} split is empty (the split lists name none of these lines): "
-                  f"train.py needs a valid split, evaluate.py the one it scores", file=sys.stderr)
+            print(f"prepare_data.py: warning: the {name} split is empty (" + (
+                  f"the split lists in {args.splits} name none of these lines; --splits NEW_FOLDER splits them by "
+                  f"writer" if split_source == "lists" else "too few writers") + "): train.py needs a valid split, "
+                  "evaluate.py the one it scores", file=sys.stderr)
     kept = "repeated points kept" if args.keep_repeats else f"{duplicates:,} repeated points removed"
     print(f"points: {len(offsets):,} ({kept}" + (f", {filled:,} missed readings filled in" if args.fill_gaps else "")
           + f"), characters: {meta['characters']:,}")

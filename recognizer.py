@@ -29,7 +29,7 @@ if __name__ == "__main__":   # Ctrl-C while the libraries load (torch: 1-2 s): s
 import numpy as np
 import torch
 
-from dataset import Alphabet, HandwritingDataset, augment, make_loader, normalize
+from dataset import Alphabet, HandwritingDataset, augment, check_splits, make_loader, normalize
 from recognition import Recognizer, RecognizerConfig, ctc_loss, error_rates, load_recognizer, read_lines
 from utils import (DefaultsHelpFormatter, OneLineParser, already_done, at_least, checkpoint_norm,
                    export_weights, finite_float, learning_rate, load_checkpoint, load_strokes, note_changed_data, note_changed_flags,
@@ -215,8 +215,7 @@ def train(args):
     valid_set = HandwritingDataset(args.data, "valid", max_lines=args.eval_lines or None)
     if len(train_set) == 0 and args.max_points and len(HandwritingDataset(args.data, "train", max_lines=1)):
         raise ValueError(f"no training line has at most --max-points {args.max_points} points; raise it (0 = no limit)")
-    if len(train_set) == 0 or len(valid_set) == 0:
-        raise ValueError(f"{args.data} has an empty train or valid split; re-run prepare_data.py")
+    check_splits(train_set, valid_set, args.data)
     alphabet = train_set.alphabet
     out = args.out
     resume = resume_path(out, args.resume)

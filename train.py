@@ -29,7 +29,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from dataset import Alphabet, HandwritingDataset, augment, make_loader, rare_char_copies, read_line_ids
+from dataset import Alphabet, HandwritingDataset, augment, check_splits, make_loader, rare_char_copies, read_line_ids
 from model import (GraphedChunk, HandwritingModel, ModelConfig, WeightNoise, chunk_backward, evaluate_nll, load_weights,
                    summarize_nll, teacher_forcing)
 from recognition import error_rates, load_recognizer, write_and_read
@@ -239,8 +239,10 @@ def train(args):
         log(f"left out {train_set.excluded} training lines listed in {args.exclude_lines} (--exclude-lines)")
     if len(train_set) == 0 and args.max_points and len(HandwritingDataset(args.data, "train", max_lines=1)):
         sys.exit(f"error: no training line has at most --max-points {args.max_points} points; raise it (0 = no limit)")
-    if len(train_set) == 0 or len(valid_set) == 0:
-        sys.exit(f"error: {args.data} has an empty train or valid split; re-run prepare_data.py")
+    try:
+        check_splits(train_set, valid_set, args.data)
+    except ValueError as e:
+        sys.exit(f"error: {e}")
     unknown = train_set.alphabet.unknown(args.sample_text) if args.sample_text else []
     if unknown:
         sys.exit(f"error: --sample-text has characters not in the data's alphabet: {show_chars(unknown)}; rewrite them")

@@ -882,12 +882,14 @@ DTYPES = ("float32", "bfloat16", "float16")   # --dtype choices: autocast dtypes
 def autocast_dtype(name, device):
     """--dtype as a torch dtype, or ValueError where autocast cannot run it: on a CPU, PyTorch's fused LSTM (oneDNN)
     has no bf16/fp16 kernel on some CPUs and fails deep inside (measured: an AVX2-only EPYC VM failed, the AVX-512
-    Zen 4 VMs ran bf16), so it is probed once."""
+    Zen 4 VMs ran bf16 but not fp16), so it is probed once."""
     import torch
     dtype = getattr(torch, name)
     if dtype != torch.float32 and torch.device(device).type == "cpu" and not cpu_lstm_supports(dtype):
-        raise ValueError(f"--dtype {name}: this CPU's LSTM kernels have no {name} path (they need AVX-512 or AMX); "
-                         f"leave out --dtype (float32), or use a GPU")
+        measured = ("it ran on AVX-512 CPUs such as AMD Zen 4, not on an AVX2-only one" if name == "bfloat16" else
+                    "none of the CPUs tried had one, AVX-512 AMD Zen 4 included, where bfloat16 ran")
+        raise ValueError(f"--dtype {name}: this CPU's LSTM kernels (oneDNN) have no {name} path ({measured}); leave "
+                         f"out --dtype (float32), or use a GPU")
     return dtype
 
 

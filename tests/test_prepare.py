@@ -149,7 +149,13 @@ def test_split_by_writer_and_lists(tmp_path, capsys):
     # lists that name none of the lines of a split: written, with a warning
     (tmp_path / "splits" / "valid.txt").write_text("zz-000-01\n")
     run_prepare(raw, tmp_path / "out3", splits=tmp_path / "splits")
-    assert "warning: the valid split is empty" in capsys.readouterr().err
+    assert "warning: the valid split is empty (the split lists in" in capsys.readouterr().err
+    import train                                         # which training refuses, saying what to do
+    with pytest.raises(SystemExit, match="has no valid lines: the split lists it was prepared with name none of its "
+                                         "lines .*prepare it again with --splits NEW_FOLDER"):
+        train.main(["--data", str(tmp_path / "out3"), "--out", str(tmp_path / "run")])
+    data4 = run_prepare(raw, tmp_path / "out4", splits=tmp_path / "new_splits")   # as it says: a split by writer
+    assert [int(np.sum(data4["split"] == k)) for k in range(3)] == [80, 10, 10]
 
 
 def test_mean_std_and_alphabet_come_from_train(tiny_prepared):

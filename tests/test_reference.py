@@ -108,4 +108,4 @@ def test_bench_half_precision_on_cpu_is_a_one_line_error(monkeypatch):
     monkeypatch.setattr(utils, "cpu_lstm_supports", lambda d: False)   # as on a CPU without AVX-512/AMX
     with pytest.raises(SystemExit) as e:
         bench.main(["--quick", "--device", "cpu", "--dtype", "bfloat16"])
-    assert str(e.value).startswith("error: --dtype bfloat16: this CPU's LSTM kernels have no")
+    assert str(e.value).startswith("error: --dtype bfloat16: this CPU's LSTM kernels (oneDNN) have no")

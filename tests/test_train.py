@@ -381,7 +381,7 @@ def test_evaluate_prints_graves_units(tiny_prepared, tmp_path, capsys):
     assert other["nll_per_line_in_data_units"] == pytest.approx(result["nll_per_line"] + shift)
 
 
-@pytest.mark.skipif(not utils.cpu_lstm_supports(torch.bfloat16), reason="this CPU's LSTM has no bf16 kernel (needs AVX-512/AMX)")
+@pytest.mark.skipif(not utils.cpu_lstm_supports(torch.bfloat16), reason="this CPU's LSTM has no bf16 kernel")
 def test_bfloat16_autocast_trains_and_scores_like_float32(tiny_prepared, tmp_path, capsys):
     """--dtype bfloat16 (the GPU setting) on CPU: training steps stay finite, and evaluate.py's NLL in bf16 is within
     1 % of float32's on the same weights (the loss itself is always float32)."""
@@ -684,13 +684,13 @@ def test_gpu_session_script_trains_evaluates_and_resumes_from_parts(tiny_prepare
 @pytest.mark.parametrize("script", ["train", "evaluate"])
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_half_precision_on_cpu_is_a_one_line_error(tiny_prepared, tmp_path, monkeypatch, script, dtype):
-    """On a CPU whose LSTM kernels have no half-precision path (no AVX-512/AMX: oneDNN fails deep inside), say so."""
+    """On a CPU whose LSTM kernels have no half-precision path (oneDNN fails deep inside), say so."""
     monkeypatch.setattr(utils, "cpu_lstm_supports", lambda d: False)
     argv = {"train": ["--data", str(tiny_prepared), "--out", str(tmp_path), "--max-steps", "1"],
             "evaluate": ["--checkpoint", "checkpoints/prediction.pt", "--data", str(tiny_prepared)]}[script]
     with pytest.raises(SystemExit) as e:
         {"train": train.main, "evaluate": evaluate.main}[script]([*argv, "--device", "cpu", "--dtype", dtype])
-    assert str(e.value).startswith(f"error: --dtype {dtype}: this CPU's LSTM kernels have no") and "\n" not in str(e.value)
+    assert str(e.value).startswith(f"error: --dtype {dtype}: this CPU's LSTM kernels (oneDNN) have no") and "\n" not in str(e.value)
     assert not (tmp_path / "last.pt").exists()
 
 
