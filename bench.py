@@ -35,7 +35,8 @@ import torch  # noqa: E402  (after the OpenMP setting, which is read when torch 
 
 from model import GraphedChunk, HandwritingModel, ModelConfig, nll
 from reference import ReferenceModel, reference_nll
-from utils import DefaultsHelpFormatter, OneLineParser, at_least, autocast_dtype, clipped_step, make_optimizer, pick_device
+from utils import (DefaultsHelpFormatter, OneLineParser, at_least, autocast_dtype, clipped_step, interrupt_on_signals,
+                   make_optimizer, pick_device, restore_signals)
 
 DTYPES = ("float32", "bfloat16")
 # defaults that depend on the device: (GPU, CPU); the CPU ones keep the whole run under a minute on 2 cores
@@ -193,7 +194,19 @@ def device_name(device):
 
 
 def main(argv=None):
+    """Runs the benchmark (run) and returns its result; Ctrl-C or SIGTERM: one line, status 130."""
     args = get_args(argv)
+    previous = interrupt_on_signals()
+    try:
+        return run(args)
+    except KeyboardInterrupt:
+        print("bench.py: interrupted", file=sys.stderr)
+        sys.exit(130)
+    finally:
+        restore_signals(previous)
+
+
+def run(args):
     try:
         device, dtype = torch.device(args.device), autocast_dtype(args.dtype, args.device)
     except ValueError as e:

@@ -621,16 +621,17 @@ def test_a_second_ctrl_c_stops_at_once(monkeypatch, capsys, tmp_path):
 
 
 @pytest.mark.parametrize("script, command", [("evaluate", "run"), ("recognizer", "read"), ("recognizer", "evaluate"),
-                                             ("train", "train")])
+                                             ("train", "train"), ("bench", "run")])
 def test_sigterm_outside_a_training_loop_stops_a_script_in_one_line(monkeypatch, capsys, tmp_path, script, command):
     """SIGTERM (`kill`, `timeout`) while a script loads data or evaluates: one line and status 130 (without a handler
     of the script's own it killed the process silently, this test's with it)."""
     import os
     import signal
     import time
+    import bench
     import evaluate
     import recognizer
-    module = {"evaluate": evaluate, "recognizer": recognizer, "train": train}[script]
+    module = {"evaluate": evaluate, "recognizer": recognizer, "train": train, "bench": bench}[script]
 
     def killed(args):
         os.kill(os.getpid(), signal.SIGTERM)
