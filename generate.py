@@ -746,8 +746,7 @@ def main(argv=None):
         quiet_broken_pipe()
         return 0
     except OSError as e:                                # a file that cannot be written (name too long, disk full)
-        name = str(e.filename or "").removesuffix(".tmp")  # utils.atomic_write's temp file: name the user's path
-        print(f"generate.py: error: cannot write {name}: {e.strerror or e}", file=sys.stderr)
+        print(f"generate.py: error: cannot write {e.filename or ''}: {e.strerror or e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("generate.py: interrupted", file=sys.stderr)

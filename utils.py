@@ -26,18 +26,32 @@ MOST_STEPS_PER_CHAR = 200   # --max-steps-per-char at most (a stalled line runs 
 # I/O and stroke drawing (data pipeline: prepare_data.py, dataset.py)
 
 
+def temp_path(path):
+    """Where atomic_write writes `path` first: a hidden file beside it (beside a symlink's target), its name short
+    enough that any legal name of `path` has a legal temp name."""
+    folder, name = os.path.split(os.path.realpath(path))
+    return os.path.join(folder, "." + name.encode()[:200].decode(errors="ignore") + ".tmp")
+
+
 def atomic_write(path, write_fn):
     """Write `path` all at once: write_fn(tmp) fills a temp file beside it, then os.replace.
 
-    An interrupted run leaves the old file (or none), never half a file. write_fn gets the temp path;
-    note that np.savez* appends '.npz' to str paths, so give numpy an open file: open(tmp, 'wb').
+    An interrupted run leaves the old file (or none), never half a file. A symlink is written through (its target
+    replaced), an existing file keeps its permissions. write_fn gets the temp path; note that np.savez* appends
+    '.npz' to str paths, so give numpy an open file: open(tmp, 'wb'). An OSError names `path`, not the temp file.
     """
-    path = os.fspath(path)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp"
+    path = os.path.realpath(os.fspath(path))
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = temp_path(path)
     try:
         write_fn(tmp)
+        if os.path.exists(path):
+            os.chmod(tmp, os.stat(path).st_mode & 0o7777)
         os.replace(tmp, path)
+    except OSError as e:
+        if e.filename == tmp:
+            e.filename = path
+        raise
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -237,15 +251,18 @@ def output_extension(path, formats, flag, reads=()):
         if ext == ".npz" and is_prepared_file(path):
             raise ValueError(f"{flag} {path} is a prepared IAM-OnDB file (prepare_data.py), not to be written over; "
                              f"give another file")
-    probe = f"{path}.tmp"                                # where atomic_write writes first
-    try:
-        with open(probe, "xb"):
+    if os.path.isfile(path) and not os.access(path, os.W_OK):
+        raise ValueError(f"{flag} {path} is read-only; make it writable, or choose another path")
+    # where atomic_write writes first, and the name itself (too long, say) unless the file exists
+    for probe in [temp_path(path)] + ([] if os.path.lexists(path) else [path]):
+        try:
+            with open(probe, "xb"):
+                pass
+            os.remove(probe)
+        except FileExistsError:                          # left by an interrupted run: written over then
             pass
-        os.remove(probe)
-    except FileExistsError:                              # left by an interrupted run: written over then
-        pass
-    except OSError as e:
-        raise ValueError(f"{flag} {path} cannot be written: {e.strerror or e}; choose another path") from None
+        except OSError as e:
+            raise ValueError(f"{flag} {path} cannot be written: {e.strerror or e}; choose another path") from None
     return ext
 
 

@@ -497,9 +497,11 @@ def test_every_error_is_one_line(files, tmp_path, capsys):
 
 def test_a_write_that_fails_late_is_one_line_naming_the_users_path(files, tmp_path, monkeypatch, capsys):
     """A disk that fills up while writing (after the checks up front): one line naming --out, not its temp file."""
-    def full(page, path, **style):
-        raise OSError(28, "No space left on device", f"{path}.tmp")
-    monkeypatch.setattr(utils, "save_png", full)
+    from PIL import Image
+
+    def full(image, path, **kwargs):
+        raise OSError(28, "No space left on device", path)
+    monkeypatch.setattr(Image.Image, "save", full)
     assert run(files, "synthesis", tmp_path / "x.png") == 1
     last = capsys.readouterr().err.splitlines()[-1]          # after any warning about the lines themselves
     assert last == f"generate.py: error: cannot write {tmp_path / 'x.png'}: No space left on device"

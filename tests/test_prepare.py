@@ -277,6 +277,33 @@ def test_atomic_write_leaves_no_half_file(tmp_path):
     assert target.read_bytes() == b"whole" and list(tmp_path.iterdir()) == [target]
 
 
+def test_atomic_write_goes_through_links_keeps_modes_and_takes_any_legal_name(tmp_path):
+    """A symlink is written through (its target replaced, the link kept); an existing file keeps its permissions;
+    a 255-byte name, the most a file system allows, is written (its temp name was 4 bytes longer once)."""
+    import os
+    import stat
+    from utils import output_extension
+    (tmp_path / "real").mkdir()
+    target, link = tmp_path / "real" / "x.png", tmp_path / "link.png"
+    target.write_bytes(b"old")
+    os.chmod(target, 0o640)
+    link.symlink_to(target)
+    assert output_extension(str(link), (".png",), "--out") == ".png"
+    atomic_write(link, lambda tmp: Path(tmp).write_bytes(b"new"))
+    assert link.is_symlink() and target.read_bytes() == b"new" and stat.S_IMODE(target.stat().st_mode) == 0o640
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["link.png", "real", "x.png"]
+    longest = tmp_path / ("n" * 251 + ".png")
+    assert output_extension(str(longest), (".png",), "--out") == ".png" and not longest.exists()
+    atomic_write(longest, lambda tmp: Path(tmp).write_bytes(b"ok"))
+    assert longest.read_bytes() == b"ok"
+    with pytest.raises(ValueError, match="cannot be written: File name too long"):
+        output_extension(str(tmp_path / ("n" * 252 + ".png")), (".png",), "--out")
+    if os.geteuid() != 0:                               # (root may write any file)
+        os.chmod(target, 0o444)
+        with pytest.raises(ValueError, match="is read-only; make it writable, or choose another path"):
+            output_extension(str(target), (".png",), "--out")
+
+
 def test_line_xml_fixture_matches_the_real_format():
     """The fixture writer produces what the parser reads from real files."""
     points, stroke, time = prepare_data.parse_strokes(line_xml([[(1, 2), (3, 4)], [(5, 6)]]).encode("latin-1"))
