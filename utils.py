@@ -615,7 +615,9 @@ def plot_attention(phis, texts, path, prime_chars=0, max_rows=8):
     fig.tight_layout()
     ext = os.path.splitext(path)[1].lower()
     meta = {".svg": {"Date": None}, ".pdf": {"CreationDate": None}}.get(ext, {})
-    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format=ext[1:], metadata=meta))
+    from matplotlib import rc_context
+    with rc_context({"svg.hashsalt": "attention"}):     # an SVG's element ids are random unless salted: same seed, same file
+        atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format=ext[1:], metadata=meta))
 
 
 STYLE_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ .,'")   # common, well-learnt characters

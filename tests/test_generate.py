@@ -122,6 +122,15 @@ def test_same_seed_same_bytes(files, tmp_path, ext):
     assert a.read_bytes() == b.read_bytes() != c.read_bytes()
 
 
+@pytest.mark.parametrize("ext", [".png", ".svg", ".pdf"])
+def test_same_seed_same_attention_plot(files, tmp_path, ext):
+    """--plot-attention in every format: the same bytes for the same seed (an SVG's element ids were random)."""
+    a, b = (tmp_path / f"{n}{ext}" for n in "ab")
+    for att in (a, b):
+        assert run(files, "synthesis", tmp_path / "x.png", "--plot-attention", str(att)) == 0
+    assert a.read_bytes() == b.read_bytes()
+
+
 def test_lines_and_samples_are_one_batch(files, tmp_path, spy):
     out = tmp_path / "page.png"
     assert run(files, "synthesis", out, "--text", "ab cd\n\nef gh ij kl mn", "--max-chars-per-line", "8",
