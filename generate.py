@@ -610,7 +610,7 @@ def write_pages(args, model, ckpt, pages, lead, prime, prime_offsets, generator,
               f"there (not written by this run)", file=sys.stderr)
     t_written = time.perf_counter()
     if args.save_strokes:
-        utils.save_strokes(args.save_strokes, saved, saved_texts)
+        utils.save_strokes(args.save_strokes, saved, saved_texts if args.task == "synthesis" else [""] * len(saved))
     code = 0
     if args.save_hand is not None:                                            # the first line, without its prime
         code = save_hand(args, ckpt, seed, saved_texts[0], saved[0], bool(sampled[0][1]["finished"][0]))

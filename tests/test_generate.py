@@ -167,6 +167,8 @@ def test_npz_output_writes_any_number_of_lines_in_batches(files, tmp_path, spy, 
     assert run(files, "prediction", tmp_path / "p.npz", "--num-samples", "45", "--batch-size", "20") == 0
     ids, texts, lines = load_strokes(tmp_path / "p.npz")
     assert len(lines) == 45 and texts == [""] * 45 and all(len(x) == 60 for x in lines)
+    assert run(files, "prediction", tmp_path / "p.png", "--num-samples", "2", "--save-strokes", str(tmp_path / "s.npz")) == 0
+    assert load_strokes(tmp_path / "s.npz")[1] == ["", ""]               # so with a picture too (it was a made-up text)
 
 
 @pytest.mark.parametrize("task", ["synthesis", "prediction"])
