@@ -583,8 +583,9 @@ def write_pages(args, model, ckpt, pages, lead, prime, prime_offsets, generator,
         height = min(page.scale for page in laid) * pitch
         laid = [layout(page_lines, height, None) for *_, page_lines in sampled]
         print(f"generate.py: warning: {args.out} would be over {MAX_SIDE:,} pixels a side at --line-height "
-              f"{args.line_height}; drawn at --line-height {height:.0f} (lower it, or write .svg, which has no limit)",
-              file=sys.stderr)
+              f"{args.line_height}; drawn at --line-height {height:.0f} (lower it, or write "
+              + ("a plain .svg (no --view density), which has no limit)" if args.format == ".svg" else
+                 ".svg, which has no limit)"), file=sys.stderr)
     for k, ((texts, result, rows, page_lines), page) in enumerate(zip(sampled, laid)):
         out, B = page_path(args.out, k, len(pages)), len(texts)
         background = None

@@ -731,6 +731,8 @@ def test_pages_of_one_text_share_one_size_and_no_ink_is_cut(files, tmp_path, mon
     assert float(ET.parse(tmp_path / "big.svg").getroot().get("width")) > 1000 and "wider than" not in capsys.readouterr().err
     assert run(files, "synthesis", tmp_path / "big.png", "--line-height", "1000") == 0
     assert "big.png would be over 1,000 pixels a side" in capsys.readouterr().err
+    assert run(files, "synthesis", tmp_path / "dense.svg", "--line-height", "1000", "--view", "density") == 0
+    assert "(lower it, or write a plain .svg (no --view density), which has no limit)" in capsys.readouterr().err
     assert max(matplotlib.image.imread(tmp_path / "big.png").shape[:2]) <= 1000
     assert run(files, "synthesis", tmp_path / "one.png", "--plot-attention", str(tmp_path / "one-1.png")) == 0   # 1 page
     pages.clear()                                                        # shrunk to fit: still one size for all pages
