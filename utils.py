@@ -1141,6 +1141,8 @@ def pick_device(name):
         raise ValueError(f"--device {name}: CUDA is not available here ({why}); use --device cpu")
     if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
         raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} GPU(s), numbered from 0")
+    if device.type == "meta":                # tensors there have shapes but no values: nothing can run
+        raise ValueError(f"--device {name} holds shapes, not numbers; use cpu, cuda, cuda:N or mps")
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise ValueError(f"--device {name}: MPS (Apple GPUs) is not available here; use --device cpu")
     if device.type not in ("cpu", "cuda"):   # not on CUDA: under torchrun every process would open a context on GPU 0

@@ -466,6 +466,7 @@ def errors(files, tmp_path):
         (syn + ["--text", "ab", "--batch-size", "4"], "--batch-size is for --out FILE.npz; a page"),
         (["--task", "prediction", "--checkpoint", files["prediction"], "--batch-size", "4"], "--batch-size is for --out"),
         (syn + ["--text", "ab", "--device", "nonsense"], "--device nonsense is not a device"),
+        (syn + ["--text", "ab", "--device", "meta"], "--device meta holds shapes, not numbers"),
         (syn + [], "nothing to write"),
         (["--task", "prediction", "--checkpoint", files["prediction"], "--text", "ab"], "are for --task synthesis"),
         (["--task", "prediction", "--checkpoint", files["prediction"], "--steps", "0"], "--steps must be between"),

@@ -696,7 +696,8 @@ def test_half_precision_on_cpu_is_a_one_line_error(tiny_prepared, tmp_path, monk
 
 
 @pytest.mark.parametrize("device, message", [("foo", "--device foo is not a device"),
-                                             ("cuda:7", "--device cuda:7: "), ("mps", "--device mps: ")])
+                                             ("cuda:7", "--device cuda:7: "), ("mps", "--device mps: "),
+                                             ("meta", "--device meta holds shapes, not numbers")])
 def test_an_unusable_device_is_a_one_line_error_in_every_script(tiny_prepared, tmp_path, device, message):
     """Before, --device cuda on a machine without one ended in a traceback (train.py, recognizer.py train, bench.py)
     or blamed the checkpoint (evaluate.py, recognizer.py evaluate)."""
