@@ -69,19 +69,21 @@ def get_args(argv=None):
                    "(train.py --cuda-graph; needs --tbptt; without CUDA the same code runs eagerly), and each block of "
                    "sampling steps (sample(cuda_graph=True))")
     p.add_argument("--skip-reference", action="store_true", help="do not time the textbook reference")
-    p.add_argument("--quick", action="store_true", help="tiny sizes and one repetition: a smoke test of this script, not a measurement")
+    p.add_argument("--quick", action="store_true", help="tiny sizes and one repetition (flags typed beside it win): a smoke test of this script, not a measurement")
     p.add_argument("--seed", type=at_least(0, below=2 ** 63), default=0, help="random seed for weights and synthetic data")
-    args = p.parse_args(argv)
+    args = p.parse_typed(argv)
+    typed = vars(args).pop("typed")
     try:
         args.device = str(pick_device(args.device))
     except ValueError as e:
         sys.exit(f"error: {e}")
     gpu = torch.device(args.device).type == "cuda"
-    if args.quick:
-        args.batch_size, args.seq_len, args.text_len = args.batch_size or 2, args.seq_len or 20, min(args.text_len, 5)
-        args.reps, args.warmup = args.reps or 1, max(args.warmup, 0)
-        args.sample_reps, args.sample_batch_reps = args.sample_reps or 1, args.sample_batch_reps or 1
-        args.sample_chars, args.steps_per_char, args.sample_batch = 4, 5, min(args.sample_batch, 4)
+    if args.quick:   # tiny sizes, for the flags not typed
+        tiny = dict(batch_size=2, seq_len=20, text_len=5, reps=1, warmup=0, sample_reps=1, sample_batch_reps=1,
+                    sample_chars=4, steps_per_char=5, sample_batch=4)
+        for name, value in tiny.items():
+            if name not in typed:
+                setattr(args, name, value)
     for name, (on_gpu, on_cpu) in DEFAULTS.items():
         if getattr(args, name) == (-1 if name == "warmup" else 0):
             setattr(args, name, on_gpu if gpu else on_cpu)

@@ -102,10 +102,17 @@ def test_bench_smoke(capsys, task):
     assert result["sample_one_line_s"] > 0 and result["sample"]["batch"]["lines"] == 4
 
 
+def test_bench_quick_keeps_the_sizes_typed_beside_it():
+    import bench
+    args = bench.get_args(["--quick", "--device", "cpu", "--sample-chars", "10", "--sample-batch", "0", "--warmup", "2"])
+    assert (args.sample_chars, args.sample_batch, args.warmup) == (10, 0, 2)             # typed: kept
+    assert (args.batch_size, args.seq_len, args.steps_per_char, args.reps) == (2, 20, 5, 1)   # not typed: tiny
+
+
 def test_bench_half_precision_on_cpu_is_a_one_line_error(monkeypatch):
     import bench
     import utils
-    monkeypatch.setattr(utils, "cpu_lstm_supports", lambda d: False)   # as on a CPU without AVX-512/AMX
+    monkeypatch.setattr(utils, "cpu_lstm_supports", lambda d: False)   # as on a CPU without a bf16 LSTM kernel
     with pytest.raises(SystemExit) as e:
         bench.main(["--quick", "--device", "cpu", "--dtype", "bfloat16"])
     assert str(e.value).startswith("error: --dtype bfloat16: this CPU's LSTM kernels (oneDNN) have no")
