@@ -264,7 +264,11 @@ def check_args(args):
         ("batch_size" in args.typed and args.format != ".npz",
          f"--batch-size is for --out FILE.npz; a page (--out {args.out}) is sampled in one batch: drop --batch-size"),
         ("styles" in args.typed and args.style is None and not args.prime_file,
-         "--styles holds the styles of --style N (and the reference size of --prime-file): give one, or drop --styles"))
+         "--styles holds the styles of --style N (and the reference size of --prime-file): give one, or drop --styles"),
+        ("color" in args.typed and args.view in ("strokes", "eos"),
+         f"--view {args.view} colours the ink itself ("
+         + ("one colour per stroke" if args.view == "strokes" else "by the pen-lift probability")
+         + "): drop --color, or use --view plain or density"))
         if on]
     if unused:
         fail(unused[0])

@@ -467,6 +467,8 @@ def errors(files, tmp_path):
         (["--task", "prediction", "--checkpoint", files["prediction"], "--batch-size", "4"], "--batch-size is for --out"),
         (syn + ["--text", "ab", "--device", "nonsense"], "--device nonsense is not a device"),
         (syn + ["--text", "ab", "--device", "meta"], "--device meta holds shapes, not numbers"),
+        (syn + ["--text", "ab", "--view", "strokes", "--color", "red"], "--view strokes colours the ink itself"),
+        (syn + ["--text", "ab", "--view", "eos", "--color", "black"], "--view eos colours the ink itself"),
         (syn + [], "nothing to write"),
         (["--task", "prediction", "--checkpoint", files["prediction"], "--text", "ab"], "are for --task synthesis"),
         (["--task", "prediction", "--checkpoint", files["prediction"], "--steps", "0"], "--steps must be between"),
