@@ -366,7 +366,7 @@ def train(args):
     if copies is not None:
         log(f"rare characters (--rare-chars {args.rare_chars}): {int((copies > 1).sum())} lines drawn more often, "
             f"{int(copies.sum())} entries per epoch instead of {len(copies)}")
-    log("config: " + json.dumps({**vars(args), "out": out}) + "\nmodel config: " + json.dumps(config.to_dict()))
+    log("config: " + json.dumps(vars(args)) + "\nmodel config: " + json.dumps(config.to_dict()))
 
     def checkpoint(path, metrics):
         """Everything to continue exactly: weights, optimiser, counters, RNG, config, data stats."""
