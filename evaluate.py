@@ -42,7 +42,7 @@ from utils import (DTYPES, DefaultsHelpFormatter, MAX_BIAS, MAX_CANDIDATES, MAX_
                    MOST_STEPS_PER_CHAR, OneLineParser, at_least, autocast_dtype, bias_value, checkpoint_norm,
                    load_checkpoint, load_prime, output_extension, pick_device, plot_lines, quiet_broken_pipe,
                    relay_warnings, save_strokes, size_drift, warn_unwritten, writable_folder, write_jsonl,
-                   interrupt_on_signals, restore_signals)
+                   interrupt_on_signals, restore_signals, unused_sampling_flags)
 
 
 LEGIBILITY_FLAGS = ("prompts", "recognizer", "bias", "seed", "max_steps_per_char", "retries", "retry_above", "style",
@@ -108,9 +108,9 @@ def get_args(argv=None):
         p.error(f"{given(LEGIBILITY_FLAGS)[0]} is for --legibility (how legible the model writes)")
     if args.legibility and given(NLL_FLAGS):
         p.error(f"{given(NLL_FLAGS)[0]} is for the NLL (without --legibility)")
-    if given(["styles"]) and args.style is None and not args.prime_file:
-        p.error("--styles holds the styles of --style N (and the reference size of --prime-file): give one, or drop "
-                "--styles")
+    unused = unused_sampling_flags(args)               # typed where they change nothing, as generate.py says
+    if unused:
+        p.error(unused[0])
     if given(["styles"]) and not os.path.isfile(args.styles):
         p.error(f"--styles {args.styles} does not exist")
     return args

@@ -30,7 +30,8 @@ if __name__ == "__main__":   # Ctrl-C while the libraries load (torch: 1-2 s): s
 # numpy only; torch is imported after the fast checks
 from utils import (ALIGNS, MAX_BIAS, MAX_CANDIDATES, MAX_LINE_CHARS, MAX_RETRIES, MOST_STEPS_PER_CHAR, VIEWS,
                    OneLineParser, at_least, checkpoint_norm, finite_float, ink_rgb, interrupt_on_signals, load_prime,
-                   load_prime_file, output_extension, relay_warnings, restore_signals, show_chars, warn_unwritten)
+                   load_prime_file, output_extension, relay_warnings, restore_signals, show_chars, unused_sampling_flags,
+                   warn_unwritten)
 
 HERE = os.path.dirname(os.path.abspath(__file__))   # shipped files are found wherever the command runs from
 DEFAULT_CHECKPOINTS = {"synthesis": "checkpoints/synthesis.pt", "prediction": "checkpoints/prediction.pt"}
@@ -256,15 +257,9 @@ def check_args(args):
     textual = [f"--{k.replace('_', '-')}" for k in TEXT_FLAGS if k in args.typed] + ["--drop-unknown"] * args.drop_unknown
     if args.task == "prediction" and textual:
         fail(f"{textual[0]} is for --task synthesis (writing a text); the prediction network writes --steps points")
-    unused = [message for on, message in (   # flags typed where they change nothing
-        ("pick_with" in args.typed and args.candidates == 1,
-         "--pick-with ranks the attempts of --candidates K: give --candidates 2 or more, or drop --pick-with"),
-        ("retry_above" in args.typed and args.retries == 0,
-         "--retry-above chooses the lines that --retries samples again, and --retries is 0: drop one of them"),
+    unused = unused_sampling_flags(args) + [message for on, message in (   # flags typed where they change nothing
         ("batch_size" in args.typed and args.format != ".npz",
          f"--batch-size is for --out FILE.npz; a page (--out {args.out}) is sampled in one batch: drop --batch-size"),
-        ("styles" in args.typed and args.style is None and not args.prime_file,
-         "--styles holds the styles of --style N (and the reference size of --prime-file): give one, or drop --styles"),
         ("color" in args.typed and args.view in ("strokes", "eos"),
          f"--view {args.view} colours the ink itself ("
          + ("one colour per stroke" if args.view == "strokes" else "by the pen-lift probability")

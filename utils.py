@@ -92,6 +92,20 @@ def interrupt_on_signals():
     return {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
 
 
+def unused_sampling_flags(args):
+    """generate.py's and evaluate.py --legibility's sampling flags typed (args.typed) where they change nothing: a
+    one-line message for each."""
+    typed = args.typed
+    return [message for on, message in (
+        ("pick_with" in typed and args.candidates == 1,
+         "--pick-with ranks the attempts of --candidates K: give --candidates 2 or more, or drop --pick-with"),
+        ("retry_above" in typed and args.retries == 0,
+         "--retry-above chooses the lines that --retries samples again, and --retries is 0: drop one of them"),
+        ("styles" in typed and args.style is None and not args.prime_file,
+         "--styles holds the styles of --style N (and the reference size of --prime-file): give one, or drop --styles"))
+        if on]
+
+
 def stopped_at_once(script, out):
     """The line a training script prints when a second Ctrl-C (or one before training began) stops it at once."""
     last = os.path.join(out, "last.pt")

@@ -380,7 +380,10 @@ def test_missing_files_give_one_line_errors(trained, tiny_prepared, tmp_path, ca
                           (["--legibility", "--per-line", "x.jsonl"], "--per-line is for the NLL"),
                           (["--legibility", "--bias", "1e308"], "expected a number from 0 (unbiased) to 100"),
                           (["--legibility", "--styles", "data/styles.json"], "--styles holds the styles of --style N"),
-                          (["--legibility", "--style", "0", "--styles", "none.json"], "--styles none.json does not exist")]:
+                          (["--legibility", "--style", "0", "--styles", "none.json"], "--styles none.json does not exist"),
+                          (["--legibility", "--pick-with", "r.pt"], "--pick-with ranks the attempts of --candidates K"),
+                          (["--legibility", "--retries", "0", "--retry-above", "20"],
+                           "--retry-above chooses the lines that --retries samples again")]:
         with pytest.raises(SystemExit) as e:
             evaluate.main(["--checkpoint", syn, "--data", str(tiny_prepared), *args])
         err = capsys.readouterr().err
