@@ -762,7 +762,7 @@ def test_number_flags_keep_their_documented_zero():
     import bench
     assert bench.get_args(["--sample-batch", "0"]).sample_batch == 0
     assert train.get_args(["--tbptt", "0", "--max-steps", "0", "--eval-lines", "0"]).tbptt == 0
-    assert evaluate.get_args(["--legibility", "--max-lines", "0", "--retries", "0", "--retry-above", "0"]).retry_above == 0.0
+    assert evaluate.get_args(["--legibility", "--max-lines", "0", "--retries", "1", "--retry-above", "0"]).retry_above == 0.0
 
 
 def test_resume_drops_metrics_rows_past_the_checkpoint(tiny_prepared, tmp_path):
