@@ -11,17 +11,22 @@ from utils import offsets_to_strokes, plot_lines
 def test_normalize_denormalize_round_trip():
     rng = np.random.default_rng(0)
     x = np.column_stack([rng.integers(-300, 300, (50, 2)), rng.integers(0, 2, 50)]).astype(np.float32)
+    x0 = x.copy()
     mean, std = np.array([8.3, -0.1], np.float32), np.array([42.4, 37.1], np.float32)
     y = normalize(x, mean, std)
     np.testing.assert_allclose(y[:, :2], (x[:, :2] - mean) / std, rtol=1e-6)
     np.testing.assert_array_equal(y[:, 2], x[:, 2])                          # eos untouched
     np.testing.assert_allclose(denormalize(y, mean, std), x, atol=1e-3)
-    t = torch.from_numpy(x).reshape(5, 10, 3)                                # (B, T, 3) tensors too
-    back = denormalize(normalize(t, mean, std), mean, std)
+    t = torch.from_numpy(x.copy()).reshape(5, 10, 3)                         # (B, T, 3) tensors too
+    t0 = t.clone()
+    y_t = normalize(t, mean, std)
+    assert torch.equal(t, t0)                                                 # not modified in place
+    back = denormalize(y_t, mean, std)
+    assert torch.equal(y_t, normalize(t0, mean, std))
     assert torch.is_tensor(back) and back.shape == t.shape
     torch.testing.assert_close(back, t, atol=1e-3, rtol=0)
     assert torch.equal(normalize(t, mean, std)[..., 2], t[..., 2])
-    np.testing.assert_array_equal(x, np.column_stack([x[:, :2], x[:, 2]]))   # inputs not modified in place
+    np.testing.assert_array_equal(x, x0)                                      # inputs not modified in place
 
 
 def test_alphabet_encode_decode_and_unknown():
@@ -194,10 +199,13 @@ def test_augment_scales_and_slants_each_line_in_board_units():
     norm = norm * mask[..., None]
     out = augment(norm, mask, mean, std, torch.Generator().manual_seed(0), scale=0.2, shear=0.3)
     back_x, back_y = out[..., 0] * std[0] + mean[0], out[..., 1] * std[1] + mean[1]
+    drawn = []
     for b in range(2):
         s = back_y[b, 0] / raw[b, 0, 1]                                   # the line's scale
         k = (back_x[b, 0] / s - raw[b, 0, 0]) / raw[b, 0, 1]              # ... and slant
-        assert 0.8 <= s <= 1.2 and abs(k) <= 0.3
+        assert 0.8 <= s <= 1.2 and abs(k) <= 0.3 and abs(s - 1) > 1e-3 and abs(k) > 1e-3   # changed, within bounds
+        drawn.append((float(s), float(k)))
         assert torch.allclose(back_x[b, 1], s * (raw[b, 1, 0] + k * raw[b, 1, 1]), atol=1e-5)
         assert torch.allclose(back_y[b, 1], s * raw[b, 1, 1], atol=1e-5)
+    assert drawn[0][0] != drawn[1][0] and drawn[0][1] != drawn[1][1]              # each line its own
     assert torch.equal(out[..., 2], norm[..., 2]) and torch.all(out[0, 2] == 0)   # eos kept, padding zero

@@ -202,8 +202,8 @@ def test_legibility_end_to_end(trained, tiny_prepared, tmp_path, capsys):
     assert len(drifts) == 5 and result["size_drift_real"] == pytest.approx(np.mean(drifts))
     with np.load(tmp_path / "a" / "generated.npz") as f:                   # as generate.py's strokes files
         assert list(f["finished"]) == [r["finished"] for r in rows] and list(f["attempts"]) == [r["attempts"] for r in rows]
-    # --retries (as generate.py), all lines in one batch: lines finished at the first attempt stay as they were,
-    # stalled ones get more tries
+    # --retries (as generate.py), all lines in one batch: unfinished lines get more tries (that finished ones stay as
+    # they were: test_model's test_lines_that_hit_the_cap_are_sampled_again; this tiny model finishes none here)
     one_batch = [*base, "--batch-size", "8"]
     evaluate.main([*one_batch, "--out", str(tmp_path / "r0"), "--retries", "0"])
     first = json.loads(capsys.readouterr().out)
@@ -211,7 +211,6 @@ def test_legibility_end_to_end(trained, tiny_prepared, tmp_path, capsys):
     retried = json.loads(capsys.readouterr().out)
     assert retried["retries"] == 2 and retried["finished_fraction"] >= first["finished_fraction"]
     rows0, rows2 = ([json.loads(line) for line in open(tmp_path / d / "legibility.jsonl")] for d in ("r0", "r2"))
-    assert all(a["recognised"] == b["recognised"] for a, b in zip(rows0, rows2) if a["finished"])
     assert [r["attempts"] > 1 for r in rows2] == [not r["finished"] for r in rows0]   # (sample() tests --retry-above)
     assert retried["retry_above"] == 32 and retried["attempts_per_line"] == sum(r["attempts"] for r in rows2) / 5
     # a prompts file: one text with a real test line, one without

@@ -265,21 +265,31 @@ def test_rare_chars_draws_lines_with_rare_characters_more_often(tiny_prepared, t
     seen = []
     original = dataset.make_loader
     def loader(*a, **k):
+        made = original(*a, **k)
         if k["shuffle"]:                                                     # the training loader
-            seen.append(k.get("copies"))
-        return original(*a, **k)
+            seen.append(made)
+        return made
     monkeypatch.setattr(train, "make_loader", loader)
     rows = run_train(tiny_prepared, tmp_path, "--max-steps", "4", "--eval-interval", "4", "--rare-chars", "1000")
     assert rows and "lines drawn more often" in capsys.readouterr().out
     texts = dataset.HandwritingDataset(tiny_prepared, "train").texts
-    copies = seen[0]
-    assert copies.tolist() == dataset.rare_char_copies(texts, 1000).tolist() and copies.max() > 1
+    copies = dataset.rare_char_copies(texts, 1000)
+    drawn = np.bincount(np.concatenate(list(seen[0].batch_sampler)), minlength=len(texts))   # an epoch's draws per line
+    assert drawn.tolist() == copies.tolist() and copies.max() > 1
 
 
-def test_cosine_schedule_and_augmentation_in_a_run(tiny_prepared, tmp_path):
+def test_cosine_schedule_and_augmentation_in_a_run(tiny_prepared, tmp_path, monkeypatch):
+    changed = []                                    # the lines trained on are the augmented ones, changed
+
+    def spy(strokes, mask, *a, **k):
+        out = dataset_augment(strokes, mask, *a, **k)
+        changed.append(not torch.allclose(out, strokes))
+        return out
+    from dataset import augment as dataset_augment
+    monkeypatch.setattr(train, "augment", spy)
     rows = run_train(tiny_prepared, tmp_path, "--max-steps", "24", "--eval-interval", "12", "--lr", "2e-3",
                      "--schedule", "cosine", "--warmup", "4", "--augment-scale", "0.1", "--augment-shear", "0.15")
-    assert rows[-1]["step"] >= 24
+    assert rows[-1]["step"] >= 24 and changed and all(changed)
     from utils import learning_rate
     for r in rows:                                  # the lr of the last update before each evaluation
         assert r["lr"] == pytest.approx(learning_rate(r["step"] - 1, 24, 2e-3, 4, "cosine"))
