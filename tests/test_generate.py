@@ -568,16 +568,20 @@ def test_shipped_styles():
 def test_density_map_follows_each_drawn_line_past_blank_rows():
     """density_map pairs page lines with batch rows: a blank row between them must not shift the pairing."""
     g = torch.Generator().manual_seed(0)
-    offsets = [torch.randn(n, 3, generator=g).numpy() * [20, 5, 0] + [30, 0, 0] for n in (5, 9)]
+    offsets = [torch.randn(n, 3, generator=g).numpy() * [20, 5, 0] + [30, 0, 0] for n in (9, 9)]
     lines = [utils.PageLine(offsets[0]), None, utils.PageLine(offsets[1])]
     page = utils.layout_page(lines, line_height=60, margin=10)
-    results = {"lengths": torch.tensor([5, 9]), "mixture": torch.randn(2, 9, 1 + 6 * 2, generator=g)}
+    results = {"lengths": torch.tensor([9, 9]), "mixture": torch.randn(2, 9, 1 + 6 * 2, generator=g)}
     heat = generate.density_map(page, results, [0, 1], np.zeros(2), np.full(2, 20.0), 0.0, (page.height, page.width))
     assert heat.shape == (page.height, page.width)
+    box = lambda ln: (slice(max(int(ln.xy[:, 1].min()) - 3, 0), int(ln.xy[:, 1].max()) + 4),
+                      slice(max(int(ln.xy[:, 0].min()) - 3, 0), int(ln.xy[:, 0].max()) + 4))
     for ln in (lines[0], lines[2]):                               # density around both lines' pens
-        x0, y0 = ln.xy.min(0).astype(int)
-        x1, y1 = ln.xy.max(0).astype(int)
-        assert heat[max(y0 - 3, 0):y1 + 4, max(x0 - 3, 0):x1 + 4].sum() > 0
+        assert heat[box(ln)].sum() > 0
+    # each line's density is its own row's: paired with the other row, it changes
+    for rows, ln in (([0, 0], lines[2]), ([1, 1], lines[0])):
+        other = generate.density_map(page, results, rows, np.zeros(2), np.full(2, 20.0), 0.0, (page.height, page.width))
+        assert not np.allclose(heat[box(ln)], other[box(ln)])
 
 
 def test_the_size_of_the_writing_does_not_depend_on_the_text():
