@@ -324,15 +324,19 @@ def test_prime_file_scale_and_direction_do_not_matter(files):
 
 
 @pytest.mark.parametrize("view", ["plain", "strokes", "eos", "density"])
-def test_views_and_attention(files, tmp_path, view):
+def test_views_and_attention(files, tmp_path, view, monkeypatch):
     out, att = tmp_path / f"{view}.png", tmp_path / "att.png"
     assert run(files, "synthesis", out, "--view", view, "--plot-attention", str(att), "--text", "ab\ncd") == 0
     assert out.stat().st_size > 500 and att.stat().st_size > 500
     assert run(files, "synthesis", tmp_path / f"{view}.svg", "--view", view) == 0
     ET.parse(tmp_path / f"{view}.svg")
     # blank rows (an empty line, the gap between samples) and a priming line do not shift the views' rows
+    paired, density_map = [], generate.density_map
+    monkeypatch.setattr(generate, "density_map", lambda page, results, rows, *a: paired.append(list(rows))
+                        or density_map(page, results, rows, *a))
     assert run(files, "synthesis", out, "--view", view, "--text", "ab\n\ncd e", "--num-samples", "2",
                "--style", "0", "--show-prime") == 0
+    assert paired == ([[0, 1, 2, 3]] if view == "density" else [])        # the drawn lines' batch rows, in order
 
 
 def test_show_prime_draws_the_priming_line_once_per_sample(files, tmp_path, monkeypatch):
