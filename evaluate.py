@@ -39,10 +39,10 @@ from dataset import Alphabet, HandwritingDataset, collate, make_loader, prime_st
 from model import WINDOW_MISFIT, PrimeMisfitWarning, evaluate_nll, line_sums, load_model, score_lines, summarize_nll
 from recognition import error_rates, legibility_score, load_recognizer, read_lines, write_and_read
 from utils import (DTYPES, DefaultsHelpFormatter, MAX_BIAS, MAX_CANDIDATES, MAX_LINE_CHARS, MAX_RETRIES,
-                   MOST_STEPS_PER_CHAR, OneLineParser, at_least, autocast_dtype, bias_value, checkpoint_norm,
-                   load_checkpoint, load_prime, output_extension, pick_device, plot_lines, quiet_broken_pipe,
-                   relay_warnings, save_strokes, size_drift, warn_unwritten, writable_folder, write_jsonl,
-                   interrupt_on_signals, restore_signals, unused_sampling_flags)
+                   MOST_STEPS_PER_CHAR, OneLineParser, at_least, autocast_dtype, bias_value, checkpoint_norm, flag_of,
+                   interrupt_on_signals, load_checkpoint, load_prime, output_extension, pick_device, plot_lines,
+                   quiet_broken_pipe, relay_warnings, restore_signals, save_strokes, size_drift, unused_sampling_flags,
+                   warn_unwritten, writable_folder, write_jsonl)
 
 
 LEGIBILITY_FLAGS = ("prompts", "recognizer", "bias", "seed", "max_steps_per_char", "retries", "retry_above", "style",
@@ -103,7 +103,7 @@ def get_args(argv=None):
     g.add_argument("--out", default="samples/legibility", help="folder for legibility.jsonl, worst.png and generated.npz")
     args = p.parse_typed(argv)
     # a flag given for the other measure would be ignored: say so instead
-    given = lambda names: [f"--{k.replace('_', '-')}" for k in names if k in args.typed]
+    given = lambda names: [flag_of(k) for k in names if k in args.typed]
     if not args.legibility and given(LEGIBILITY_FLAGS):
         p.error(f"{given(LEGIBILITY_FLAGS)[0]} is for --legibility (how legible the model writes)")
     if args.legibility and given(NLL_FLAGS):

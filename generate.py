@@ -28,10 +28,10 @@ if __name__ == "__main__":   # Ctrl-C while the libraries load (torch: 1-2 s): s
     signal.signal(signal.SIGINT, signal.SIG_DFL)   # main() then reports an interrupt in one line
 
 # numpy only; torch is imported after the fast checks
-from utils import (ALIGNS, MAX_BIAS, MAX_CANDIDATES, MAX_LINE_CHARS, MAX_RETRIES, MOST_STEPS_PER_CHAR, VIEWS,
-                   OneLineParser, at_least, checkpoint_norm, finite_float, ink_rgb, interrupt_on_signals, load_prime,
-                   load_prime_file, output_extension, relay_warnings, restore_signals, show_chars, unused_sampling_flags,
-                   warn_unwritten)
+from utils import (ALIGNS, MAX_BIAS, MAX_CANDIDATES, MAX_LINE_CHARS, MAX_RETRIES, MOST_STEPS_PER_CHAR, OneLineParser,
+                   VIEWS, at_least, checkpoint_norm, finite_float, flag_of, ink_rgb, interrupt_on_signals, load_prime,
+                   load_prime_file, output_extension, relay_warnings, restore_signals, show_chars,
+                   unused_sampling_flags, warn_unwritten)
 
 HERE = os.path.dirname(os.path.abspath(__file__))   # shipped files are found wherever the command runs from
 DEFAULT_CHECKPOINTS = {"synthesis": "checkpoints/synthesis.pt", "prediction": "checkpoints/prediction.pt"}
@@ -239,7 +239,7 @@ def check_args(args):
         picture = [f for f, on in (("--view", args.view != "plain"), ("--align", args.align != "left"),
                                    ("--plot-attention", args.plot_attention),
                                    ("--show-prime", args.show_prime), ("--save-strokes", args.save_strokes),
-                                   *((f"--{k.replace('_', '-')}", k in args.typed) for k in PICTURE_FLAGS)) if on]
+                                   *((flag_of(k), k in args.typed) for k in PICTURE_FLAGS)) if on]
         if picture:
             fail(f"{picture[0]} is for pictures; --out {args.out} writes only the strokes (use .png, .svg or .gif)")
     if args.plot_attention:
@@ -254,7 +254,7 @@ def check_args(args):
         check_output(args.save_hand, (".json",), "--save-hand", reads)
     if args.task == "prediction" and (args.text is not None or args.text_file):
         fail("--text/--text-file are for --task synthesis; the prediction network writes without text (see --steps)")
-    textual = [f"--{k.replace('_', '-')}" for k in TEXT_FLAGS if k in args.typed] + ["--drop-unknown"] * args.drop_unknown
+    textual = [flag_of(k) for k in TEXT_FLAGS if k in args.typed] + ["--drop-unknown"] * args.drop_unknown
     if args.task == "prediction" and textual:
         fail(f"{textual[0]} is for --task synthesis (writing a text); the prediction network writes --steps points")
     unused = unused_sampling_flags(args) + [message for on, message in (   # flags typed where they change nothing

@@ -31,11 +31,11 @@ import torch
 
 from dataset import Alphabet, HandwritingDataset, augment, check_splits, make_loader, normalize
 from recognition import Recognizer, RecognizerConfig, ctc_loss, error_rates, load_recognizer, read_lines
-from utils import (DefaultsHelpFormatter, OneLineParser, already_done, at_least, checkpoint_norm,
-                   export_weights, finite_float, learning_rate, load_checkpoint, load_strokes, note_changed_data, note_changed_flags,
-                   output_extension, pick_device, quiet_broken_pipe, restore_training_state, resume_path,
-                   save_checkpoint, stop_on_signals, training_state, trim_metrics, writable_folder, write_jsonl,
-                   interrupt_on_signals, restore_signals, stopped_at_once)
+from utils import (DefaultsHelpFormatter, OneLineParser, already_done, at_least, checkpoint_norm, export_weights,
+                   finite_float, flag_of, interrupt_on_signals, learning_rate, load_checkpoint, load_strokes,
+                   note_changed_data, note_changed_flags, output_extension, pick_device, quiet_broken_pipe,
+                   restore_signals, restore_training_state, resume_path, save_checkpoint, stop_on_signals,
+                   stopped_at_once, training_state, trim_metrics, writable_folder, write_jsonl)
 
 DEFAULT_CHECKPOINT = "checkpoints/recognizer.pt"
 CKPT = dict(config_key="recognizer_config", writer="recognizer.py train")   # what load_checkpoint expects here
@@ -225,7 +225,7 @@ def train(args):
         config = RecognizerConfig.from_dict(ckpt["recognizer_config"])
         if ckpt["alphabet"] != alphabet.chars:
             raise ValueError(f"{resume} was trained with another alphabet; use the data it was trained on")
-        asked = [f"--{k.replace('_', '-')} {v} (it has {getattr(config, k)})" for k, v in typed.items()
+        asked = [f"{flag_of(k)} {v} (it has {getattr(config, k)})" for k, v in typed.items()
                  if v != getattr(config, k)]
         if asked:
             raise ValueError(f"{resume}'s network cannot be changed: {', '.join(asked)}; drop "

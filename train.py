@@ -34,11 +34,11 @@ from model import (GraphedChunk, HandwritingModel, ModelConfig, WeightNoise, chu
                    summarize_nll, teacher_forcing)
 from recognition import error_rates, load_recognizer, write_and_read
 from utils import (DTYPES, DefaultsHelpFormatter, MAX_BIAS, OneLineParser, WeightAverage, already_done, at_least,
-                   autocast_dtype, bias_value, checkpoint_norm, clipped_step, export_weights, finite_float,
-                   learning_rate, load_checkpoint, make_optimizer, note_changed_data, note_changed_flags, pick_device, plot_loss_curve,
-                   restore_training_state, resume_path, save_checkpoint, save_sample_image, show_chars, stop_on_signals,
-                   interrupt_on_signals, restore_signals, stopped_at_once, training_state, trim_metrics,
-                   writable_folder)
+                   autocast_dtype, bias_value, checkpoint_norm, clipped_step, export_weights, finite_float, flag_of,
+                   interrupt_on_signals, learning_rate, load_checkpoint, make_optimizer, note_changed_data,
+                   note_changed_flags, pick_device, plot_loss_curve, restore_signals, restore_training_state,
+                   resume_path, save_checkpoint, save_sample_image, show_chars, stop_on_signals, stopped_at_once,
+                   training_state, trim_metrics, writable_folder)
 
 
 # training flags that shape a run: on --resume, those given otherwise than the run's are named
@@ -142,14 +142,13 @@ def get_args(argv=None):
     args = p.parse_typed(argv)
     typed = vars(args).pop("typed")            # not a setting of the run (train_args is saved as JSON)
     # flags typed where they would change nothing: say so instead of ignoring them
-    flag = lambda k: f"--{k.replace('_', '-')}"
     textual = [k for k in ("sample_text", "recognizer", "legibility_lines", "legibility_bias",
                            "window_gaussians", "kappa_init") if k in typed]
     if args.task == "prediction" and textual:
-        p.error(f"{flag(textual[0])} is for --task synthesis; the prediction network has no text and no window")
+        p.error(f"{flag_of(textual[0])} is for --task synthesis; the prediction network has no text and no window")
     checks = [k for k in ("legibility_lines", "legibility_bias") if k in typed]
     if checks and not args.recognizer:
-        p.error(f"{flag(checks[0])} sets the legibility check, which needs --recognizer PATH: give it, or drop the flag")
+        p.error(f"{flag_of(checks[0])} sets the legibility check, which needs --recognizer PATH: give it, or drop the flag")
     if args.sample_text is not None and not args.sample_text.strip():
         p.error("--sample-text is empty: give the phrase drawn at every evaluation")
     if args.schedule == "cosine" and not args.max_steps:
@@ -263,7 +262,7 @@ def train(args):
             sys.exit(f"error: {source} is a {config.task} checkpoint; train on from it with --task {config.task}")
         if config.task == "synthesis" and ckpt.get("alphabet", train_set.alphabet.chars) != train_set.alphabet.chars:
             sys.exit(f"error: {source} was trained with another alphabet; use the data it was trained on")
-        asked = [f"--{k.replace('_', '-')} {v} (it has {getattr(config, k)})" for k, v in typed.items()
+        asked = [f"{flag_of(k)} {v} (it has {getattr(config, k)})" for k, v in typed.items()
                  if v != getattr(config, k)]
         if asked:
             sys.exit(f"error: {source}'s model config cannot be changed: " + ", ".join(asked) + "; drop "

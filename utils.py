@@ -129,6 +129,11 @@ def already_done(args, run):
     return None
 
 
+def flag_of(dest):
+    """An argparse dest as the flag typed: 'max_steps' -> '--max-steps'."""
+    return "--" + dest.replace("_", "-")
+
+
 def note_changed_flags(before, args, keys, measured, figure, say):
     """On resume: name (say) the flags among `keys` given otherwise than the run's (before: its checkpoint's
     train_args), and whether the best figure (`figure`) must be measured anew: True when one of `measured`, the flags
@@ -145,12 +150,11 @@ def note_changed_flags(before, args, keys, measured, figure, say):
             was, now = prepared_file(was), prepared_file(now)
         return not os.path.exists(was) or (os.path.exists(now) and os.path.samefile(was, now))
     changed = [k for k in keys if k in before and not same(k, before[k], getattr(args, k))]
-    flag = lambda k: "--" + k.replace("_", "-")
     if changed:
-        say("note: flags that differ from the run's: " + ", ".join(f"{flag(k)} {getattr(args, k)} (was {before[k]})"
+        say("note: flags that differ from the run's: " + ", ".join(f"{flag_of(k)} {getattr(args, k)} (was {before[k]})"
                                                                      for k in changed)
             + "; pass the old values again to go on as it was")
-    remeasured = [flag(k) for k in measured if k in changed]
+    remeasured = [flag_of(k) for k in measured if k in changed]
     if remeasured:
         say(f"best figure reset: {figure} is measured otherwise now ({', '.join(remeasured)}); best.pt is replaced at "
             f"the next evaluation")
