@@ -455,10 +455,18 @@ class HandwritingModel(nn.Module):
                 raise ValueError("the prediction model needs steps=N: the points to write per line")
             if batch_size is not None:
                 check_whole("batch_size", batch_size, 1)
+            if prime is not None and prime.dim() == 3 and batch_size and prime.shape[0] not in (1, batch_size):
+                raise ValueError(f"prime has {prime.shape[0]} lines and batch_size is {batch_size}: give one prime "
+                                 f"(Tp, 3) for all, or one per line")
             return
         if not (isinstance(text, torch.Tensor) and text.dim() == 2 and text.dtype == torch.long and text.numel()):
             raise TypeError("the synthesis model needs text: a (B, U) LongTensor of character ids, 0-padded "
                             "(alphabet.encode(s)[None] for one line; write_lines takes strings)")
+        if int(text.min()) < 0 or int(text.max()) > self.config.alphabet_size:
+            raise ValueError(f"text holds ids outside 0..{self.config.alphabet_size} (0 = padding): encode it with the "
+                             f"model's alphabet, dataset.Alphabet(checkpoint['alphabet'])")
+        if bool(((text > 0).sum(dim=1) == 0).any()):
+            raise ValueError("a row of text has no characters: every line needs some")
         if prime is not None and prime.dim() == 3 and prime.shape[0] not in (1, text.shape[0]):
             raise ValueError(f"prime has {prime.shape[0]} lines and text {text.shape[0]}: give one prime (Tp, 3) for all, "
                              f"or one per line")
@@ -484,7 +492,7 @@ class HandwritingModel(nn.Module):
         x = torch.zeros(B, 1, self.config.input_size, device=device)              # start token x_0 = 0
         if prime is not None:
             prime = prime.to(device).float()
-            prime = prime.expand(B, -1, -1) if prime.dim() == 2 else prime
+            prime = prime.expand(B, -1, -1) if prime.dim() == 2 or prime.shape[0] == 1 else prime   # one for all lines
             inputs = torch.cat([x, prime[:, :-1]], dim=1)
             _, state = self(inputs, text, state)
             x = prime[:, -1:]
@@ -728,8 +736,16 @@ def score_lines(model, batch, device, dtype=torch.float32):
     synthesis focus (summed over points: the largest share of phi(t, u) on one of the line's characters) and
     window_end: the window's centre at the line's last point (over its characters and the end position U_i) minus
     its last character's position: about 0 to 0.5 where the window read the whole text, far below 0 where the ink
-    stops short of its text (a word in the transcription that the pen did not write)."""
-    model.eval()
+    stops short of its text (a word in the transcription that the pen did not write). The model's training mode is
+    left as it was."""
+    device, training = torch.device(device), model.training
+    try:
+        return _score_lines(model.eval(), batch, device, dtype)
+    finally:
+        model.train(training)
+
+
+def _score_lines(model, batch, device, dtype):
     strokes, mask = batch["strokes"].to(device), batch["stroke_mask"].to(device)
     inputs, targets, tmask = teacher_forcing(strokes, mask)
     text = batch["text"].to(device) if model.synthesis else None
@@ -923,7 +939,7 @@ def iter_write_lines(model, texts, alphabet, norm, bias=1.0, generator=None, bat
     """Write many lines with the synthesis model, batched by text length so that a batch's lines end at about the
     same step (generate.py's .npz output, legibility). texts: strings in the model's alphabet (with prime, each one
     already "prime text" + " " + "new text", as sample() wants); norm: (mean, std) of the model's data; prime: (Tp, 3)
-    normalised strokes fed before every line, prime_chars the characters it wrote (a primed line's offsets start at its
+    normalised strokes fed before every line (or (len(texts), Tp, 3), one per text), prime_chars the characters it wrote (a primed line's offsets start at its
     own first point); the rest as in sample() (retries: stalled lines are written again; candidates: each line is
     written that many times, a batch of batch_size lines being batch_size x candidates rows, and the best one kept).
     Yields one dict per batch: index (positions in texts), raw offsets [(T_i, 3) float64], finished, steps and
@@ -954,6 +970,10 @@ def iter_write_lines(model, texts, alphabet, norm, bias=1.0, generator=None, bat
         if unknown:
             raise ValueError(f"texts[{i}] has characters not in the model's alphabet: "
                              f"{', '.join(map(repr, unknown))} (alphabet.writable(text) leaves them out)")
+    per_line = prime is not None and getattr(prime, "dim", lambda: 0)() == 3 and prime.shape[0] > 1
+    if per_line and prime.shape[0] != len(texts):
+        raise ValueError(f"prime has {prime.shape[0]} lines and texts {len(texts)}: give one prime (Tp, 3) for all, "
+                         f"or one per text")
     long = [i for i, t in enumerate(texts) if len(t) - prime_chars > MAX_LINE_CHARS]
     if long:
         warnings.warn(f"{len(long)} text(s) longer than {MAX_LINE_CHARS} characters, the longest line the model saw "
@@ -970,7 +990,8 @@ def iter_write_lines(model, texts, alphabet, norm, bias=1.0, generator=None, bat
         for a in range(0, len(order), batch_size):
             idx = order[a:a + batch_size]
             text = nn.utils.rnn.pad_sequence([alphabet.encode(texts[i]) for i in idx], batch_first=True)
-            result = model.sample(text=text.to(device), bias=bias, prime=prime, generator=generator,
+            result = model.sample(text=text.to(device), bias=bias, generator=generator,
+                                  prime=prime[idx] if per_line else prime,              # each text's own, if given
                                   max_steps_per_char=max_steps_per_char, retries=retries, retry_above=retry_above,
                                   prime_chars=prime_chars, candidates=candidates, score=score)
             steps = result["lengths"].tolist()

@@ -684,6 +684,11 @@ def test_sample_and_load_refuse_what_they_cannot_use(files):
         model_module.write_lines(model, ["hi"], Alphabet(CHARS + "\u00e9"), (ckpt["mean"], ckpt["std"]))
     with pytest.raises(TypeError, match=r"\(B, U\) LongTensor"):             # 1-D text
         model.sample(Alphabet(CHARS).encode("hi"))
+    for ids in ([[1, len(CHARS) + 1]], [[1, -3]]):                           # not the model's character ids
+        with pytest.raises(ValueError, match=f"text holds ids outside 0..{len(CHARS)}"):
+            model.sample(torch.tensor(ids))
+    with pytest.raises(ValueError, match="a row of text has no characters"):
+        model.sample(torch.tensor([[3, 4], [0, 0]]))
     predictor = model_module.load_model(files["prediction"])[0]
     with pytest.raises(ValueError, match="steps=N"):
         predictor.sample()
@@ -693,6 +698,36 @@ def test_sample_and_load_refuse_what_they_cannot_use(files):
     newer["model_config"] = {**newer["model_config"], "layer_norm": True}
     with pytest.raises(ValueError, match="layer_norm.*newer version"):
         model_module.load_model(newer)
+
+
+def test_write_lines_gives_each_text_its_own_prime(files, monkeypatch):
+    """A (len(texts), Tp, 3) prime: row i primes texts[i], though lines are batched by length (they got another text's
+    prime); a (1, Tp, 3) one primes every line, in sample() too (it crashed for B > 1)."""
+    from dataset import Alphabet
+    model, ckpt = model_module.load_model(files["synthesis"])
+    alphabet = Alphabet(ckpt["alphabet"])
+    texts = ["ab a long second text", "ab hi", "ab the third"]
+    prime = torch.zeros(3, 4, 3)
+    prime[:, 0, 0] = torch.tensor([1.0, 2.0, 3.0])                             # a mark per row
+    paired, original = [], model.sample
+
+    def spy(text=None, prime=None, **k):
+        paired.extend(zip(["".join(alphabet.chars[i - 1] for i in row if i > 0) for row in text.tolist()],
+                          prime[:, 0, 0].tolist()))
+        return original(text=text, prime=prime, **k)
+    monkeypatch.setattr(model, "sample", spy)
+    model_module.write_lines(model, texts, alphabet, (ckpt["mean"], ckpt["std"]), prime=prime, prime_chars=3,
+                             max_steps_per_char=2, batch_size=2)
+    assert sorted(paired) == sorted(zip(texts, [1.0, 2.0, 3.0]))
+    with pytest.raises(ValueError, match="prime has 2 lines and texts 3"):
+        model_module.write_lines(model, texts, alphabet, (ckpt["mean"], ckpt["std"]), prime=prime[:2], prime_chars=3)
+    ids = torch.nn.utils.rnn.pad_sequence([alphabet.encode(t) for t in texts], batch_first=True)
+    out = original(text=ids, prime=prime[:1], prime_chars=3, max_steps_per_char=2)
+    assert out["strokes"].shape[0] == 3
+    predictor = model_module.load_model(files["prediction"])[0]
+    with pytest.raises(ValueError, match="prime has 2 lines and batch_size is 3"):
+        predictor.sample(steps=5, batch_size=3, prime=torch.zeros(2, 4, 3))
+    assert predictor.sample(steps=5, batch_size=3, prime=torch.zeros(1, 4, 3))["strokes"].shape[0] == 3
 
 
 def test_write_lines_warns_of_texts_longer_than_any_line_the_model_saw(files):

@@ -210,6 +210,10 @@ def test_evaluate_nll_sums_match_each_line_scored_alone(task):
         lines.append((x, torch.randint(1, 8, (U,), generator=g)))
     total = evaluate_nll(model, [collate(lines)], torch.device("cpu"))
     ends = score_lines(model, collate(lines), torch.device("cpu")).get("window_end")
+    model.train()                                   # a device by name; the training mode is left as it was
+    again = score_lines(model, collate(lines), "cpu")
+    assert model.training and torch.equal(again["nll"], score_lines(model, collate(lines), torch.device("cpu"))["nll"])
+    model.eval()
     want = torch.zeros(5, dtype=torch.double)
     for k, (x, text) in enumerate(lines):
         inputs, targets, _ = teacher_forcing(x[None], torch.ones(1, len(x), dtype=torch.bool))
