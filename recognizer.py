@@ -33,7 +33,7 @@ from dataset import Alphabet, HandwritingDataset, augment, check_splits, make_lo
 from recognition import Recognizer, RecognizerConfig, ctc_loss, error_rates, load_recognizer, read_lines
 from utils import (DefaultsHelpFormatter, OneLineParser, already_done, at_least, checkpoint_norm, export_weights,
                    finite_float, flag_of, interrupt_on_signals, learning_rate, load_checkpoint, load_strokes,
-                   note_changed_data, note_changed_flags, output_extension, pick_device, quiet_broken_pipe,
+                   moved_run, note_changed_data, note_changed_flags, output_extension, pick_device, quiet_broken_pipe,
                    restore_signals, restore_training_state, resume_path, save_checkpoint, stop_on_signals,
                    stopped_at_once, training_state, trim_metrics, writable_folder, write_jsonl)
 
@@ -249,7 +249,7 @@ def train(args):
             return 0
         trim_metrics(os.path.join(out, "metrics.jsonl"), run.step)
         if note_changed_flags(ckpt.get("train_args", {}), args, RESUME_FLAGS, ("data", "eval_lines"), "the validation CER",
-                              print) | note_changed_data(ckpt, train_set, args.data, print):
+                              print) | note_changed_data(ckpt, train_set, args.data, print) | moved_run(resume, out, print):
             run.best_cer = math.inf                       # a CER on other lines is not compared with best.pt's
     mean, std = train_set.mean.tolist(), train_set.std.tolist()
     batches_per_epoch = len(make_loader(train_set, args.batch_size, shuffle=True).batch_sampler)

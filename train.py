@@ -35,7 +35,7 @@ from model import (GraphedChunk, HandwritingModel, ModelConfig, WeightNoise, chu
 from recognition import error_rates, load_recognizer, write_and_read
 from utils import (DTYPES, DefaultsHelpFormatter, MAX_BIAS, OneLineParser, WeightAverage, already_done, at_least,
                    autocast_dtype, bias_value, checkpoint_norm, clipped_step, export_weights, finite_float, flag_of,
-                   interrupt_on_signals, learning_rate, load_checkpoint, make_optimizer, note_changed_data,
+                   interrupt_on_signals, learning_rate, load_checkpoint, make_optimizer, moved_run, note_changed_data,
                    note_changed_flags, pick_device, plot_loss_curve, restore_signals, restore_training_state,
                    resume_path, save_checkpoint, save_sample_image, show_chars, stop_on_signals, stopped_at_once,
                    training_state, trim_metrics, writable_folder)
@@ -319,7 +319,8 @@ def train(args):
         best_by = run.best_by or before.get("select_by", "nll")
         # a figure measured on other lines or otherwise is not compared with best.pt's, nor a CER with an NLL
         if note_changed_flags(before, args, RESUME_FLAGS, MEASURE_FLAGS[args.select_by] if best_by == args.select_by
-                              else (), args.select_by, log) | note_changed_data(ckpt, train_set, args.data, log):
+                              else (), args.select_by, log) | note_changed_data(ckpt, train_set, args.data, log) \
+                | moved_run(resume, out, log):
             run.best_val = math.inf
         if best_by != args.select_by:
             log(f"--select-by {args.select_by} (the run chose best.pt by {best_by} so far): best figure reset")

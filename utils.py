@@ -1253,6 +1253,16 @@ def load_checkpoint(path, map_location="cpu", config_key="model_config", writer=
 RUN_FILES = ("last.pt", "best.pt", "model.pt", "metrics.jsonl")   # a run folder's files (train.py, recognizer.py train)
 
 
+def moved_run(resume, out, say):
+    """On resume: whether the checkpoint `resume` goes on in another folder than its own, `out`; says so (say). Its
+    best figure then starts afresh, so that OUT/best.pt (and model.pt) are written there at the first evaluation."""
+    moved = os.path.realpath(os.path.dirname(os.path.abspath(resume))) != os.path.realpath(out)
+    if moved:
+        say(f"note: {resume} goes on in {out}: best figure reset, {out}/best.pt is written at the next evaluation "
+            f"(the best of the run so far stays in {os.path.dirname(resume) or '.'})")
+    return moved
+
+
 def resume_path(out, resume):
     """The checkpoint --resume names: None, a path, or 'auto' (OUT/last.pt if it exists). A run that would overwrite
     another run's files in OUT is refused: a new one where any of them is, or resuming a checkpoint from another

@@ -148,6 +148,12 @@ def test_resume_matches_an_unbroken_run(tiny_prepared, tmp_path, capsys):
     recognizer.main([*common[:-1], "12", "--out", str(tmp_path / "b"), "--resume", "auto", "--eval-lines", "3"])
     assert "best figure reset: the validation CER is measured otherwise now (--eval-lines)" in capsys.readouterr().out
     assert torch.load(tmp_path / "b" / "best.pt", weights_only=True)["step"] == 12
+    # resumed into another folder: its best.pt and model.pt are written there, however the figure compares with the
+    # run's best so far (it ended in an error when the CER did not improve)
+    recognizer.main([*common[:-1], "14", "--out", str(tmp_path / "c"), "--resume", str(tmp_path / "b" / "last.pt"),
+                     "--eval-lines", "3", "--lr", "1e-9"])
+    assert f"goes on in {tmp_path / 'c'}: best figure reset" in capsys.readouterr().out
+    assert torch.load(tmp_path / "c" / "best.pt", weights_only=True)["step"] == 14 and (tmp_path / "c" / "model.pt").exists()
     assert torch.load(tmp_path / "b" / "last.pt", weights_only=True)["recognizer_config"]["hidden_size"] == 16
 
 

@@ -424,6 +424,18 @@ def test_only_a_synthesis_checkpoint_needs_its_alphabet(tiny_prepared, tmp_path,
         run_train(other, tmp_path / "s2", "--max-steps", "1", "--init-from", str(tmp_path / "synthesis" / "model.pt"))
 
 
+def test_a_run_resumed_into_another_folder_writes_its_best_there(tiny_prepared, tmp_path, capsys):
+    """--resume A/last.pt --out B: B gets best.pt and model.pt at the first evaluation, whether or not the figure beat
+    A's best (B had no best.pt, and so no model.pt, when it did not)."""
+    run_train(tiny_prepared, tmp_path / "a", "--max-steps", "2", "--eval-interval", "2", task="prediction")
+    step = torch.load(tmp_path / "a" / "last.pt", weights_only=True)["step"]
+    capsys.readouterr()
+    run_train(tiny_prepared, tmp_path / "b", "--resume", str(tmp_path / "a" / "last.pt"), "--max-steps", str(step + 1),
+              "--eval-interval", "1", "--lr", "1e-9", task="prediction")
+    assert f"goes on in {tmp_path / 'b'}: best figure reset" in capsys.readouterr().out
+    assert torch.load(tmp_path / "b" / "best.pt", weights_only=True)["step"] > step and (tmp_path / "b" / "model.pt").exists()
+
+
 @pytest.mark.parametrize("digest", [True, False])
 def test_resume_on_data_prepared_anew_says_so_and_resets_the_best_figure(tiny_prepared, tmp_path, capsys, digest):
     """prepare_data.py run again into the run's --data folder with other settings: the same path, other data. The
