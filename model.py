@@ -681,6 +681,8 @@ def load_model(checkpoint, map_location="cpu", expect_task=None, task_flag=True)
     if not isinstance(checkpoint, dict):
         from utils import load_checkpoint
         checkpoint = load_checkpoint(checkpoint, map_location)
+    if not isinstance(checkpoint.get("model_config"), dict) or "model" not in checkpoint:
+        raise ValueError("the checkpoint dict lacks model_config or model: pass a file train.py wrote, or its dict")
     config = ModelConfig.from_dict(checkpoint["model_config"])
     if expect_task and config.task != expect_task:
         raise ValueError(f"this checkpoint is a {config.task} model, not {expect_task}; "
@@ -950,6 +952,10 @@ def iter_write_lines(model, texts, alphabet, norm, bias=1.0, generator=None, bat
     if not model.synthesis:
         raise ValueError("write_lines needs a synthesis model; the prediction model writes no text (sample(steps=N))")
     ### the arguments, all checked before any line is sampled
+    try:
+        texts = texts if isinstance(texts, str) else list(texts)      # (any iterable of strings, read once)
+    except TypeError:
+        raise TypeError("texts must be a list of strings, one per line") from None
     if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
         raise TypeError("texts must be a list of strings, one per line"
                         + (" ([text] for one)" if isinstance(texts, str) else ""))
@@ -1010,8 +1016,9 @@ def iter_write_lines(model, texts, alphabet, norm, bias=1.0, generator=None, bat
 def write_lines(model, texts, alphabet, norm, **kwargs):
     """iter_write_lines, collected: raw offsets [(T_i, 3) float64], finished flags, step counts and attempts, in the
     order of texts."""
-    out = {k: [None] * len(texts) for k in ("raw", "finished", "steps", "attempts")}
-    for batch in iter_write_lines(model, texts, alphabet, norm, **kwargs):
+    batches = list(iter_write_lines(model, texts, alphabet, norm, **kwargs))   # (texts may be any iterable)
+    out = {k: [None] * sum(len(b["index"]) for b in batches) for k in ("raw", "finished", "steps", "attempts")}
+    for batch in batches:
         for k in out:
             for i, v in zip(batch["index"], batch[k]):
                 out[k][i] = v

@@ -40,6 +40,8 @@ class RecognizerConfig(Config):
             raise ValueError(f"downsample must be a power of 2 <= 2 ** conv_layers, not {self.downsample}")
         if self.alphabet_size <= 0:
             raise ValueError(f"a recognizer needs an alphabet, not alphabet_size {self.alphabet_size}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout (--dropout) is a probability in [0, 1), not {self.dropout}")
         if self.kernel_size % 2 == 0:
             raise ValueError(f"kernel_size (--kernel-size) must be odd, so that a convolution keeps its points centred, "
                              f"not {self.kernel_size}")

@@ -698,6 +698,12 @@ def test_sample_and_load_refuse_what_they_cannot_use(files):
     newer["model_config"] = {**newer["model_config"], "layer_norm": True}
     with pytest.raises(ValueError, match="layer_norm.*newer version"):
         model_module.load_model(newer)
+    with pytest.raises(ValueError, match="lacks model_config or model"):
+        model_module.load_model({"foo": 1})
+    model, norm = model.float(), (ckpt["mean"], ckpt["std"])                # texts: any iterable of strings, read once
+    assert len(model_module.write_lines(model, (t for t in ["hi", "ab"]), Alphabet(CHARS), norm, max_steps_per_char=2)[0]) == 2
+    with pytest.raises(TypeError, match="texts must be a list of strings"):
+        model_module.write_lines(model, 5, Alphabet(CHARS), norm)
 
 
 def test_write_lines_gives_each_text_its_own_prime(files, monkeypatch):

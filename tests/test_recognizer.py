@@ -375,6 +375,8 @@ def test_missing_files_give_one_line_errors(trained, tiny_prepared, tmp_path, ca
          "empty.npz is a file; give a folder"),
         (recognizer.main, ["train", "--data", str(tiny_prepared), "--out", str(tmp_path / "k"), "--kernel-size", "4",
                            *TINY_REC], "kernel_size (--kernel-size) must be odd"),
+        (recognizer.main, ["train", "--data", str(tiny_prepared), "--out", str(tmp_path / "k"), "--dropout", "1.5",
+                           *TINY_REC], "dropout (--dropout) is a probability in [0, 1), not 1.5"),
     ]
     for args, message in [(["--style", "0"], "--style is for --legibility"),
                           (["--prime-file", "me.json"], "--prime-file is for --legibility"),
