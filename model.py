@@ -976,7 +976,7 @@ def iter_write_lines(model, texts, alphabet, norm, bias=1.0, generator=None, bat
         if unknown:
             raise ValueError(f"texts[{i}] has characters not in the model's alphabet: "
                              f"{', '.join(map(repr, unknown))} (alphabet.writable(text) leaves them out)")
-    per_line = prime is not None and getattr(prime, "dim", lambda: 0)() == 3 and prime.shape[0] > 1
+    per_line = isinstance(prime, torch.Tensor) and prime.dim() == 3 and prime.shape[0] > 1   # (sample() checks prime)
     if per_line and prime.shape[0] != len(texts):
         raise ValueError(f"prime has {prime.shape[0]} lines and texts {len(texts)}: give one prime (Tp, 3) for all, "
                          f"or one per text")

@@ -1253,10 +1253,15 @@ def load_checkpoint(path, map_location="cpu", config_key="model_config", writer=
 RUN_FILES = ("last.pt", "best.pt", "model.pt", "metrics.jsonl")   # a run folder's files (train.py, recognizer.py train)
 
 
+def in_another_folder(checkpoint, out):
+    """Whether a checkpoint file lies outside the run folder `out`."""
+    return os.path.realpath(os.path.dirname(os.path.abspath(checkpoint))) != os.path.realpath(out)
+
+
 def moved_run(resume, out, say):
     """On resume: whether the checkpoint `resume` goes on in another folder than its own, `out`; says so (say). Its
     best figure then starts afresh, so that OUT/best.pt (and model.pt) are written there at the first evaluation."""
-    moved = os.path.realpath(os.path.dirname(os.path.abspath(resume))) != os.path.realpath(out)
+    moved = in_another_folder(resume, out)
     if moved:
         say(f"note: {resume} goes on in {out}: best figure reset, {out}/best.pt is written at the next evaluation "
             f"(the best of the run so far stays in {os.path.dirname(resume) or '.'})")
@@ -1276,8 +1281,7 @@ def resume_path(out, resume):
                          + ("pass --resume auto to go on with it" if "last.pt" in held else
                             "it has no last.pt to go on from" + (" (--resume OUT/best.pt does)" if "best.pt" in held
                                                                  else "")) + ", or another --out")
-    if resume not in (None, "auto") and held and (
-            os.path.realpath(os.path.dirname(os.path.abspath(resume))) != os.path.realpath(out)):
+    if resume not in (None, "auto") and held and in_another_folder(resume, out):
         raise ValueError(f"{out} holds another run ({', '.join(held)}), which resuming {resume} there would overwrite: "
                          f"pass the --out that run was in, or a new one")
     return None if resume == "auto" else resume
