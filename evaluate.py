@@ -41,8 +41,8 @@ from recognition import error_rates, legibility_score, load_recognizer, read_lin
 from utils import (DTYPES, DefaultsHelpFormatter, MAX_BIAS, MAX_CANDIDATES, MAX_LINE_CHARS, MAX_RETRIES,
                    MOST_STEPS_PER_CHAR, OneLineParser, at_least, autocast_dtype, bias_value, checkpoint_norm, flag_of,
                    interrupt_on_signals, load_checkpoint, load_prime, output_extension, pick_device, plot_lines,
-                   quiet_broken_pipe, relay_warnings, restore_signals, save_strokes, size_drift, unused_sampling_flags,
-                   warn_unwritten, writable_folder, write_jsonl)
+                   quiet_broken_pipe, relay_warnings, restore_signals, sampling_flag_errors, save_strokes, saved_hand,
+                   saved_hand_misfit, size_drift, warn_unwritten, writable_folder, write_jsonl)
 
 
 LEGIBILITY_FLAGS = ("prompts", "recognizer", "bias", "seed", "max_steps_per_char", "retries", "retry_above", "style",
@@ -108,11 +108,9 @@ def get_args(argv=None):
         p.error(f"{given(LEGIBILITY_FLAGS)[0]} is for --legibility (how legible the model writes)")
     if args.legibility and given(NLL_FLAGS):
         p.error(f"{given(NLL_FLAGS)[0]} is for the NLL (without --legibility)")
-    unused = unused_sampling_flags(args)               # typed where they change nothing, as generate.py says
+    unused = sampling_flag_errors(args)               # typed where they change nothing, as generate.py says
     if unused:
         p.error(unused[0])
-    if given(["styles"]) and not os.path.isfile(args.styles):
-        p.error(f"--styles {args.styles} does not exist")
     return args
 
 
@@ -283,10 +281,12 @@ def legibility(args, device):
                   file=sys.stderr)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)                      # (the long prompts: said above)
-        with relay_warnings("evaluate.py", PrimeMisfitWarning):           # a prime its strokes do not write: said
+        hand = saved_hand_misfit if args.prime_file and saved_hand(args.prime_file) else None   # its own rule
+        with relay_warnings("evaluate.py", PrimeMisfitWarning, hand):     # a prime its strokes do not write: said
             out = write_and_read(model, recognizer, [lead + asked[i] for i in keep], alphabet, rec_alphabet,
                                  (ckpt["mean"], ckpt["std"]), (rec_mean, rec_std), args.bias, generator, args.batch_size,
-                                 args.max_steps_per_char, progress=True, retries=args.retries, retry_above=args.retry_above,
+                                 args.max_steps_per_char, progress=True, retries=args.retries,
+                                 retry_above=args.retry_above if args.retries else None,
                                  prime=prime, prime_chars=len(lead), candidates=args.candidates, score=score)
     raw, hyps, finished, steps, attempts = (dict(zip(keep, values)) for values in out)
     with_real = [i for i in keep if real_index[i] is not None]

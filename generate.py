@@ -30,8 +30,8 @@ if __name__ == "__main__":   # Ctrl-C while the libraries load (torch: 1-2 s): s
 # numpy only; torch is imported after the fast checks
 from utils import (ALIGNS, MAX_BIAS, MAX_CANDIDATES, MAX_LINE_CHARS, MAX_RETRIES, MOST_STEPS_PER_CHAR, OneLineParser,
                    VIEWS, at_least, checkpoint_norm, finite_float, flag_of, ink_rgb, interrupt_on_signals, load_prime,
-                   load_prime_file, output_extension, relay_warnings, restore_signals, show_chars,
-                   unused_sampling_flags, warn_unwritten)
+                   load_prime_file, output_extension, relay_warnings, restore_signals, sampling_flag_errors, saved_hand,
+                   saved_hand_misfit, show_chars, warn_unwritten)
 
 HERE = os.path.dirname(os.path.abspath(__file__))   # shipped files are found wherever the command runs from
 DEFAULT_CHECKPOINTS = {"synthesis": "checkpoints/synthesis.pt", "prediction": "checkpoints/prediction.pt"}
@@ -257,7 +257,7 @@ def check_args(args):
     textual = [flag_of(k) for k in TEXT_FLAGS if k in args.typed] + ["--drop-unknown"] * args.drop_unknown
     if args.task == "prediction" and textual:
         fail(f"{textual[0]} is for --task synthesis (writing a text); the prediction network writes --steps points")
-    unused = unused_sampling_flags(args) + [message for on, message in (   # flags typed where they change nothing
+    unused = sampling_flag_errors(args) + [message for on, message in (   # flags typed where they change nothing
         ("batch_size" in args.typed and args.format != ".npz",
          f"--batch-size is for --out FILE.npz; a page (--out {args.out}) is sampled in one batch: drop --batch-size"),
         ("color" in args.typed and args.view in ("strokes", "eos"),
@@ -267,8 +267,6 @@ def check_args(args):
         if on]
     if unused:
         fail(unused[0])
-    if "styles" in args.typed and not os.path.isfile(args.styles):   # (the shipped one is looked for where it ships)
-        fail(f"--styles {args.styles} does not exist" + (" (a folder)" if os.path.isdir(args.styles) else ""))
     if args.show_prime and args.style is None and not args.prime_file:
         fail("--show-prime draws the priming line: give --style N or --prime-file FILE too")
     if args.task == "synthesis" and args.steps is not None:
@@ -482,7 +480,8 @@ def generate(args):
     generator = torch.Generator(device=device).manual_seed(seed)
     record = args.view in ("eos", "density") or bool(args.plot_attention)
     from model import PrimeMisfitWarning
-    with relay_warnings("generate.py", PrimeMisfitWarning):                 # a prime whose text its strokes do not write
+    hand = saved_hand_misfit if args.prime_file and saved_hand(args.prime_file) else None   # its own rule
+    with relay_warnings("generate.py", PrimeMisfitWarning, hand):           # a prime whose text its strokes do not write
         if args.format == ".npz":
             texts = [ln for _ in range(args.num_samples) for ln in lines if ln]   # sample-major
             return write_strokes_file(args, model, ckpt, [lead + t for t in texts], texts, prime, prime_chars,
@@ -519,8 +518,8 @@ def write_pages(args, model, ckpt, pages, lead, prime, prime_offsets, generator,
             text_ids = torch.nn.utils.rnn.pad_sequence([alphabet.encode(t) for t in joined], batch_first=True)
             result = model.sample(text=text_ids.to(device), bias=args.bias, prime=prime, generator=generator,
                                   max_steps_per_char=args.max_steps_per_char, record=record, retries=args.retries,
-                                  retry_above=args.retry_above, prime_chars=prime_chars, candidates=args.candidates,
-                                  score=args.score)
+                                  retry_above=args.retry_above if args.retries else None, prime_chars=prime_chars,
+                                  candidates=args.candidates, score=args.score)
         else:
             result = model.sample(steps=args.steps, bias=args.bias, prime=prime, generator=generator, batch_size=B,
                                   record=record)
@@ -687,8 +686,9 @@ def write_strokes_file(args, model, ckpt, joined, texts, prime, prime_chars, gen
             for batch in iter_write_lines(model, joined, Alphabet(ckpt["alphabet"]), norm, bias=args.bias,
                                           generator=generator, batch_size=args.batch_size,
                                           max_steps_per_char=args.max_steps_per_char, progress=True,
-                                          retries=args.retries, retry_above=args.retry_above, prime=prime,
-                                          prime_chars=prime_chars, candidates=args.candidates, score=args.score):
+                                          retries=args.retries, retry_above=args.retry_above if args.retries else None,
+                                          prime=prime, prime_chars=prime_chars, candidates=args.candidates,
+                                          score=args.score):
                 done.update(zip(batch["index"], zip(batch["raw"], batch["finished"], batch["attempts"])))
         else:
             with tqdm(total=len(texts), desc="generating", unit="line", disable=None) as bar:

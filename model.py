@@ -36,7 +36,12 @@ WINDOW_MISFIT = 2.5  # characters
 
 
 class PrimeMisfitWarning(UserWarning):
-    """sample(prime=...): the priming strokes do not write the priming text (see WINDOW_MISFIT)."""
+    """sample(prime=...): the priming strokes do not write the priming text (see WINDOW_MISFIT). fit: the worst line's
+    prime_fit, in characters (negative: short of the text)."""
+
+    def __init__(self, message, fit=None):
+        super().__init__(message)
+        self.fit = fit
 
 
 class Config:
@@ -413,7 +418,7 @@ class HandwritingModel(nn.Module):
                     f"{'short of' if short else 'past'} the end of their text (does "
                     f"{'the text have a word the strokes do not write' if short else 'the text lack a word they write'}"
                     f"?): lines will start by {'writing the rest of it' if short else 'skipping letters'}; make the "
-                    f"prime's text exactly what its strokes write"), stacklevel=2)
+                    f"prime's text exactly what its strokes write", fit), stacklevel=2)
         return pick_candidates(result, text, candidates, score) if candidates > 1 else result
 
     def _check_sample_args(self, text, steps, bias, prime, generator, batch_size, max_steps_per_char, retries,
@@ -446,6 +451,12 @@ class HandwritingModel(nn.Module):
                             "better (recognition.legibility_score)")
         if retry_above is not None and (not isinstance(retry_above, numbers.Real) or not 0 <= retry_above < math.inf):
             raise ValueError(f"retry_above must be None or a number of points per character >= 0, not {retry_above!r}")
+        # arguments that would change nothing are refused, not ignored: the caller expected them to
+        if score is not None and candidates == 1:
+            raise ValueError("score ranks a line's candidates: give candidates > 1 too, or drop score")
+        if retry_above and not retries:
+            raise ValueError("retry_above chooses the lines that retries samples again, and retries is 0: give "
+                             "retries > 0 too, or drop retry_above")
         if steps is not None:
             check_whole("steps", steps, 1)
         if not self.synthesis:
@@ -455,6 +466,10 @@ class HandwritingModel(nn.Module):
                 raise ValueError("the prediction model needs steps=N: the points to write per line")
             if batch_size is not None:
                 check_whole("batch_size", batch_size, 1)
+            if retries:
+                raise ValueError("retries is for the synthesis model (a prediction line always finishes): drop it")
+            if prime_chars:
+                raise ValueError("prime_chars is for the synthesis model (the prediction model writes no text): drop it")
             if prime is not None and prime.dim() == 3 and batch_size and prime.shape[0] not in (1, batch_size):
                 raise ValueError(f"prime has {prime.shape[0]} lines and batch_size is {batch_size}: give one prime "
                                  f"(Tp, 3) for all, or one per line")
@@ -462,11 +477,17 @@ class HandwritingModel(nn.Module):
         if not (isinstance(text, torch.Tensor) and text.dim() == 2 and text.dtype == torch.long and text.numel()):
             raise TypeError("the synthesis model needs text: a (B, U) LongTensor of character ids, 0-padded "
                             "(alphabet.encode(s)[None] for one line; write_lines takes strings)")
+        if batch_size is not None:
+            raise ValueError("batch_size is for the prediction model: the synthesis model writes one line per row of "
+                             "text (repeat the row for more)")
         if int(text.min()) < 0 or int(text.max()) > self.config.alphabet_size:
             raise ValueError(f"text holds ids outside 0..{self.config.alphabet_size} (0 = padding): encode it with the "
                              f"model's alphabet, dataset.Alphabet(checkpoint['alphabet'])")
         if bool(((text > 0).sum(dim=1) == 0).any()):
             raise ValueError("a row of text has no characters: every line needs some")
+        if bool(((text[:, :-1] == 0) & (text[:, 1:] > 0)).any()):                   # a character after a 0
+            raise ValueError("text has padding (0) before a character: pad each row at its end only "
+                             "(torch.nn.utils.rnn.pad_sequence(rows, batch_first=True))")
         if prime is not None and prime.dim() == 3 and prime.shape[0] not in (1, text.shape[0]):
             raise ValueError(f"prime has {prime.shape[0]} lines and text {text.shape[0]}: give one prime (Tp, 3) for all, "
                              f"or one per line")

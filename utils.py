@@ -92,9 +92,9 @@ def interrupt_on_signals():
     return {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
 
 
-def unused_sampling_flags(args):
-    """generate.py's and evaluate.py --legibility's sampling flags typed (args.typed) where they change nothing: a
-    one-line message for each."""
+def sampling_flag_errors(args):
+    """generate.py's and evaluate.py --legibility's sampling flags typed (args.typed) where they change nothing, or
+    naming a --styles file that is not there: a one-line message for each."""
     typed = args.typed
     return [message for on, message in (
         ("pick_with" in typed and args.candidates == 1,
@@ -102,7 +102,9 @@ def unused_sampling_flags(args):
         ("retry_above" in typed and args.retries == 0,
          "--retry-above chooses the lines that --retries samples again, and --retries is 0: drop one of them"),
         ("styles" in typed and args.style is None and not args.prime_file,
-         "--styles holds the styles of --style N (and the reference size of --prime-file): give one, or drop --styles"))
+         "--styles holds the styles of --style N (and the reference size of --prime-file): give one, or drop --styles"),
+        ("styles" in typed and not os.path.isfile(args.styles),   # (the shipped one is looked for where it ships)
+         f"--styles {args.styles} does not exist" + (" (a folder)" if os.path.isdir(args.styles) else "")))
         if on]
 
 
@@ -795,6 +797,7 @@ def load_style(path, n):
 PRIME_REFERENCE = {"height": 343.0, "step": 19.6}
 MAX_PRIME_POINTS = 4000     # a priming line longer than this is not a line
 MIN_PRIME_POINTS_PER_CHAR = 4   # at the data's point spacing: IAM-OnDB lines have 9-90 per character (median 21)
+SAVED_HAND_PAST = 4.0       # characters a saved hand's window may run past its text unsaid (saved_hand_misfit)
 
 
 def respace_stroke(points, step):
@@ -874,6 +877,24 @@ def load_prime_file(path, styles_path=None):
     offsets[1:, :2] = np.diff(points, axis=0)
     offsets[np.cumsum([len(s) for s in strokes]) - 1, 2] = 1
     return text, offsets
+
+
+def saved_hand(path):
+    """Whether a --prime-file (already read by load_prime_file) is a line the model wrote, saved by --save-hand."""
+    with open(path, encoding="utf-8-sig") as f:
+        return json.load(f).get("data_units", False)
+
+
+def saved_hand_misfit(warning):
+    """relay_warnings' reword for a saved hand's PrimeMisfitWarning. Its text is what its strokes write, but a sampled
+    line ends as its window passes its text, so read back the window is nearly always past it: 2.5-3.9 characters for
+    14 of 18 hands, and harmless there; beyond SAVED_HAND_PAST lines misread their first word twice as often (README,
+    Styles). Only that is said, with what to do."""
+    if warning.fit > SAVED_HAND_PAST:
+        return (f"the saved hand's window runs {warning.fit:.1f} characters past the end of its text (beyond "
+                f"{SAVED_HAND_PAST:g}, lines misread their first word about twice as often): save the hand again with "
+                f"another --seed")
+    return None if warning.fit > 0 else str(warning)
 
 
 def save_prime_file(path, text, offsets, source=None):
@@ -1125,18 +1146,20 @@ def say(text):
 
 
 @contextmanager
-def relay_warnings(prog, category):
+def relay_warnings(prog, category, reword=None):
     """Python warnings of `category` raised inside (the model's PrimeMisfitWarning) -> one line on stderr,
-    'prog: warning: ...', for the first of them only (batch after batch would repeat it); other warnings as before."""
+    'prog: warning: ...', for the first of them only (batch after batch would repeat it); other warnings as before.
+    reword(warning) -> the line to print instead, or None to pass it over (saved_hand_misfit)."""
     shown = False
 
     def show(message, cat, *args, **kwargs):
         nonlocal shown
         if not issubclass(cat, category):
             return original(message, cat, *args, **kwargs)
-        if not shown:
-            print(f"{prog}: warning: {message}", file=sys.stderr, flush=True)
-        shown = True
+        line = reword(message) if reword else message
+        if line is not None and not shown:
+            print(f"{prog}: warning: {line}", file=sys.stderr, flush=True)
+            shown = True
     with warnings.catch_warnings():                  # restores the filters and showwarning after the block
         warnings.simplefilter("always", category)
         original, warnings.showwarning = warnings.showwarning, show

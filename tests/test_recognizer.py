@@ -19,7 +19,7 @@ from dataset import Alphabet, HandwritingDataset, collate, denormalize, normaliz
 from model import load_model, pick_candidates
 from recognition import (Recognizer, RecognizerConfig, ctc_loss, edit_distance, error_rates, greedy_decode, load_recognizer,
                          read_lines, write_and_read)
-from utils import load_prime_file, load_strokes, save_strokes, size_drift
+from utils import load_prime_file, load_strokes, save_prime_file, save_strokes, size_drift
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_REC = ["--conv-channels", "16", "--hidden-size", "16", "--layers", "1", "--batch-size", "8", "--no-progress"]
@@ -281,6 +281,19 @@ def test_legibility_in_a_style(trained, tiny_prepared, tmp_path, capsys, monkeyp
     expected = prime_strokes(load_prime_file(str(tmp_path / "me.json"), str(tmp_path / "styles.json"))[1],
                              ckpt["mean"], ckpt["std"])
     assert calls and all(torch.allclose(c["prime"], expected) for c in calls)
+    # a saved hand (--save-hand) whose window reads 3 characters past its text: nothing said (how sampled lines end);
+    # the same strokes as one's own prime file: warned of (generate.py's test covers the other cases)
+    import model
+    save_prime_file(tmp_path / "hand.json", texts[0], lines[0])
+    monkeypatch.setattr(model.HandwritingModel, "window_centre",
+                        lambda self, state, positions: torch.full((state.h[0].shape[0],), len(texts[0]) + 3.0))
+    for name, warned in (("hand.json", False), ("me.json", True)):
+        capsys.readouterr()
+        evaluate.main(["--checkpoint", str(trained / "syn" / "last.pt"), "--legibility", "--data", str(tiny_prepared),
+                       "--recognizer", str(trained / "rec" / "model.pt"), "--max-steps-per-char", "5", "--retries", "0",
+                       "--prime-file", str(tmp_path / name), "--styles", str(tmp_path / "styles.json"),
+                       "--out", str(tmp_path / "h")])
+        assert ("run 3.0 characters past the end of their text" in capsys.readouterr().err) == warned, name
 
 
 def test_train_checks_legibility_and_selects_best_by_cer(trained, tiny_prepared, tmp_path, capsys):
