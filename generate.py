@@ -612,7 +612,7 @@ def write_pages(args, model, ckpt, pages, lead, prime, prime_offsets, generator,
         utils.save_strokes(args.save_strokes, saved, saved_texts if args.task == "synthesis" else [""] * len(saved))
     code = 0
     if args.save_hand is not None:                                            # the first line, without its prime
-        code = save_hand(args, ckpt, seed, saved_texts[0], saved[0], bool(sampled[0][1]["finished"][0]))
+        code = save_hand(args, model, ckpt, seed, saved_texts[0], saved[0], bool(sampled[0][1]["finished"][0]))
 
     ### report
     if args.plot_attention:
@@ -631,9 +631,10 @@ def attempts_note(args, retried):
             + (f"; best of {args.candidates} attempts per line (--candidates)" if args.candidates > 1 else ""))
 
 
-def save_hand(args, ckpt, seed, text, offsets, finished):
+def save_hand(args, model, ckpt, seed, text, offsets, finished):
     """--save-hand: the first line written, as a prime file (utils.save_prime_file), unless it did not finish its
-    text (it would prime later lines with the rest of it). Returns the exit status: 0, or 1 when nothing was saved."""
+    text (it would prime later lines with the rest of it); a warning if read back its window runs far past its text
+    (hand_past). Returns the exit status: 0, or 1 when nothing was saved."""
     import utils
     if not finished:
         print(f"generate.py: error: the first line ({text[:30]!r}) did not finish its text, so it was not saved as a "
@@ -648,7 +649,34 @@ def save_hand(args, ckpt, seed, text, offsets, finished):
     if len(text) < SHORT_HAND:
         print(f"generate.py: warning: the hand saved is {len(text)} characters long: a line of 25-40 gives the network "
               f"more of the hand to go on", file=sys.stderr)
+    past = hand_past(args, model, ckpt)
+    if past is not None and past > utils.SAVED_HAND_PAST:
+        print(f"generate.py: warning: read back, the saved hand's window runs {past:.1f} characters past the end of its "
+              f"text (beyond {utils.SAVED_HAND_PAST:g}, lines written in it misread their first word about twice as "
+              f"often): save it again with another --seed", file=sys.stderr)
     return 0
+
+
+def hand_past(args, model, ckpt):
+    """How far past the end of its text the window of the hand just saved reads back (sample's prime_fit, in
+    characters), followed by "the": within 0.2 of the worst of 60 validation prompts for 18 saved hands (1.9-5.0).
+    None if the model's alphabet lacks those letters."""
+    import warnings
+    import torch
+    import utils
+    from dataset import Alphabet, prime_strokes
+    from model import PrimeMisfitWarning
+    text, offsets = utils.load_prime_file(args.save_hand, args.styles)             # as --prime-file reads it
+    alphabet = Alphabet(ckpt["alphabet"])
+    if not set("the") <= set(alphabet.chars):
+        return None
+    device = model.mdn.weight.device
+    with warnings.catch_warnings():                                                # (said here, with what to do)
+        warnings.simplefilter("ignore", PrimeMisfitWarning)
+        result = model.sample(alphabet.encode(f"{text} the")[None].to(device), steps=1, prime_chars=len(text) + 1,
+                              prime=prime_strokes(offsets, *checkpoint_norm(ckpt)).to(device),
+                              generator=torch.Generator(device=device).manual_seed(0))
+    return result["prime_fit"].item()
 
 
 def paginate(lines, per_page):
@@ -709,7 +737,7 @@ def write_strokes_file(args, model, ckpt, joined, texts, prime, prime_chars, gen
     raw, finished, attempts = ([done[i][k] for i in rows] for k in range(3))
     utils.save_strokes(args.out, raw, [texts[i] if args.task == "synthesis" else "" for i in rows],
                        [str(i + 1) for i in rows], finished=finished, attempts=attempts)
-    code = save_hand(args, ckpt, seed, texts[0], *done[0][:2]) if args.save_hand is not None and 0 in done else 0
+    code = save_hand(args, model, ckpt, seed, texts[0], *done[0][:2]) if args.save_hand is not None and 0 in done else 0
     if interrupted:
         print(f"generate.py: interrupted: wrote the {len(rows):,} of {len(texts):,} lines done to {args.out} "
               f"(line_ids say which)", file=sys.stderr)

@@ -971,3 +971,21 @@ def test_relay_warnings_rewords_or_passes_over(capsys):
     assert capsys.readouterr().err.splitlines() == [
         "x.py: warning: the saved hand's window runs 4.2 characters past the end of its text (beyond 4, lines misread "
         "their first word about twice as often): save the hand again with another --seed"]
+
+
+@pytest.mark.parametrize("past", [3.0, 4.5])
+def test_save_hand_warns_of_a_hand_whose_window_runs_far_past(files, tmp_path, monkeypatch, capsys, past):
+    """--save-hand reads the hand back, followed by "the", as --prime-file will: beyond SAVED_HAND_PAST characters past
+    its text it says to save it again (the window is set here)."""
+    seen = []
+
+    def centre(self, state, positions):
+        seen.append(positions)
+        return torch.full((state.h[0].shape[0],), len("hi there") + past)
+    monkeypatch.setattr(model_module.HandwritingModel, "window_centre", centre)
+    hand, paced = tmp_path / "hand.json", {**files, "synthesis": paced_checkpoint(tmp_path / "paced.pt", files, 0.25)}
+    assert run(paced, "synthesis", tmp_path / "a.png", "--text", "hi there", "--save-hand", str(hand)) == 0
+    err = capsys.readouterr().err
+    assert hand.exists() and seen == [2 * len("hi there the") + 1]                    # read back once, before "the"
+    assert ("runs 4.5 characters past the end of its text" in err and "save it again with another --seed" in err) == (
+        past > utils.SAVED_HAND_PAST), err
