@@ -53,7 +53,7 @@ def get_args(argv=None):
     p.add_argument("--text-len", type=at_least(1), default=30, help="characters per line of text in training (IAM-OnDB median: 29)")
     p.add_argument("--reps", type=at_least(0), default=0, help="timed repetitions, median reported (0 = 10 on GPU, 3 on CPU)")
     p.add_argument("--warmup", type=at_least(-1), default=-1, help="untimed repetitions first (-1 = 2 on GPU, 1 on CPU)")
-    p.add_argument("--dtype", choices=DTYPES, default="float32", help="autocast dtype for the networks (on a CPU only with AVX-512/AMX, else a one-line error); the loss is always float32")
+    p.add_argument("--dtype", choices=DTYPES, default="float32", help="autocast dtype for the networks (on a CPU, bfloat16 only where its oneDNN LSTM has a kernel, e.g. AVX-512 Zen 4; float16 on none tried; else a one-line error); the loss is always float32")
     p.add_argument("--threads", type=at_least(0), default=0, help="CPU threads for torch (0 = torch's default, one per core); "
                    "on cores busy with other jobs, 1 is usually faster")
     p.add_argument("--sample-chars", type=at_least(1), default=40, help="characters of text per sampled line")

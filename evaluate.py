@@ -60,7 +60,7 @@ def get_args(argv=None):
     p.add_argument("--batch-size", type=at_least(1), default=64, help="lines per batch")
     p.add_argument("--max-lines", type=at_least(0), default=0, help="evaluate only the first N lines of the split, or prompts (0 = all)")
     p.add_argument("--device", default="auto", help="'auto' (CUDA when present), 'cpu', 'cuda', ...")
-    p.add_argument("--dtype", choices=DTYPES, default="float32", help="autocast dtype (on a CPU only with AVX-512/AMX, else a one-line error); the loss is always float32")
+    p.add_argument("--dtype", choices=DTYPES, default="float32", help="autocast dtype (on a CPU, bfloat16 only where its oneDNN LSTM has a kernel, e.g. AVX-512 Zen 4; float16 on none tried; else a one-line error); the loss is always float32")
     p.add_argument("--text-ablation", action="store_true",
                    help="synthesis: also score every line with the next line's text; text_worth_per_line is how many "
                         "nats per line the right text is worth to the model (a model that writes the text leans on it)")

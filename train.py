@@ -130,7 +130,7 @@ def get_args(argv=None):
                    help="stop after this many consecutive NaN/Inf losses or gradients (skipped updates; checked after each batch)")
     # system
     p.add_argument("--device", default="auto", help="'auto' (CUDA when present), 'cpu', 'cuda', 'cuda:1', ...")
-    p.add_argument("--dtype", choices=DTYPES, default="float32", help="autocast dtype for the network (on a CPU only with AVX-512/AMX, else a one-line error); the loss is always float32")
+    p.add_argument("--dtype", choices=DTYPES, default="float32", help="autocast dtype for the network (on a CPU, bfloat16 only where its oneDNN LSTM has a kernel, e.g. AVX-512 Zen 4; float16 on none tried; else a one-line error); the loss is always float32")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the window loop's step (fewer kernel launches per step on a GPU; the first batches "
                         "compile for tens of seconds; needs a C++ compiler on CPU)")
