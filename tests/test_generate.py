@@ -544,6 +544,7 @@ def test_command_line_exit_codes(files, args, code, message):
 
 
 @pytest.mark.parametrize("name, task, hidden", [("synthesis.pt", "synthesis", 256), ("synthesis_h100.pt", "synthesis", 400),
+                                                ("synthesis_h100_ft.pt", "synthesis", 400),
                                                 ("prediction.pt", "prediction", 400)])
 def test_shipped_checkpoints_load_plainly_and_write(name, task, hidden, tmp_path):
     """Every shipped model: weights only, float16, under 16 MB, loadable with weights_only=True, the size
