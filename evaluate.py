@@ -111,6 +111,8 @@ def get_args(argv=None):
     unused = sampling_flag_errors(args)               # typed where they change nothing, as generate.py says
     if unused:
         p.error(unused[0])
+    if not args.retries:
+        args.retry_above = None           # it chooses the lines --retries samples again: none (sample() refuses it)
     return args
 
 
@@ -286,8 +288,8 @@ def legibility(args, device):
             out = write_and_read(model, recognizer, [lead + asked[i] for i in keep], alphabet, rec_alphabet,
                                  (ckpt["mean"], ckpt["std"]), (rec_mean, rec_std), args.bias, generator, args.batch_size,
                                  args.max_steps_per_char, progress=True, retries=args.retries,
-                                 retry_above=args.retry_above if args.retries else None,
-                                 prime=prime, prime_chars=len(lead), candidates=args.candidates, score=score)
+                                 retry_above=args.retry_above, prime=prime, prime_chars=len(lead),
+                                 candidates=args.candidates, score=score)
     raw, hyps, finished, steps, attempts = (dict(zip(keep, values)) for values in out)
     with_real = [i for i in keep if real_index[i] is not None]
     real_hyps = {}
@@ -323,7 +325,7 @@ def legibility(args, device):
     rea = error_rates([real.texts[real_index[i]] for i in with_real], [real_hyps[i] for i in with_real]) if with_real else None
     print(json.dumps({"checkpoint": args.checkpoint, "recognizer": args.recognizer, "bias": args.bias, "seed": args.seed,
                       "style": args.style, "prime_file": args.prime_file,
-                      "retries": args.retries, "retry_above": args.retry_above if args.retries else None,
+                      "retries": args.retries, "retry_above": args.retry_above,
                       "candidates": args.candidates, "pick_with": args.pick_with if args.candidates > 1 else None,
                       "lines": len(keep), "cer_generated": gen["cer"], "wer_generated": gen["wer"],
                       "cer_real": rea and rea["cer"], "wer_real": rea and rea["wer"], "real_lines": len(with_real),

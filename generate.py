@@ -267,6 +267,8 @@ def check_args(args):
         if on]
     if unused:
         fail(unused[0])
+    if not args.retries:
+        args.retry_above = None           # it chooses the lines --retries samples again: none (sample() refuses it)
     if args.show_prime and args.style is None and not args.prime_file:
         fail("--show-prime draws the priming line: give --style N or --prime-file FILE too")
     if args.task == "synthesis" and args.steps is not None:
@@ -518,7 +520,7 @@ def write_pages(args, model, ckpt, pages, lead, prime, prime_offsets, generator,
             text_ids = torch.nn.utils.rnn.pad_sequence([alphabet.encode(t) for t in joined], batch_first=True)
             result = model.sample(text=text_ids.to(device), bias=args.bias, prime=prime, generator=generator,
                                   max_steps_per_char=args.max_steps_per_char, record=record, retries=args.retries,
-                                  retry_above=args.retry_above if args.retries else None, prime_chars=prime_chars,
+                                  retry_above=args.retry_above, prime_chars=prime_chars,
                                   candidates=args.candidates, score=args.score)
         else:
             result = model.sample(steps=args.steps, bias=args.bias, prime=prime, generator=generator, batch_size=B,
@@ -714,9 +716,8 @@ def write_strokes_file(args, model, ckpt, joined, texts, prime, prime_chars, gen
             for batch in iter_write_lines(model, joined, Alphabet(ckpt["alphabet"]), norm, bias=args.bias,
                                           generator=generator, batch_size=args.batch_size,
                                           max_steps_per_char=args.max_steps_per_char, progress=True,
-                                          retries=args.retries, retry_above=args.retry_above if args.retries else None,
-                                          prime=prime, prime_chars=prime_chars, candidates=args.candidates,
-                                          score=args.score):
+                                          retries=args.retries, retry_above=args.retry_above, prime=prime,
+                                          prime_chars=prime_chars, candidates=args.candidates, score=args.score):
                 done.update(zip(batch["index"], zip(batch["raw"], batch["finished"], batch["attempts"])))
         else:
             with tqdm(total=len(texts), desc="generating", unit="line", disable=None) as bar:
