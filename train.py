@@ -77,7 +77,8 @@ def get_args(argv=None):
                         "not exact: torch adds eps outside the square root, and our loss is per point)")
     p.add_argument("--lr", type=at_least(0.0, exclusive=True), default=1e-3, help="learning rate (paper, RMSProp: 1e-4)")
     p.add_argument("--schedule", choices=["constant", "cosine"], default="constant",
-                   help="learning rate after warm-up: constant (the paper), or cosine decay to lr/20 at --max-steps")
+                   help="learning rate after warm-up: constant (the paper), or cosine decay to lr/20 at --max-steps, "
+                        "or without --max-steps over --time-limit's minutes (each call decays anew from --lr)")
     p.add_argument("--warmup", type=at_least(0), default=0, help="steps of linear learning-rate warm-up (paper: none)")
     p.add_argument("--batch-size", type=at_least(1), default=64, help="lines per batch (per process under torchrun)")
     p.add_argument("--tbptt", type=at_least(0), default=0, help="truncated BPTT chunk length in points; 0 = whole lines")
@@ -151,8 +152,8 @@ def get_args(argv=None):
         p.error(f"{flag_of(checks[0])} sets the legibility check, which needs --recognizer PATH: give it, or drop the flag")
     if args.sample_text is not None and not args.sample_text.strip():
         p.error("--sample-text is empty: give the phrase drawn at every evaluation")
-    if args.schedule == "cosine" and not args.max_steps:
-        p.error("--schedule cosine decays over --max-steps: give --max-steps N")
+    if args.schedule == "cosine" and not (args.max_steps or args.time_limit):
+        p.error("--schedule cosine decays over --max-steps steps or --time-limit minutes: give one of them")
     if args.weight_noise < 0:
         p.error(f"--weight-noise is a standard deviation, >= 0, not {args.weight_noise}")
     if not 0 <= args.ema < 1:
@@ -465,7 +466,15 @@ def train(args):
                 g = torch.Generator().manual_seed(args.seed * 1_000_003 + run.step)   # a function of the step: resumable
                 batch["strokes"] = augment(batch["strokes"], batch["stroke_mask"], train_set.mean.tolist(),
                                            train_set.std.tolist(), g, args.augment_scale, args.augment_shear)
-            train_batch(model, raw_model, optimizer, batch, args, device, dtype, run, run_loss, log, graphed, noise, average)
+            decayed = None   # --schedule cosine over --time-limit: the share of this call's minutes gone
+            if args.schedule == "cosine" and not args.max_steps:
+                decayed = torch.tensor((time.time() - t_start) / (args.time_limit * 60))
+                if ddp:          # rank 0's clock, so that every rank steps with the same learning rate
+                    decayed = decayed.to(device)
+                    dist.broadcast(decayed, 0)
+                decayed = float(decayed)
+            train_batch(model, raw_model, optimizer, batch, args, device, dtype, run, run_loss, log, graphed, noise, average,
+                        decayed)
             run.batch_in_epoch = b + 1
             run.train_time += time.time() - t0
             if progress is not None:   # (a bar without a total has no truth value)
@@ -539,11 +548,12 @@ class RunningLoss:
 
 
 def train_batch(model, raw_model, optimizer, batch, args, device, dtype, run, run_loss, log, graphed=None, noise=None,
-                average=None):
+                average=None, decayed=None):
     """Truncated BPTT over one batch: one optimiser step per chunk, state carried and detached (in graphed's
     buffers with --cuda-graph). Losses and skipped steps are summed on the device and read once, at the end.
     noise (WeightNoise): one draw of the weights for the whole batch, mu restored around every update.
-    average (WeightAverage): follows the weights after every update."""
+    average (WeightAverage): follows the weights after every update.
+    decayed (0 to 1): how far a cosine schedule has gone, if not by steps (the batch's share of a time budget)."""
     t0 = time.time()
     strokes, mask = batch["strokes"].to(device, non_blocking=True), batch["stroke_mask"].to(device, non_blocking=True)
     text = batch["text"].to(device, non_blocking=True) if raw_model.synthesis else None
@@ -580,7 +590,7 @@ def train_batch(model, raw_model, optimizer, batch, args, device, dtype, run, ru
         if noise:
             noise.restore()                          # mu back, and the gradients of NLL + KL / N
         for group in optimizer.param_groups:        # (a skipped step shifts the schedule of this batch's later chunks)
-            group["lr"] = learning_rate(run.step + chunks, args.max_steps, args.lr, args.warmup, args.schedule)
+            group["lr"] = learning_rate(run.step + chunks, args.max_steps, args.lr, args.warmup, args.schedule, decayed)
         ok = clipped_step(optimizer, params, loss_sum, args.clip)
         if average:   # (after a skipped update it moves towards the unchanged weights)
             average.update(run.step + chunks)

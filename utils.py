@@ -965,13 +965,16 @@ def cpu_lstm_supports(dtype):
         return False
 
 
-def learning_rate(step, total_steps, lr, warmup=0, schedule="constant"):
-    """Linear warm-up over `warmup` steps, then constant or cosine decay to lr/20 at total_steps."""
+def learning_rate(step, total_steps, lr, warmup=0, schedule="constant", progress=None):
+    """Linear warm-up over `warmup` steps, then constant or cosine decay to lr/20 at total_steps. progress (0 to 1), if
+    given, is how far the decay has gone instead of (step - warmup) / (total_steps - warmup): e.g. of a time budget."""
     if step < warmup:
         return lr * (step + 1) / warmup
     if schedule == "constant":
         return lr
-    progress = min((step - warmup) / max(total_steps - warmup, 1), 1.0)
+    if progress is None:
+        progress = (step - warmup) / max(total_steps - warmup, 1)
+    progress = min(max(progress, 0.0), 1.0)
     return lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 

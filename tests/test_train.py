@@ -225,6 +225,21 @@ def test_learning_rate_schedule():
     assert learning_rate(10, 100, 1.0, warmup=10, schedule="cosine") == pytest.approx(1.0)
     assert learning_rate(55, 100, 1.0, warmup=10, schedule="cosine") == pytest.approx(0.525)   # half way
     assert learning_rate(100, 100, 1.0, warmup=10, schedule="cosine") == pytest.approx(0.05)   # lr / 20 at the end
+    # by a given share of the decay (of a time budget) instead of steps; warm-up still by steps
+    assert learning_rate(5, 0, 1.0, warmup=10, schedule="cosine", progress=0.9) == pytest.approx(0.6)
+    assert learning_rate(50, 0, 1.0, warmup=10, schedule="cosine", progress=0.5) == pytest.approx(0.525)
+    assert learning_rate(50, 0, 1.0, warmup=10, schedule="cosine", progress=1.3) == pytest.approx(0.05)
+    assert learning_rate(50, 0, 1.0, warmup=10, progress=0.5) == 1.0
+
+
+def test_cosine_schedule_over_the_time_limit(tiny_prepared, tmp_path, capsys):
+    """Without --max-steps, --schedule cosine decays over --time-limit's minutes (wall time: how many steps fit is the
+    machine's business, so only the shape is checked)."""
+    rows = run_train(tiny_prepared, tmp_path, "--time-limit", "0.05", "--eval-interval", "5", "--lr", "2e-3",
+                     "--schedule", "cosine")
+    assert "done (time limit)" in capsys.readouterr().out
+    lrs = [r["lr"] for r in rows]
+    assert len(lrs) >= 2 and lrs == sorted(lrs, reverse=True) and lrs[-1] < 0.5 * 2e-3
 
 
 @pytest.mark.parametrize("name", ["adam", "rmsprop"])
@@ -296,7 +311,7 @@ def test_cosine_schedule_and_augmentation_in_a_run(tiny_prepared, tmp_path, monk
     assert rows[-1]["lr"] < 0.2 * 2e-3 and all(map(math.isfinite, (r["val_nll_per_line"] for r in rows)))
     r = subprocess.run([sys.executable, "train.py", "--schedule", "cosine", "--data", str(tiny_prepared)],
                        cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert r.returncode != 0 and "--max-steps" in r.stderr and "Traceback" not in r.stderr
+    assert r.returncode != 0 and "--max-steps" in r.stderr and "--time-limit" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_progress_bar_without_a_step_limit(tiny_prepared, tmp_path):
