@@ -41,8 +41,8 @@ from recognition import error_rates, legibility_score, load_recognizer, read_lin
 from utils import (DTYPES, DefaultsHelpFormatter, MAX_BIAS, MAX_CANDIDATES, MAX_LINE_CHARS, MAX_RETRIES,
                    MOST_STEPS_PER_CHAR, OneLineParser, at_least, autocast_dtype, bias_value, checkpoint_norm, flag_of,
                    interrupt_on_signals, load_checkpoint, load_prime, output_extension, pick_device, plot_lines,
-                   quiet_broken_pipe, relay_warnings, restore_signals, sampling_flag_errors, save_strokes, saved_hand,
-                   saved_hand_misfit, size_drift, warn_unwritten, writable_folder, write_jsonl)
+                   prime_file_reword, quiet_broken_pipe, relay_warnings, restore_signals, sampling_flag_errors,
+                   save_strokes, size_drift, warn_unwritten, writable_folder, write_jsonl)
 
 
 LEGIBILITY_FLAGS = ("prompts", "recognizer", "bias", "seed", "max_steps_per_char", "retries", "retry_above", "style",
@@ -283,7 +283,7 @@ def legibility(args, device):
                   file=sys.stderr)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)                      # (the long prompts: said above)
-        hand = saved_hand_misfit if args.prime_file and saved_hand(args.prime_file) else None   # its own rule
+        hand = prime_file_reword(args.prime_file)   # a saved hand: its own rule
         with relay_warnings("evaluate.py", PrimeMisfitWarning, hand):     # a prime its strokes do not write: said
             out = write_and_read(model, recognizer, [lead + asked[i] for i in keep], alphabet, rec_alphabet,
                                  (ckpt["mean"], ckpt["std"]), (rec_mean, rec_std), args.bias, generator, args.batch_size,

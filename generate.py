@@ -30,8 +30,8 @@ if __name__ == "__main__":   # Ctrl-C while the libraries load (torch: 1-2 s): s
 # numpy only; torch is imported after the fast checks
 from utils import (ALIGNS, MAX_BIAS, MAX_CANDIDATES, MAX_LINE_CHARS, MAX_RETRIES, MOST_STEPS_PER_CHAR, OneLineParser,
                    VIEWS, at_least, checkpoint_norm, finite_float, flag_of, ink_rgb, interrupt_on_signals, load_prime,
-                   load_prime_file, output_extension, relay_warnings, restore_signals, sampling_flag_errors, saved_hand,
-                   saved_hand_misfit, show_chars, warn_unwritten)
+                   load_prime_file, output_extension, prime_file_reword, relay_warnings, restore_signals,
+                   sampling_flag_errors, show_chars, warn_unwritten)
 
 HERE = os.path.dirname(os.path.abspath(__file__))   # shipped files are found wherever the command runs from
 DEFAULT_CHECKPOINTS = {"synthesis": "checkpoints/synthesis.pt", "prediction": "checkpoints/prediction.pt"}
@@ -482,7 +482,7 @@ def generate(args):
     generator = torch.Generator(device=device).manual_seed(seed)
     record = args.view in ("eos", "density") or bool(args.plot_attention)
     from model import PrimeMisfitWarning
-    hand = saved_hand_misfit if args.prime_file and saved_hand(args.prime_file) else None   # its own rule
+    hand = prime_file_reword(args.prime_file)   # a saved hand: its own rule
     with relay_warnings("generate.py", PrimeMisfitWarning, hand):           # a prime whose text its strokes do not write
         if args.format == ".npz":
             texts = [ln for _ in range(args.num_samples) for ln in lines if ln]   # sample-major

@@ -897,6 +897,12 @@ def saved_hand_misfit(warning):
     return None if warning.fit > 0 else str(warning)
 
 
+def prime_file_reword(path):
+    """relay_warnings' reword for the PrimeMisfitWarning of a --prime-file (path None: no file): a saved hand has its
+    own rule (saved_hand_misfit); any other prime is warned of as the model words it (None)."""
+    return saved_hand_misfit if path and saved_hand(path) else None
+
+
 def save_prime_file(path, text, offsets, source=None):
     """A written line as a --prime-file: JSON {"text", "strokes", "data_units": true} (load_prime_file's format,
     screen coordinates, y down, in the data's units: read back at its size, not scaled to a reference height as a
