@@ -468,11 +468,11 @@ def train(args):
                                            train_set.std.tolist(), g, args.augment_scale, args.augment_shear)
             decayed = None   # --schedule cosine over --time-limit: the share of this call's minutes gone
             if args.schedule == "cosine" and not args.max_steps:
-                decayed = torch.tensor((time.time() - t_start) / (args.time_limit * 60))
+                decayed = (time.time() - t_start) / (args.time_limit * 60)
                 if ddp:          # rank 0's clock, so that every rank steps with the same learning rate
-                    decayed = decayed.to(device)
-                    dist.broadcast(decayed, 0)
-                decayed = float(decayed)
+                    shared = torch.tensor(decayed, device=device)
+                    dist.broadcast(shared, 0)
+                    decayed = float(shared)
             train_batch(model, raw_model, optimizer, batch, args, device, dtype, run, run_loss, log, graphed, noise, average,
                         decayed)
             run.batch_in_epoch = b + 1
