@@ -11,7 +11,8 @@ Prints one JSON object:
   (model.py) and for the textbook reference (reference.py: nn.LSTMCell loop, plain window and MDN) in the same
   run, repetitions interleaved so that a change of machine load hits both; the speed-up is ours / reference;
 - sample: seconds to sample one 40-character line and a batch of 64 lines, with a fixed number of points per
-  character (the window is pinned so the stopping rule never fires: an untrained model's stopping time is noise);
+  character (the window is pinned so the stopping rule never fires: an untrained model's stopping time is noise),
+  the weights rounded to float16 numbers as in the shipped checkpoints (--sample-weights);
 - the device, torch version, threads, load average and every setting.
 The headline figures come first; "train" and "sample" hold the details: wall-clock seconds, and process CPU
 seconds (all threads together) as a second view on a shared machine. Warm-up repetitions are excluded; medians
@@ -33,7 +34,7 @@ if __name__ == "__main__":   # Ctrl-C while the libraries load (torch: 1-2 s): s
 
 import torch  # noqa: E402  (after the OpenMP setting, which is read when torch loads)
 
-from model import GraphedChunk, HandwritingModel, ModelConfig, nll
+from model import GraphedChunk, HandwritingModel, ModelConfig, half_products_exact, nll
 from reference import ReferenceModel, reference_nll
 from utils import (DefaultsHelpFormatter, OneLineParser, at_least, autocast_dtype, clipped_step, interrupt_on_signals,
                    make_optimizer, pick_device, restore_signals)
@@ -58,6 +59,9 @@ def get_args(argv=None):
                    "on cores busy with other jobs, 1 is usually faster")
     p.add_argument("--sample-chars", type=at_least(1), default=40, help="characters of text per sampled line")
     p.add_argument("--steps-per-char", type=at_least(1), default=25, help="points sampled per character (IAM-OnDB mean: about 21)")
+    p.add_argument("--sample-weights", choices=["float16", "float32"], default="float16", help="the sampled model's weights: "
+                   "float16 numbers, as the shipped checkpoints and train.py's model.pt store them (on a CPU, sampled "
+                   "through the float16 product: model.StepProduct), or float32 ones, as in best.pt and last.pt")
     p.add_argument("--sample-batch", type=at_least(0), default=64, help="lines in the batched sampling test (0 = skip it)")
     p.add_argument("--sample-reps", type=at_least(0), default=0, help="timed repetitions of one-line sampling (0 = 5 on GPU, 3 on CPU)")
     p.add_argument("--sample-batch-reps", type=at_least(0), default=0, help="timed repetitions of batched sampling (0 = 5 on GPU, 1 on CPU)")
@@ -248,6 +252,11 @@ def run(args):
     if model.synthesis:
         with torch.no_grad():   # pin the window at the start (kappa += exp(-30) per point): the stopping rule never fires
             model.window.bias[2 * config.window_gaussians:] = -30.0
+    if args.sample_weights == "float16":
+        with torch.no_grad():
+            for p in model.parameters():
+                p.copy_(p.half().float())
+    half = half_products_exact([p for p in model.parameters() if p.dim() == 2])
     sample = {"one_line": time_sampling(model, 1, args.sample_reps, args, device, dtype, g)}
     if args.sample_batch:
         sample["batch"] = time_sampling(model, args.sample_batch, args.sample_batch_reps, args, device, dtype, g)
@@ -258,6 +267,7 @@ def run(args):
         "speedup": train.get("speedup"),
         "sample_one_line_s": sample["one_line"]["seconds"],
         "sample_batch_s": sample["batch"]["seconds"] if "batch" in sample else None,
+        "sample_float16_products": half,
         "device": device_name(device), "torch": torch.__version__, "threads": torch.get_num_threads(),
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
         "load_average_start": load_start, "load_average_end": loadavg(),

@@ -5,7 +5,9 @@ import math
 import pytest
 import torch
 
-from model import HandwritingModel, ModelConfig, WeightNoise, mixture_params, nll, replace_rows, teacher_forcing
+import model as model_module
+from model import (HandwritingModel, ModelConfig, WeightNoise, half_products_exact, mixture_params, nll, replace_rows,
+                   teacher_forcing)
 
 
 def tiny(task, **kw):
@@ -107,6 +109,59 @@ def test_sampling_step_equals_batched_forward(task):
     if synthesis:
         assert torch.allclose(torch.stack(phis, 1), phi, atol=1e-10)
         assert torch.allclose(s.kappa, state.kappa, atol=1e-10) and torch.allclose(s.window, state.window, atol=1e-10)
+
+
+def float16_valued(task):
+    """A float32 tiny model whose weights are float16 numbers, as the shipped checkpoints' are once loaded."""
+    model = tiny(task).float()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(p.half().float())
+    return model
+
+
+@pytest.mark.parametrize("task", ["prediction", "synthesis"])
+def test_float16_step_products_compute_the_float32_step(task):
+    """StepProduct(half=True) (fbgemm's float16 kernel) gives a sampling step what addmm gives it, to float32's
+    rounding, for float16-valued weights; sample() takes it by itself only for those (CPU, float32, no autocast)."""
+    model = float16_valued(task)
+    matrices = [p for p in model.parameters() if p.dim() == 2]
+    if not half_products_exact(matrices):
+        pytest.skip("no float16 product kernel in this torch build (fbgemm: x86 only)")
+    assert all(p.half for p in model._step_weights()[0])                       # chosen by itself
+    assert not any(p.half for p in tiny(task).float()._step_weights()[0])      # float32 weights: not float16 numbers
+    assert not half_products_exact([m.double() for m in matrices])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not half_products_exact(matrices)
+    x, text = batch()
+    x, synthesis = x.float(), task == "synthesis"
+    onehot = model.one_hot(text).float() if synthesis else None
+    u = torch.arange(text.shape[1] + 1, dtype=torch.float) if synthesis else None
+    states = [model.initial_state(x.shape[0])] * 2
+    for t in range(x.shape[1]):
+        (y16, s16, p16), (y32, s32, p32) = [model._step(x[:, t], s, model._step_weights(half=h), onehot, u)
+                                            for s, h in zip(states, (True, False))]
+        assert torch.allclose(y16, y32, rtol=1e-5, atol=1e-5)
+        if synthesis:
+            assert torch.allclose(p16, p32, rtol=1e-5, atol=1e-6)
+        states = [s16, s32]
+    for a, b in zip(states[0].tensors(), states[1].tensors()):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_sample_with_float16_products_writes_the_float32_lines(monkeypatch):
+    """A whole sampled line through the float16 product against the same seed through addmm: the same points."""
+    model = float16_valued("synthesis")
+    text = torch.tensor([[1, 2, 3, 4, 5, 6, 7, 1, 2]])
+    if not half_products_exact([p for p in model.parameters() if p.dim() == 2]):
+        pytest.skip("no float16 product kernel in this torch build (fbgemm: x86 only)")
+    kw = dict(generator=None, max_steps_per_char=6, bias=1.0, record=True)
+    r16 = model.sample(text, **{**kw, "generator": torch.Generator().manual_seed(0)})
+    monkeypatch.setattr(model_module, "half_products_exact", lambda weights: False)
+    r32 = model.sample(text, **{**kw, "generator": torch.Generator().manual_seed(0)})
+    assert r16["lengths"].tolist() == r32["lengths"].tolist() and r16["lengths"].item() > 20
+    assert torch.allclose(r16["strokes"], r32["strokes"], atol=1e-4)
+    assert torch.allclose(r16["mixture"], r32["mixture"], atol=1e-4)
 
 
 @pytest.mark.parametrize("task", ["prediction", "synthesis"])
