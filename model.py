@@ -10,7 +10,8 @@ One model class covers both tasks:
 Only layer 1 and the window form a step-by-step recurrence; layers 2..L and the MDN head run fused over
 the whole chunk (cuDNN LSTM on GPU). `forward` serves training (chunks of truncated BPTT with carried state),
 evaluation and priming; sampling steps one point at a time with `_step`, the same maths with each layer's
-weights merged into one matrix (tested equal to `forward`).
+weights merged into one matrix (tested equal to `forward`), float16-valued weights multiplied in float16 on an x86
+CPU (StepProduct).
 """
 import math
 import numbers
