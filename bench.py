@@ -256,7 +256,8 @@ def run(args):
         with torch.no_grad():
             for p in model.parameters():
                 p.copy_(p.half().float())
-    half = half_products_exact([p for p in model.parameters() if p.dim() == 2])
+    with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):   # as time_sampling samples
+        half = half_products_exact([p for p in model.parameters() if p.dim() == 2])
     sample = {"one_line": time_sampling(model, 1, args.sample_reps, args, device, dtype, g)}
     if args.sample_batch:
         sample["batch"] = time_sampling(model, args.sample_batch, args.sample_batch_reps, args, device, dtype, g)

@@ -3,7 +3,7 @@ every parameter, in double precision on CPU. This is the equivalence proof behin
 import pytest
 import torch
 
-from model import HandwritingModel, ModelConfig, nll, teacher_forcing
+from model import HandwritingModel, ModelConfig, half_products_exact, nll, teacher_forcing
 from reference import ReferenceModel, reference_nll
 
 
@@ -100,6 +100,19 @@ def test_bench_smoke(capsys, task):
     assert json.loads(capsys.readouterr().out) == json.loads(json.dumps(result))
     assert result["train_points_per_s"] > 0 and result["reference_points_per_s"] > 0 and result["speedup"] > 0
     assert result["sample_one_line_s"] > 0 and result["sample"]["batch"]["lines"] == 4
+    # the sampled weights are float16 numbers (--sample-weights float16): the float16 product wherever it runs
+    assert result["sample_float16_products"] == half_products_exact([torch.ones(1, 1)])
+
+
+def test_bench_sample_weights_float32_samples_through_the_float32_product():
+    import bench
+    threads = torch.get_num_threads()
+    try:
+        result = bench.main(["--quick", "--device", "cpu", "--threads", "1", "--sample-weights", "float32",
+                             "--skip-reference", "--sample-batch", "0"])
+    finally:
+        torch.set_num_threads(threads)
+    assert result["sample_float16_products"] is False and result["sample_one_line_s"] > 0
 
 
 def test_bench_quick_keeps_the_sizes_typed_beside_it():
