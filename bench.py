@@ -34,7 +34,7 @@ if __name__ == "__main__":   # Ctrl-C while the libraries load (torch: 1-2 s): s
 
 import torch  # noqa: E402  (after the OpenMP setting, which is read when torch loads)
 
-from model import GraphedChunk, HandwritingModel, ModelConfig, half_products_exact, nll
+from model import GraphedChunk, HandwritingModel, ModelConfig, load_weights, nll
 from reference import ReferenceModel, reference_nll
 from utils import (DefaultsHelpFormatter, OneLineParser, at_least, autocast_dtype, clipped_step, interrupt_on_signals,
                    make_optimizer, pick_device, restore_signals)
@@ -252,12 +252,10 @@ def run(args):
     if model.synthesis:
         with torch.no_grad():   # pin the window at the start (kappa += exp(-30) per point): the stopping rule never fires
             model.window.bias[2 * config.window_gaussians:] = -30.0
-    if args.sample_weights == "float16":
-        with torch.no_grad():
-            for p in model.parameters():
-                p.copy_(p.half().float())
-    with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):   # as time_sampling samples
-        half = half_products_exact([p for p in model.parameters() if p.dim() == 2])
+    if args.sample_weights == "float16":    # loaded as a shipped checkpoint loads: float16 weights into float32
+        load_weights(model, {k: v.half() for k, v in model.state_dict().items()}, "the benchmark's")
+    with torch.no_grad(), torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):   # as it samples
+        half = model._step_weights()[-1].half                      # the product sample() chooses (StepProduct)
     sample = {"one_line": time_sampling(model, 1, args.sample_reps, args, device, dtype, g)}
     if args.sample_batch:
         sample["batch"] = time_sampling(model, args.sample_batch, args.sample_batch_reps, args, device, dtype, g)

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import model as model_module
-from model import (HandwritingModel, ModelConfig, WeightNoise, half_products_exact, mixture_params, nll, replace_rows,
-                   teacher_forcing)
+from model import (HandwritingModel, ModelConfig, WeightNoise, half_products_exact, load_weights, mixture_params, nll,
+                   replace_rows, teacher_forcing)
 
 
 def tiny(task, **kw):
@@ -114,10 +114,7 @@ def test_sampling_step_equals_batched_forward(task):
 def float16_valued(task):
     """A float32 tiny model whose weights are float16 numbers, as the shipped checkpoints' are once loaded."""
     model = tiny(task).float()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(p.half().float())
-    return model
+    return load_weights(model, {k: v.half() for k, v in model.state_dict().items()}, "test")
 
 
 @pytest.mark.parametrize("task", ["prediction", "synthesis"])
