@@ -255,7 +255,7 @@ def run(args):
     if args.sample_weights == "float16":    # loaded as a shipped checkpoint loads: float16 weights into float32
         load_weights(model, {k: v.half() for k, v in model.state_dict().items()}, "the benchmark's")
     with torch.no_grad(), torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):   # as it samples
-        half = model._step_weights()[-1].half                      # the product sample() chooses (StepProduct)
+        half = model._step_weights()[0][0].half                   # the product sample() chooses (StepProduct)
     sample = {"one_line": time_sampling(model, 1, args.sample_reps, args, device, dtype, g)}
     if args.sample_batch:
         sample["batch"] = time_sampling(model, args.sample_batch, args.sample_batch_reps, args, device, dtype, g)

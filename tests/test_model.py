@@ -146,6 +146,27 @@ def test_float16_step_products_compute_the_float32_step(task):
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-5)
 
 
+def test_step_weights_are_kept_until_a_weight_changes():
+    """sample() packs the step weights once and keeps them on the model; a weight changed in place (an optimiser
+    step, load_weights, WeightNoise) or a move to another dtype packs them again, so no line is drawn with old ones."""
+    model = tiny("synthesis").float()
+    text = torch.tensor([[1, 2, 3, 4]])
+    line = lambda m: m.sample(text, generator=torch.Generator().manual_seed(0), max_steps_per_char=5)["strokes"]
+    before = line(model)
+    kept = model._step_cache[1]
+    assert line(model).equal(before) and model._step_weights() is kept
+    with torch.no_grad():
+        model.rnns[-1].weight_hh_l0.mul_(1.5)              # in place, as an optimiser's step
+    after = line(model)
+    assert model._step_cache[1] is not kept and not after.equal(before)
+    fresh = tiny("synthesis").float()
+    load_weights(fresh, model.state_dict(), "test")
+    assert line(fresh).equal(after)                      # what a model built with these weights draws
+    load_weights(model, tiny("synthesis").float().state_dict(), "test")
+    assert line(model).equal(before)
+    assert model.double()._step_weights()[-1].weight_t.dtype == torch.float64
+
+
 def test_sample_with_float16_products_writes_the_float32_lines(monkeypatch):
     """A whole sampled line through the float16 product against the same seed through addmm: the same points."""
     model = float16_valued("synthesis")
@@ -155,6 +176,7 @@ def test_sample_with_float16_products_writes_the_float32_lines(monkeypatch):
     kw = dict(generator=None, max_steps_per_char=6, bias=1.0, record=True)
     r16 = model.sample(text, **{**kw, "generator": torch.Generator().manual_seed(0)})
     monkeypatch.setattr(model_module, "half_products_exact", lambda weights: False)
+    model._step_cache = None                            # packed by the first sample() (kept until a weight changes)
     r32 = model.sample(text, **{**kw, "generator": torch.Generator().manual_seed(0)})
     assert r16["lengths"].tolist() == r32["lengths"].tolist() and r16["lengths"].item() > 20
     assert torch.allclose(r16["strokes"], r32["strokes"], atol=1e-4)
@@ -352,8 +374,8 @@ def test_sample_point_draws_from_the_mixture(b):
     pi_hat, mu1, mu2 = torch.tensor([0.2, 1.0, -0.3]), torch.tensor([-20.0, 0.0, 20.0]), torch.tensor([5.0, -5.0, 0.0])
     s_hat, rho_hat = torch.tensor([0.0, 0.3, -0.2]) + b, torch.tensor([0.0, 1.0, -0.6])   # sigma = exp(s_hat - b)
     y = torch.cat([torch.tensor([0.4]), pi_hat, mu1, mu2, s_hat, s_hat - 0.2, rho_hat]).double().expand(n, 1 + 6 * M)
-    x = HandwritingModel._sample_point(mixture_params(y, bias=b), torch.Generator().manual_seed(0))
-    j = torch.bucketize(x[:, 0], torch.tensor([-10.0, 10.0], dtype=torch.double))        # the component of each draw
+    x = HandwritingModel._sample_point(y, b, torch.Generator().manual_seed(0))
+    j = torch.bucketize(x[:, 0].contiguous(), torch.tensor([-10.0, 10.0], dtype=torch.double))        # the component of each draw
     pi = torch.softmax(pi_hat * (1 + b), 0)
     assert torch.allclose(torch.bincount(j, minlength=M).double() / n, pi.double(), atol=0.01)
     for k in range(M):
@@ -414,8 +436,8 @@ def test_a_line_does_not_end_with_the_pen_travelling_to_a_next_letter(monkeypatc
                          ({t for s in stop for t in (s - 2, s - 1)}, stop)):          # a dot of its own: kept
         step = {"t": 0}
 
-        def point(mix, generator=None):
-            x = draw(mix, generator)
+        def point(y, bias=0.0, generator=None):
+            x = draw(y, bias, generator)
             x[:, 2] = float(step["t"] in lifted)                  # eos = 1 at these steps, in both lines
             step["t"] += 1
             return x
