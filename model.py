@@ -377,11 +377,13 @@ class HandwritingModel(nn.Module):
         when exact, see half_products_exact); the heads stay float32, where fbgemm's float16 call costs more than
         the bytes it saves (window 13.5 us against 3.2, MDN 20 against 12-15: 2-core AVX-512 VM).
         Kept on the model until a parameter changes (data_ptr and version, which in-place updates under no_grad,
-        load_state_dict and optimisers bump; edits through .data are not seen): merging, checking and packing a
-        paper-size model's weights take 35 ms, 6 % of sampling a line on a CPU."""
-        key = (half, torch.is_autocast_enabled("cpu"),
-               *((p.data_ptr(), p._version, p.dtype, p.device) for p in self.parameters()))
-        if self._step_cache is not None and self._step_cache[0] == key:
+        load_state_dict and optimisers bump; edits through .data are not seen; a model built under inference_mode,
+        whose parameters have no version, is packed on every call): merging, checking and packing a paper-size
+        model's weights take 35 ms, 6 % of sampling a line on a CPU."""
+        params = list(self.parameters())
+        key = None if any(p.is_inference() for p in params) else (   # built under inference_mode: no version counter
+            half, torch.is_autocast_enabled("cpu"), *((p.data_ptr(), p._version, p.dtype, p.device) for p in params))
+        if key is not None and self._step_cache is not None and self._step_cache[0] == key:
             return self._step_cache[1]
         pairs = []
         with torch.no_grad():
@@ -395,7 +397,7 @@ class HandwritingModel(nn.Module):
             heads = [StepProduct(head.weight, head.bias) for head in ([self.window] if self.synthesis else [])
                      + [self.mdn]]
         weights = layers, heads[0] if self.synthesis else None, heads[-1]
-        self._step_cache = key, weights
+        self._step_cache = None if key is None else (key, weights)
         return weights
 
     def _step(self, x, state, weights, onehot=None, u=None):

@@ -167,6 +167,22 @@ def test_step_weights_are_kept_until_a_weight_changes():
     assert model.double()._step_weights()[-1].weight_t.dtype == torch.float64
 
 
+def test_a_model_built_under_inference_mode_samples_its_current_weights():
+    """Parameters made under torch.inference_mode have no version counter: such a model samples (its step weights
+    packed on every call), and an edit made there is drawn."""
+    text = torch.tensor([[1, 2, 3, 4]])
+    line = lambda m: m.sample(text, generator=torch.Generator().manual_seed(0), max_steps_per_char=5)["strokes"]
+    with torch.inference_mode():
+        model = tiny("synthesis").float()
+        before = line(model)
+        model.rnns[-1].weight_hh_l0.mul_(1.5)
+        after = line(model)
+    assert not after.equal(before)
+    plain = tiny("synthesis").float()
+    load_weights(plain, model.state_dict(), "test")
+    assert line(plain).equal(after)
+
+
 def test_sample_with_float16_products_writes_the_float32_lines(monkeypatch):
     """A whole sampled line through the float16 product against the same seed through addmm: the same points."""
     model = float16_valued("synthesis")
