@@ -124,10 +124,16 @@ class Mixture(NamedTuple):
     rho: torch.Tensor
 
 
+def upcast(y):
+    """float16 and bfloat16 (autocast's outputs) to float32; float32 and float64 as they are: the mixture's maths,
+    the loss and the draws, in float32 or double."""
+    return y.float() if y.dtype in (torch.float16, torch.bfloat16) else y
+
+
 def mixture_params(y, bias=0.0):
     """Split the network output y (B, T, 1 + 6M) into MDN parameters, in float32.
     bias > 0 is Graves' biased sampling (eq. 61-62): pi = softmax(pi_hat (1 + b)), sigma = exp(sigma_hat - b)."""
-    y = y.float() if y.dtype in (torch.float16, torch.bfloat16) else y   # the loss in float32 (or double)
+    y = upcast(y)
     eos_logit, pi_hat, mu1, mu2, s1, s2, rho_hat = torch.split(
         y, [1] + [(y.shape[-1] - 1) // 6] * 6, dim=-1)
     log_pi = torch.log_softmax(pi_hat * (1 + bias), dim=-1)
@@ -376,15 +382,16 @@ class HandwritingModel(nn.Module):
         Returns (one StepProduct per layer, the window's or None, the MDN's). half: the layers' StepProduct half (None:
         when exact, see half_products_exact); the heads stay float32, where fbgemm's float16 call costs more than
         the bytes it saves (window 13.5 us against 3.2, MDN 20 against 12-15: 2-core AVX-512 VM).
-        Kept on the model until a parameter changes (data_ptr and version, which in-place updates under no_grad,
-        load_state_dict and optimisers bump; edits through .data are not seen; a model built under inference_mode,
-        whose parameters have no version, is packed on every call): merging, checking and packing a paper-size
-        model's weights take 35 ms, 6 % of sampling a line on a CPU."""
+        Kept on the model with a copy of the parameters they were built from, and used again only while every
+        parameter equals its copy (checked per call: 2.5 ms at paper size, against 35-40 ms, 6 % of a line on a CPU,
+        to merge, check and pack them), so any change, an optimiser step, load_state_dict or an edit in place, is
+        seen (version counters would not do: fused Adam bumps none). Also rebuilt under or out of inference_mode."""
         params = list(self.parameters())
-        key = None if any(p.is_inference() for p in params) else (   # built under inference_mode: no version counter
-            half, torch.is_autocast_enabled("cpu"), *((p.data_ptr(), p._version, p.dtype, p.device) for p in params))
-        if key is not None and self._step_cache is not None and self._step_cache[0] == key:
-            return self._step_cache[1]
+        key = (half, torch.is_autocast_enabled("cpu"), torch.is_inference_mode_enabled(),
+               *((p.dtype, p.device, p.shape) for p in params))
+        cache = self._step_cache
+        if cache is not None and cache[0] == key and all(torch.equal(p, kept) for p, kept in zip(params, cache[1])):
+            return cache[2]
         pairs = []
         with torch.no_grad():
             if self.synthesis:   # [x_t, w_{t-1}, h^1_{t-1}]
@@ -396,8 +403,8 @@ class HandwritingModel(nn.Module):
             layers = [StepProduct(w, b, half) for w, b in pairs]
             heads = [StepProduct(head.weight, head.bias) for head in ([self.window] if self.synthesis else [])
                      + [self.mdn]]
-        weights = layers, heads[0] if self.synthesis else None, heads[-1]
-        self._step_cache = None if key is None else (key, weights)
+            weights = layers, heads[0] if self.synthesis else None, heads[-1]
+            self._step_cache = key, [p.detach().clone() for p in params], weights
         return weights
 
     def _step(self, x, state, weights, onehot=None, u=None):
@@ -659,7 +666,7 @@ class HandwritingModel(nn.Module):
             xs.append(x)
             phis.append(phi)
             if record:
-                eos.append(torch.sigmoid(y[:, 0].float()))
+                eos.append(torch.sigmoid(upcast(y[:, 0])))
                 ys.append(y)
         stack = lambda seq: torch.stack(seq, dim=1) if seq and seq[0] is not None else None
         return x, state, stack(xs), stack(phis), stack(eos), stack(ys)
@@ -668,10 +675,10 @@ class HandwritingModel(nn.Module):
     def _sample_point(y, bias=0.0, generator=None):
         """Draw one point per line from the mixture that the outputs y (B, 1 + 6M) give, biased by eq. 61-62 (the maths
         of mixture_params, the Gaussian's only for the drawn component), and from the eos Bernoulli. Returns (B, 3)."""
-        y = y.float() if y.dtype in (torch.float16, torch.bfloat16) else y
+        y = upcast(y)
         B, M = y.shape[0], (y.shape[1] - 1) // 6
-        uniform = torch.rand(B, 2, device=y.device, dtype=y.dtype, generator=generator)
-        normal = torch.randn(B, 2, device=y.device, dtype=y.dtype, generator=generator)
+        uniform = torch.rand(B, 2, device=y.device, generator=generator)
+        normal = torch.randn(B, 2, device=y.device, generator=generator)
         params = y[:, 1:].view(B, 6, M)                     # rows: pi_hat, mu1, mu2, sigma1_hat, sigma2_hat, rho_hat
         # component j with probability pi_j = softmax(pi_hat (1 + b))_j: inverse CDF, j = #{cdf < u * cdf_M}
         cdf = torch.cumsum(torch.log_softmax(params[:, 0] * (1 + bias), dim=-1).exp_(), dim=-1)

@@ -6,8 +6,9 @@ import pytest
 import torch
 
 import model as model_module
-from model import (HandwritingModel, ModelConfig, WeightNoise, half_products_exact, load_weights, mixture_params, nll,
-                   replace_rows, teacher_forcing)
+from model import (HandwritingModel, ModelConfig, WeightNoise, chunk_backward, half_products_exact, load_weights,
+                   mixture_params, nll, replace_rows, teacher_forcing)
+from utils import make_optimizer
 
 
 def tiny(task, **kw):
@@ -147,21 +148,31 @@ def test_float16_step_products_compute_the_float32_step(task):
 
 
 def test_step_weights_are_kept_until_a_weight_changes():
-    """sample() packs the step weights once and keeps them on the model; a weight changed in place (an optimiser
-    step, load_weights, WeightNoise) or a move to another dtype packs them again, so no line is drawn with old ones."""
+    """sample() packs the step weights once and keeps them on the model; any change to a weight (in place, through
+    .data, load_weights, a fused Adam step, which bumps no version counter) or a move to another dtype packs them
+    again, so no line is drawn with old ones."""
     model = tiny("synthesis").float()
     text = torch.tensor([[1, 2, 3, 4]])
     line = lambda m: m.sample(text, generator=torch.Generator().manual_seed(0), max_steps_per_char=5)["strokes"]
+    fresh = lambda m: line(load_weights(tiny("synthesis").float(), m.state_dict(), "test"))   # a model built anew
     before = line(model)
-    kept = model._step_cache[1]
-    assert line(model).equal(before) and model._step_weights() is kept
+    kept = model._step_cache[2]
+    with torch.inference_mode():                          # as sample() runs on a CPU
+        assert line(model).equal(before) and model._step_weights() is kept
     with torch.no_grad():
-        model.rnns[-1].weight_hh_l0.mul_(1.5)              # in place, as an optimiser's step
+        model.rnns[-1].weight_hh_l0.mul_(1.5)              # in place
     after = line(model)
-    assert model._step_cache[1] is not kept and not after.equal(before)
-    fresh = tiny("synthesis").float()
-    load_weights(fresh, model.state_dict(), "test")
-    assert line(fresh).equal(after)                      # what a model built with these weights draws
+    assert model._step_cache[2] is not kept and not after.equal(before) and fresh(model).equal(after)
+    model.mdn.weight.data[0, 0] += 1.0                     # through .data: no version counter moves
+    assert line(model).equal(fresh(model))
+    optimizer = make_optimizer("adam", model.parameters(), 1e-2)
+    x, text_b = batch(T=9)
+    inputs, targets, mask = teacher_forcing(x.float(), torch.ones(x.shape[:2], dtype=torch.bool))
+    for _ in range(3):
+        optimizer.zero_grad()
+        chunk_backward(model, inputs, targets, mask, text_b, None)
+        optimizer.step()
+    assert line(model).equal(fresh(model))
     load_weights(model, tiny("synthesis").float().state_dict(), "test")
     assert line(model).equal(before)
     assert model.double()._step_weights()[-1].weight_t.dtype == torch.float64
@@ -717,7 +728,7 @@ def test_sampling_in_inference_mode_draws_what_no_grad_draws(task):
     kw = (dict(text=torch.tensor([[1, 2, 3, 0], [4, 5, 6, 7]]), retries=1) if task == "synthesis"
           else dict(steps=30, batch_size=2))
     fast = model.sample(**kw, generator=torch.Generator().manual_seed(5), max_steps_per_char=10, record=True)
-    with torch.no_grad():
+    with torch.no_grad():                                   # (step weights built anew out of inference mode)
         plain = model._sample(kw.get("text"), kw.get("steps"), 0.0, None, torch.Generator().manual_seed(5),
                               kw.get("batch_size"), 10, True, kw.get("retries", 0), None, True, 0)
     assert fast.keys() == plain.keys() and all(torch.equal(fast[k], plain[k]) for k in fast)
