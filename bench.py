@@ -34,7 +34,7 @@ if __name__ == "__main__":   # Ctrl-C while the libraries load (torch: 1-2 s): s
 
 import torch  # noqa: E402  (after the OpenMP setting, which is read when torch loads)
 
-from model import GraphedChunk, HandwritingModel, ModelConfig, load_weights, nll
+from model import GraphedChunk, HandwritingModel, ModelConfig, load_weights, nll, sampling_mode
 from reference import ReferenceModel, reference_nll
 from utils import (DefaultsHelpFormatter, OneLineParser, at_least, autocast_dtype, clipped_step, interrupt_on_signals,
                    make_optimizer, pick_device, restore_signals)
@@ -254,7 +254,7 @@ def run(args):
             model.window.bias[2 * config.window_gaussians:] = -30.0
     if args.sample_weights == "float16":    # loaded as a shipped checkpoint loads: float16 weights into float32
         load_weights(model, {k: v.half() for k, v in model.state_dict().items()}, "the benchmark's")
-    with torch.no_grad(), torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):   # as it samples
+    with sampling_mode(device), torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):   # as it samples
         half = model._step_weights()[0][0].half                   # the product sample() chooses (StepProduct)
     sample = {"one_line": time_sampling(model, 1, args.sample_reps, args, device, dtype, g)}
     if args.sample_batch:

@@ -402,7 +402,7 @@ def test_sample_point_draws_from_the_mixture(b):
     s_hat, rho_hat = torch.tensor([0.0, 0.3, -0.2]) + b, torch.tensor([0.0, 1.0, -0.6])   # sigma = exp(s_hat - b)
     y = torch.cat([torch.tensor([0.4]), pi_hat, mu1, mu2, s_hat, s_hat - 0.2, rho_hat]).double().expand(n, 1 + 6 * M)
     x = HandwritingModel._sample_point(y, b, torch.Generator().manual_seed(0))
-    j = torch.bucketize(x[:, 0].contiguous(), torch.tensor([-10.0, 10.0], dtype=torch.double))        # the component of each draw
+    j = torch.bucketize(x[:, 0].contiguous(), torch.tensor([-10.0, 10.0], dtype=torch.double))   # each draw's component
     pi = torch.softmax(pi_hat * (1 + b), 0)
     assert torch.allclose(torch.bincount(j, minlength=M).double() / n, pi.double(), atol=0.01)
     for k in range(M):
